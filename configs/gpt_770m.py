@@ -1,0 +1,15 @@
+"""GPT baseline of Parcae 770m: the same blocks, 18 layers, d=1280, 10 heads, no loop.
+
+Command:  python -m parcae_jax.main --config=configs/gpt_770m.py --workdir=DIR
+Hardware: a GPU cluster or TPU pod slice. The official run used micro-batches of 32 x 2048
+          per GPU, 256 x 2048 tokens per step, bf16 autocast and 61.6B FineWeb-Edu tokens
+          (32768-token BPE).
+Expect:   `--mode=describe` reports params_total = 773,375,040.
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    del arg
+    return base.gpt(d_model=1280, n_heads=10, n_layers=18)

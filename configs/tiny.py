@@ -1,0 +1,22 @@
+"""A CPU-sized Parcae for the embedded default run: bytes in, width 128, 1/2/1 layers.
+
+Command:  python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR
+Hardware: a laptop or this 2-core CI machine; everything published is kept (diagonal
+          injection, prelude norm, value embeddings, per-sequence Poisson depths), only smaller.
+Expect:   `--mode=describe` reports about 0.8M parameters.
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    del arg
+    config = base.get_config()
+    config.model.update(
+        vocab_size=257, padding_multiple=64,  # 256 bytes + end-of-document
+        block_size=256, seq_len=256,
+        d_model=128, n_heads=4, n_kv_heads=4, d_mlp=512,
+        n_prelude=1, n_core=2, n_coda=1, d_rec=128, d_rec_mlp=512, n_rec_heads=4,
+        mean_recurrence=4, mean_backprop_depth=2,
+    )
+    return config

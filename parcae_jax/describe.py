@@ -1,0 +1,97 @@
+"""Parameter counts and FLOPs per token of a config, without allocating any weights.
+
+FLOPs count what a training step executes, per token, with a multiply-add as 2 FLOPs:
+- every matmul with a weight: 2 x weights forward, 4 x weights backward, the head
+  included (the official `cost.py` leaves the tied head out);
+- attention scores and values over the full T x T (dense masked attention computes
+  them all): 4 T H D forward per layer;
+- the loop at its nominal depths: n = max(mean_recurrence - mean_backprop_depth, 0)
+  iterations forward only, k = min(mean_recurrence, mean_backprop_depth) forward and
+  backward, each with its injection (the official count charges B once);
+- no embedding or value-embedding lookups (gathers), norms or element-wise work.
+`flops_per_token` is model FLOPs, the numerator of MFU; the rematerialised forward of
+each gradient iteration is reported apart.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from parcae_jax.model import build, init_params
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.layout import BlockSpec, block_specs
+
+
+def param_shapes(cfg: ModelConfig) -> Any:
+    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
+    return jax.eval_shape(lambda: nn.unbox(init_params(build(cfg), jax.random.key(0))))
+
+
+def _group(path: tuple[str, ...]) -> str:
+    top = path[0]
+    if top == "core":
+        return "injection" if path[1] == "injection" else "core"
+    for prefix in ("prelude", "coda", "block"):
+        if top.startswith(prefix + "_"):
+            return "blocks" if prefix == "block" else prefix
+    return top
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Unique parameters by group (a tied head is the embedding, counted once)."""
+    counts: dict[str, int] = collections.Counter()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(cfg)):
+        counts[_group(tuple(str(getattr(k, "key", k)) for k in path))] += math.prod(leaf.shape)
+    return dict(counts)
+
+
+def block_forward_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> int:
+    W, H, G, D, I = spec.width, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_mlp
+    projections = 2 * W * (H + 2 * G) * D + 2 * H * D * W
+    gate = 2 * cfg.ve_gate_channels * G if spec.applies_ve else 0
+    return projections + gate + 2 * 2 * W * I + 4 * seq_len * H * D
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    T = seq_len or cfg.seq_len
+    specs = block_specs(cfg)
+    outside = sum(block_forward_flops(s, cfg, T) for s in specs if s.segment != "core")
+    outside += 2 * cfg.d_model * cfg.padded_vocab_size  # head
+    out: dict[str, float] = {}
+    if cfg.arch == "gpt":
+        out["flops_per_token"] = 3 * outside
+        out["forward_flops_per_token"] = outside
+        return out
+    r, d = cfg.d_rec, cfg.d_model
+    outside += 2 * r * d  # C
+    injection = {"diagonal": 2 * d * r, "linear": 2 * (r + d) * r, "add": 0}[cfg.injection]
+    iteration = injection + sum(block_forward_flops(s, cfg, T) for s in specs if s.segment == "core")
+    n = max(cfg.mean_recurrence - cfg.mean_backprop_depth, 0)
+    k = min(cfg.mean_recurrence, cfg.mean_backprop_depth)
+    out["flops_per_token"] = 3 * outside + iteration * (n + 3 * k)
+    out["forward_flops_per_token"] = outside + iteration * cfg.mean_recurrence
+    out["forward_flops_per_token_per_iteration"] = iteration
+    out["remat_recompute_flops_per_token"] = iteration * k if cfg.remat_policy != "none" else 0
+    return out
+
+
+def describe(cfg: ModelConfig) -> dict[str, Any]:
+    """One JSON-able summary: parameters (total, by group, looped) and FLOPs per token."""
+    groups = param_counts(cfg)
+    total = sum(groups.values())
+    info: dict[str, Any] = {"arch": cfg.arch, "params_total": total, "params_by_group": groups}
+    if cfg.arch == "parcae":
+        info["params_looped_core"] = groups["core"]
+        info["params_unrolled_at_mean_recurrence"] = total + (cfg.mean_recurrence - 1) * groups["core"]
+        info["mean_recurrence"] = cfg.mean_recurrence
+        info["mean_backprop_depth"] = cfg.mean_backprop_depth
+    info["seq_len"] = cfg.seq_len
+    info.update(flops_per_token(cfg))
+    info["flops_counting"] = ("matmuls incl. head, full TxT attention, injection every iteration, "
+                              "no lookups; see parcae_jax/describe.py")
+    return info

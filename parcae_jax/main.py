@@ -1,0 +1,80 @@
+"""Entry point: flags -> a validated config -> one mode.
+
+    python -m parcae_jax.main --config=configs/1p3b.py --mode=describe
+    python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR --config.model.mean_recurrence=8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "describe", "bench"], "What to do.")
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and exit code 2: bad input is the user's to fix, not a crash."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+    except (AttributeError, KeyError) as e:  # an override of a key that no config declares
+        text = str(e.args[0]) if e.args else "?"
+        key, hint = text.splitlines()[0].strip("'\""), " ".join(text.splitlines()[1:]).strip()
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        fail(f"{bad[0] if bad else key}: no such config key{' (' + hint + ')' if hint else ''}; "
+             "every key is declared in configs/base.py")
+    except (TypeError, ValueError) as e:
+        fail(f"bad config override: {str(e).splitlines()[0]}")
+    return []
+
+
+def load_config():
+    """The parsed config, or one line naming the file that failed to load."""
+    try:
+        config = _CONFIG.value
+        config.to_dict()  # a config that failed to load raises on first attribute access
+        return config
+    except OSError as e:  # ml_collections defers file errors until first use
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        fail(f"--config={flags.FLAGS['config'].config_filename}: cannot load ({lines[-1]})")
+
+
+def main(argv: list[str]) -> None:
+    from parcae_jax.model.config import ConfigError, ModelConfig
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; settings go in flags such as --config.model.d_model=256")
+    config = load_config()
+    try:
+        model_config = ModelConfig.from_mapping(config.model)
+    except ConfigError as e:
+        fail(str(e))
+    if _MODE.value == "describe":
+        from parcae_jax.describe import describe
+
+        print(json.dumps(describe(model_config), indent=1))
+        return
+    fail(f"--mode={_MODE.value} is not implemented yet (only --mode=describe is)")
+
+
+def run() -> None:
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

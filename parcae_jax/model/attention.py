@@ -1,0 +1,108 @@
+"""Causal self-attention: interleaved RoPE, weightless qk-norm after RoPE, GQA, value embeddings.
+
+Shapes: B batch, T length, H query heads, G kv heads, D head dim, W block width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.init import matrix_init, torch_linear_default
+from parcae_jax.model.layout import BlockSpec
+
+Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [T or BxT, 1, D/2] float32
+
+
+def rope_angles(positions: jax.Array, head_dim: int, base: float, condense_ratio: float) -> Rope:
+    """cos/sin of theta[t, m] = (t / condense) * base^(-2m/D), computed in float32."""
+    inv_freq = 1.0 / (jnp.float32(base) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    t = positions.astype(jnp.float32) / jnp.float32(condense_ratio)
+    angles = t[..., None] * inv_freq  # [..., T, D/2]
+    return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+
+
+def apply_rope(x_BxTxHxD: jax.Array, rope: Rope) -> jax.Array:
+    """Rotates channel pairs (2m, 2m+1) (complex-pair form, not the half-split form)."""
+    cos, sin = rope
+    x = x_BxTxHxD.astype(jnp.float32).reshape(*x_BxTxHxD.shape[:-1], -1, 2)
+    a, b = x[..., 0], x[..., 1]
+    out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return out.reshape(x_BxTxHxD.shape).astype(x_BxTxHxD.dtype)
+
+
+def qk_norm(x: jax.Array) -> jax.Array:
+    """RMS norm over D with no weight and eps = machine epsilon of x's dtype (torch's rms_norm default)."""
+    eps = jnp.finfo(x.dtype).eps
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def attention_mask(T: int, segment_ids_BxT: jax.Array | None) -> jax.Array:
+    """[B or 1, 1, 1, T, T] boolean: causal, and within one document when segment ids are given."""
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    if segment_ids_BxT is None:
+        return causal[None, None, None]
+    same_doc = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (causal & same_doc)[:, None, None]
+
+
+def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None, impl: str = "xla"):
+    """Softmax(q k^T / sqrt(D)) v with a causal mask; query head h reads kv head h // (H/G)."""
+    B, T, H, D = q_BxTxHxD.shape
+    G = k_BxTxGxD.shape[2]
+    if impl == "cudnn" and segment_ids_BxT is None:
+        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, is_causal=True, implementation="cudnn")
+    q = q_BxTxHxD.reshape(B, T, G, H // G, D)
+    s_BxGxRxTxS = jnp.einsum("btgrd,bsgd->bgrts", q, k_BxTxGxD, preferred_element_type=jnp.float32)
+    s_BxGxRxTxS = s_BxGxRxTxS / math.sqrt(D)
+    mask = attention_mask(T, segment_ids_BxT)
+    s_BxGxRxTxS = jnp.where(mask, s_BxGxRxTxS, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxTxGxD.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", p, v_BxTxGxD, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+
+
+class Attention(nn.Module):
+    """Projections, value-embedding gate, RoPE, qk-norm, attention, output projection."""
+
+    spec: BlockSpec
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None):
+        spec, cfg = self.spec, self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        std = math.sqrt(2.0 / (5.0 * spec.width))
+        D, H, G = spec.head_dim, spec.n_heads, spec.n_kv_heads
+
+        def proj(name, heads, axes):
+            return nn.DenseGeneral(
+                (heads, D), use_bias=False, dtype=dtype, name=name,
+                kernel_init=nn.with_logical_partitioning(matrix_init(std, cfg.init_orthogonal), ("embed", axes, "head_dim")),
+            )(h_BxTxW)
+
+        q = proj("q", H, "heads")
+        k = proj("k", G, "kv_heads")
+        v = proj("v", G, "kv_heads")
+        if spec.gate:  # created even where no table exists, as the official model does
+            c = cfg.ve_gate_channels
+            gate_kernel = self.param("ve_gate", nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
+                                     (c, G), jnp.float32)
+            if ve_BxTxK is not None:
+                gate_BxTxG = 2.0 * jax.nn.sigmoid(h_BxTxW[..., :c] @ gate_kernel.astype(dtype))
+                v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape).astype(dtype)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cfg.qk_norm:
+            q, k = qk_norm(q), qk_norm(k)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        y = dot_product_attention(q, k, v, segment_ids_BxT, cfg.attention_impl)
+        return nn.DenseGeneral(
+            spec.width, axis=(-2, -1), use_bias=False, dtype=dtype, name="o",
+            kernel_init=nn.with_logical_partitioning(matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed")),
+        )(y)

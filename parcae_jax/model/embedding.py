@@ -1,0 +1,68 @@
+"""Token embedding, value-embedding tables and the output head (tied or not)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.init import matrix_init
+from parcae_jax.model.layout import table_widths
+
+
+class TokenEmbed(nn.Module):
+    """wte: [V, d] scaled-orthogonal; also the head's weight when tied."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("vocab", "embed")),
+            (cfg.padded_vocab_size, cfg.d_model), jnp.float32)
+
+    def __call__(self, ids_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns the embeddings and the table (for a tied head)."""
+        h = jnp.take(self.embedding, ids_BxT, axis=0)
+        if self.cfg.emb_scale != 1.0:
+            h = h * self.cfg.emb_scale
+        return nn.with_logical_constraint(h, ("batch", "length", "embed")), self.embedding
+
+
+class ValueEmbeds(nn.Module):
+    """Tables `value_embeds/{k}` ([V, kv width], N(0, 1)); returns the lookups by table key."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, ids_BxT: jax.Array, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+        V = self.cfg.padded_vocab_size
+        tables = {k: self.param(k, nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "kv")),
+                                (V, w), jnp.float32)
+                  for k, w in table_widths(self.cfg).items()}
+        return {k: jnp.take(tables[k], ids_BxT, axis=0) for k in keys}
+
+
+class LMHead(nn.Module):
+    """float32 logits = (y @ W) * logit_scale, then the optional softcap cap * tanh(z / cap)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, y_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.tie_embeddings:
+            kernel_DxV = embedding_VxD.T
+        else:
+            kernel_DxV = self.param(
+                "kernel", nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("embed", "vocab")),
+                (cfg.d_model, cfg.padded_vocab_size), jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", y_BxTxD.astype(dtype), kernel_DxV.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        if cfg.logit_scale != 1.0:
+            logits = logits * cfg.logit_scale
+        if cfg.logit_softcap is not None:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -1,0 +1,74 @@
+"""How the prelude output e enters the recurrent state x at every loop iteration.
+
+- diagonal (Parcae): x <- A_bar x + B_bar e, A_bar = exp(-dt exp(A_log)), B_bar = dt B,
+  dt = softplus(dt_bias). Every entry of A_bar lies in (0, 1), so rho(A_bar) < 1.
+- linear (Huginn-style): x <- W [x; e]; nothing bounds its spectral radius.
+- add: x <- x + e; rho = 1, marginally stable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.init import DT_BIAS_INIT, identity_or_orthogonal, trunc_normal
+
+
+def _log_softplus(x: jax.Array) -> jax.Array:
+    """log(softplus(x)) without underflow to -inf (softplus(x) ~ exp(x) for x << 0)."""
+    small = x < -15.0
+    return jnp.where(small, x, jnp.log(jax.nn.softplus(jnp.where(small, 0.0, x))))
+
+
+def diagonal_coefficients(A_log: jax.Array, dt_bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(A_bar, dt) in float32 for any finite A_log, dt_bias.
+
+    A_bar = exp(-exp(log dt + A_log)) equals exp(-dt exp(A_log)) but cannot form
+    0 * inf = NaN, and it is clipped to the largest float below 1: in float32 the
+    product dt exp(A_log) can round to 0, and rho(A_bar) < 1 must hold exactly.
+    """
+    A_log = A_log.astype(jnp.float32)
+    dt_bias = dt_bias.astype(jnp.float32)
+    decay = jnp.exp(-jnp.exp(_log_softplus(dt_bias) + A_log))
+    decay = jnp.minimum(decay, jnp.float32(1.0) - jnp.finfo(jnp.float32).epsneg)
+    return decay, jax.nn.softplus(dt_bias)
+
+
+def spectral_radius(params_injection: dict, injection: str) -> jax.Array:
+    """rho of the state-to-state map: max(A_bar) (diagonal), 1 (add), max |eig| (linear)."""
+    if injection == "diagonal":
+        decay, _ = diagonal_coefficients(params_injection["A_log"], params_injection["dt_bias"])
+        return jnp.max(decay)
+    if injection == "add":
+        return jnp.float32(1.0)
+    kernel = params_injection["adapter"]["kernel"]  # [r + d, r], state rows first
+    r = kernel.shape[1]
+    return jnp.max(jnp.abs(jnp.linalg.eigvals(kernel[:r].astype(jnp.float32))))
+
+
+class Injection(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxR: jax.Array, e_BxTxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        r, d = cfg.d_rec, cfg.d_model
+        if cfg.injection == "add":
+            return x_BxTxR + e_BxTxD
+        if cfg.injection == "linear":  # the official W is [r, r + d] applied to concat([x, e])
+            std = math.sqrt(2.0 / (5.0 * d))
+            return nn.Dense(r, use_bias=False, dtype=dtype, name="adapter",
+                            kernel_init=nn.with_logical_partitioning(trunc_normal(std), ("concat_embed", "state")))(
+                jnp.concatenate([x_BxTxR, e_BxTxD.astype(x_BxTxR.dtype)], axis=-1))
+        A_log = self.param("A_log", nn.with_logical_partitioning(nn.initializers.zeros, ("state",)), (r,), jnp.float32)
+        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(nn.initializers.constant(DT_BIAS_INIT), ("state",)),
+                             (r,), jnp.float32)
+        B = self.param("B", nn.with_logical_partitioning(identity_or_orthogonal, ("embed", "state")), (d, r), jnp.float32)
+        decay, dt = diagonal_coefficients(A_log, dt_bias)
+        Be = jnp.einsum("btd,dr->btr", e_BxTxD.astype(dtype), B.astype(dtype))
+        return decay * x_BxTxR + dt * Be

@@ -1,0 +1,69 @@
+"""RMSNorm, the ReLU^2 MLP, and the pre-norm transformer block shared by Parcae and GPT."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parcae_jax.model.attention import Attention, Rope
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.init import matrix_init
+from parcae_jax.model.layout import BlockSpec
+
+RESIDUAL_AXES = ("batch", "length", "embed")
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times a learnt scale (init 1)."""
+
+    eps: float
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        return (y * scale).astype(x.dtype)
+
+
+def relu2(x: jax.Array) -> jax.Array:
+    """The official ReLU2 carries a factor 0.5: 0.5 * relu(x)^2."""
+    return 0.5 * jnp.square(jax.nn.relu(x))
+
+
+class MLP(nn.Module):
+    width: int
+    d_mlp: int
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxW: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.cfg.dtype)
+        std = math.sqrt(2.0 / (5.0 * self.width))
+        h = nn.Dense(self.d_mlp, use_bias=False, dtype=dtype, name="fc",
+                     kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal), ("embed", "mlp")))(x_BxTxW)
+        h = nn.with_logical_constraint(relu2(h), ("batch", "length", "mlp"))
+        return nn.Dense(self.width, use_bias=False, dtype=dtype, name="proj",
+                        kernel_init=nn.with_logical_partitioning(matrix_init(0.0, self.cfg.init_orthogonal), ("mlp", "embed")))(h)
+
+
+class Block(nn.Module):
+    """x + Attn(norm_1(x)), then x + MLP(norm_2(x)). Output projections start at zero,
+    so every block is the identity map at initialisation."""
+
+    spec: BlockSpec
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None):
+        eps = self.cfg.norm_eps
+        x_BxTxW = nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
+        x_BxTxW = x_BxTxW + Attention(self.spec, self.cfg, name="attn")(
+            RMSNorm(eps, name="norm_1")(x_BxTxW), rope, ve_BxTxK, segment_ids_BxT)
+        x_BxTxW = x_BxTxW + MLP(self.spec.width, self.spec.d_mlp, self.cfg, name="mlp")(RMSNorm(eps, name="norm_2")(x_BxTxW))
+        return nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)

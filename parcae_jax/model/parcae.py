@@ -1,0 +1,97 @@
+"""Parcae: prelude -> (injection + core) looped -> C -> coda -> head (REFERENCE_SPEC section 3)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parcae_jax.model.attention import rope_angles
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
+from parcae_jax.model.init import matrix_init
+from parcae_jax.model.layers import Block, RMSNorm
+from parcae_jax.model.layout import block_specs
+from parcae_jax.model.recurrence import CoreStep, draw_initial_state, recur, sample_depths
+
+
+class Parcae(nn.Module):
+    """Call with exactly one way of choosing the depth:
+
+    - `recurrence=R` (int or traced int32): evaluation, R iterations, no sampling; one
+      compiled function serves every R;
+    - `num_steps=(n, k)` (ints or [B] arrays): n iterations without and k with gradient,
+      k <= mean_backprop_depth (the official `num_steps_pair`);
+    - neither: training, depths drawn from the `depth` RNG stream.
+
+    x0 is `initial_state` ([B, T, d_rec]) or drawn from the `state` RNG stream.
+    Returns float32 logits [B, T, V]. Sows `prelude_out`, `state` (after the loop),
+    `n_steps` and `k_steps` into the `intermediates` collection.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
+                 segment_ids_BxT=None, positions=None):
+        cfg = self.cfg
+        B, T = input_ids_BxT.shape
+        specs = block_specs(cfg)
+        positions = jnp.arange(T) if positions is None else positions
+        rope_main = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
+        rope_core = rope_main if cfg.rec_head_dim == cfg.head_dim else rope_angles(
+            positions, cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)
+
+        h, table = TokenEmbed(cfg, name="embed")(input_ids_BxT)
+        ves = ValueEmbeds(cfg, name="value_embeds")(input_ids_BxT, tuple(s.table for s in specs if s.applies_ve))
+        ve_of = lambda s: ves[s.table] if s.applies_ve else None  # noqa: E731
+
+        for s in (s for s in specs if s.segment == "prelude"):
+            h = Block(s, cfg, name=f"prelude_{s.index}")(h, rope_main, ve_of(s), segment_ids_BxT)
+        e = RMSNorm(cfg.norm_eps, name="ln_prelude")(h) if cfg.prelude_norm else h
+        self.sow("intermediates", "prelude_out", e)
+
+        if initial_state is None:
+            key = self.make_rng("state") if self.has_rng("state") else None
+            if key is None and self.is_initializing():
+                initial_state = jnp.zeros((B, T, cfg.d_rec), jnp.float32)
+            else:
+                initial_state = draw_initial_state(key, (B, T, cfg.d_rec), cfg)
+        x = jnp.asarray(initial_state, jnp.float32)
+        n_B, k_B, grad_steps = self._schedule(B, recurrence, num_steps)
+        self.sow("intermediates", "n_steps", n_B)
+        self.sow("intermediates", "k_steps", k_B)
+
+        core = CoreStep(cfg, name="core")
+        core_ves = tuple(ve_of(s) for s in specs if s.segment == "core")
+        if self.is_initializing():  # create the shared core weights before the lifted loops read them
+            core(x, e, rope_core, core_ves, segment_ids_BxT)
+        x = recur(core, x, e, rope_core, core_ves, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
+        self.sow("intermediates", "state", x)
+
+        y = nn.Dense(cfg.d_model, use_bias=False, dtype=jnp.dtype(cfg.dtype), name="C",
+                     kernel_init=nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal),
+                                                              ("state", "embed")))(x)
+        for s in (s for s in specs if s.segment == "coda"):
+            y = Block(s, cfg, name=f"coda_{s.index}")(y, rope_main, ve_of(s), segment_ids_BxT)
+        y = RMSNorm(cfg.norm_eps, name="ln_f")(y)
+        return LMHead(cfg, name="lm_head")(y, table)
+
+    def _schedule(self, B: int, recurrence, num_steps):
+        cfg = self.cfg
+        if recurrence is not None and num_steps is not None:
+            raise ValueError("pass either recurrence=R (evaluation) or num_steps=(n, k) (training), not both")
+        if recurrence is not None:
+            R = jnp.asarray(recurrence, jnp.int32)
+            return jnp.broadcast_to(R, (B,)), jnp.zeros((B,), jnp.int32), 0
+        if num_steps is not None:
+            n, k = (jnp.broadcast_to(jnp.asarray(v, jnp.int32), (B,)) for v in num_steps)
+            return n, k, cfg.mean_backprop_depth
+        if self.is_initializing() and not self.has_rng("depth"):
+            return jnp.ones((B,), jnp.int32), jnp.zeros((B,), jnp.int32), 0
+        if not self.has_rng("depth"):
+            raise ValueError("choose the depth: recurrence=R (evaluation), num_steps=(n, k), "
+                             "or rngs={'depth': key} to sample it (training)")
+        n, k = sample_depths(self.make_rng("depth"), B, cfg)
+        return n, k, cfg.mean_backprop_depth
+

@@ -1,0 +1,14 @@
+"""Test set-up: 8 fake CPU devices (set before jax is imported) and shared helpers."""
+
+import os
+import pathlib
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `configs` and `parcae_jax` import from the repository root
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES = ROOT / "tests" / "fixtures"
