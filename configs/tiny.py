@@ -3,7 +3,7 @@
 Command:  python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR
 Hardware: a laptop or this 2-core CI machine; everything published is kept (diagonal
           injection, prelude norm, value embeddings, per-sequence Poisson depths), only smaller.
-Expect:   `--mode=describe` reports about 0.8M parameters.
+Expect:   `--mode=describe` reports 943,872 parameters.
 """
 
 from configs import base

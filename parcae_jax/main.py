@@ -33,8 +33,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(str(e).splitlines()[0])
     except (AttributeError, KeyError) as e:  # an override of a key that no config declares
-        text = str(e.args[0]) if e.args else "?"
-        key, hint = text.splitlines()[0].strip("'\""), " ".join(text.splitlines()[1:]).strip()
+        lines = str(e).replace("\\n", "\n").splitlines() or ["?"]  # KeyError's str() is a repr
+        key, hint = lines[0].strip("'\"\\"), " ".join(lines[1:]).strip("' ")
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         fail(f"{bad[0] if bad else key}: no such config key{' (' + hint + ')' if hint else ''}; "
              "every key is declared in configs/base.py")

@@ -1,0 +1,87 @@
+"""Configs: every file loads and validates; bad settings fail early with one clear line."""
+
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parcae_jax.model import build
+from parcae_jax.model.config import ConfigError, ModelConfig
+from tests.conftest import ROOT
+from tests.helpers import TINY
+
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
+
+
+def load(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def test_base_declares_exactly_the_model_fields_and_the_documented_keys():
+    base = load("base")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"reference_config"}
+    assert set(base.model.keys()) == fields
+    for key in ("model.mean_recurrence", "model.mean_backprop_depth", "model.sampling_scheme", "model.injection", "seed"):
+        node = base
+        for part in key.split("."):
+            node = node[part]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_validates(name):
+    config = load(name)
+    cfg = ModelConfig.from_mapping(config.model)
+    assert cfg.arch == ("gpt" if name.startswith("gpt") else "parcae")
+    assert importlib.import_module(f"configs.{name}").__doc__.count("Command:") == 1
+
+
+BAD = [
+    (dict(n_heads=5), "model.n_heads=5 does not divide d_model=64"),
+    (dict(n_kv_heads=3), "model.n_kv_heads=3 does not divide n_heads=4"),
+    (dict(injection="sum"), "model.injection='sum' is unknown; set --config.model.injection to one of diagonal|linear|add"),
+    (dict(injection="add", d_rec=96, n_rec_heads=6, d_rec_mlp=128), "injection='add' needs d_rec == d_model"),
+    (dict(mean_recurrence=0), "model.mean_recurrence=0 must be >= 1"),
+    (dict(mean_backprop_depth=0), "model.mean_backprop_depth=0 must be >= 1"),
+    (dict(seq_len=128), "model.seq_len=128 exceeds block_size=64"),
+    (dict(d_rec=64, n_rec_heads=3), "model.n_rec_heads=3 does not divide d_rec=64"),
+    (dict(sampling_scheme="poisson"), "model.sampling_scheme='poisson' is unknown"),
+    (dict(remat_policy="some"), "model.remat_policy='some' is unknown"),
+    (dict(d_model="64"), "model.d_model='64' must be of type int"),
+    (dict(colour="blue"), "model.colour is not a model setting"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_model_config_names_the_field_and_the_fix(change, message):
+    with pytest.raises(ConfigError) as err:
+        build({**TINY, **change})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def run_main(*args):
+    env = {**os.environ, "JAX_LOG_COMPILES": "1"}  # a compile would add log lines to stderr
+    return subprocess.run([sys.executable, "-m", "parcae_jax.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.n_heads=5"], "model.n_heads=5 does not divide d_model=1536"),
+    (["--config.model.injection=sum"], "model.injection='sum' is unknown"),
+    (["--config.model.mean_recurrence=0"], "model.mean_recurrence=0 must be >= 1"),
+    (["--config.model.injection=add", "--config.model.d_rec=768", "--config.model.n_rec_heads=6"],
+     "injection='add' needs d_rec == d_model"),
+    (["--config.model.nheads=5"], "--config.model.nheads: no such config key"),
+    (["--config.model.d_model=wide"], "--config.model.d_model=wide"),
+])
+def test_cli_rejects_bad_settings_with_one_line_and_exit_code_2(args, message):
+    out = run_main("--config=configs/1p3b.py", "--mode=describe", *args)
+    assert out.returncode == 2
+    assert out.stdout == "" and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_cli_rejects_a_missing_config_file():
+    out = run_main("--config=configs/no_such.py", "--mode=describe")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "configs/no_such.py" in out.stderr

@@ -1,0 +1,86 @@
+"""describe: published parameter counts, FLOPs against a count of the traced matmuls."""
+
+import json
+import math
+import resource
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parcae_jax.describe import describe, flops_per_token
+from parcae_jax.model import build
+from parcae_jax.model.config import ModelConfig
+from tests.conftest import FIXTURES, ROOT
+from tests.test_config import load
+
+PUBLISHED = {"140m": 144_323_136, "370m": 388_003_328, "770m": 776_655_680, "1p3b": 1_338_591_744,
+             "gpt_140m": 143_141_184, "gpt_370m": 385_903_104, "gpt_770m": 773_375_040, "gpt_1p3b": 1_333_868_544}
+OFFICIAL_GROUPS = {"wte": "embed", "prelude": "prelude", "adapter": "injection", "core_block": "core", "C": "C",
+                   "coda": "coda", "ln_f": "ln_f", "ln_prelude": "ln_prelude", "value_embeds": "value_embeds"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts(name):
+    info = describe(ModelConfig.from_mapping(load(name).model))
+    assert info["params_total"] == PUBLISHED[name]
+    if not name.startswith("gpt"):
+        official = json.loads((FIXTURES / "published_param_counts.json").read_text())
+        entry = next(v for k, v in official.items() if k.startswith("parcae") and v["num_parameters"] == PUBLISHED[name])
+        assert {OFFICIAL_GROUPS[k]: v for k, v in entry["by_group"].items()} == info["params_by_group"]
+        assert info["params_unrolled_at_mean_recurrence"] == entry["unrolled_params_at_mean_recurrence"]
+
+
+def test_describe_cli_for_1p3b_is_one_json_object_and_allocates_no_weights():
+    out = subprocess.run([sys.executable, "-m", "parcae_jax.main", "--config=configs/1p3b.py", "--mode=describe"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["params_total"] == PUBLISHED["1p3b"] and info["flops_per_token"] > 0
+    peak_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert peak_bytes < 2e9  # the float32 weights alone would take 5.4 GB
+
+
+def _dot_flops(jaxpr, in_loop=False, acc=None):
+    """2 x MACs of every dot_general, split into outside / inside while-loop bodies."""
+    acc = acc if acc is not None else {"outside": 0, "loop": 0}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            acc["loop" if in_loop else "outside"] += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[i] for i in lhs_contract)
+        for name, sub in eqn.params.items():
+            subs = sub if isinstance(sub, (tuple, list)) else [sub]
+            for s in subs:
+                inner = getattr(s, "jaxpr", s)
+                if hasattr(inner, "eqns") and name != "cond_jaxpr":
+                    _dot_flops(inner, in_loop or eqn.primitive.name == "while", acc)
+    return acc
+
+
+@pytest.mark.parametrize("arch", ["parcae", "gpt"])
+def test_flops_match_the_traced_matmuls(arch):
+    cfg = ModelConfig(arch=arch, vocab_size=300, block_size=32, seq_len=32, d_model=64, n_heads=4, n_kv_heads=2,
+                      d_mlp=160, n_layers=3, n_prelude=2, n_core=2, n_coda=1, d_rec=96, d_rec_mlp=128,
+                      n_rec_heads=3, mean_recurrence=5, mean_backprop_depth=2, tie_embeddings=False)
+    model = build(cfg)
+    B, T = 2, 32
+    ids = jnp.zeros((B, T), jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, recurrence=1))["params"]
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, recurrence=3,
+                                                 initial_state=jnp.zeros((B, T, cfg.d_rec))))(params)
+    counted = {k: v / (B * T) for k, v in _dot_flops(jaxpr.jaxpr).items()}
+    got = flops_per_token(cfg)
+    if arch == "gpt":
+        assert counted == {"outside": got["forward_flops_per_token"], "loop": 0}
+        assert got["flops_per_token"] == 3 * counted["outside"]
+        return
+    assert counted["loop"] == got["forward_flops_per_token_per_iteration"]
+    n, k = 3, 2  # nominal depths: max(5 - 2, 0) without and min(5, 2) with gradient
+    assert got["flops_per_token"] == 3 * counted["outside"] + counted["loop"] * (n + 3 * k)
+    assert got["forward_flops_per_token"] == counted["outside"] + 5 * counted["loop"]
+    assert np.isclose(got["remat_recompute_flops_per_token"], k * counted["loop"])

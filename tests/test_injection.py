@@ -1,0 +1,76 @@
+"""The injection: closed forms, and rho(A_bar) < 1 for any parameters (hypothesis)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from parcae_jax.model import build, init_params
+from parcae_jax.model.injection import Injection, diagonal_coefficients, spectral_radius
+from tests.helpers import tiny
+
+finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, 16, elements=finite), arrays(np.float32, 16, elements=finite))
+def test_diagonal_decay_lies_in_0_1_for_any_parameters(A_log, dt_bias):
+    decay, dt = diagonal_coefficients(jnp.asarray(A_log), jnp.asarray(dt_bias))
+    decay = np.asarray(decay)
+    assert np.all(np.isfinite(decay)) and np.all(decay >= 0) and np.all(decay < 1)
+    assert np.all(np.asarray(dt) >= 0)
+    assert float(spectral_radius({"A_log": A_log, "dt_bias": dt_bias}, "diagonal")) < 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float32, 8, elements=st.floats(-6, 6, width=32)), arrays(np.float32, 8, elements=st.floats(-6, 6, width=32)))
+def test_diagonal_decay_equals_the_closed_form(A_log, dt_bias):
+    dt = np.log1p(np.exp(dt_bias.astype(np.float64)))
+    expected = np.exp(-dt * np.exp(A_log.astype(np.float64)))
+    decay, got_dt = diagonal_coefficients(jnp.asarray(A_log), jnp.asarray(dt_bias))
+    np.testing.assert_allclose(decay, np.minimum(expected, 1 - 2**-24), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(got_dt, dt, rtol=2e-6)
+
+
+def test_gradients_are_finite_at_extreme_parameters():
+    g = jax.grad(lambda a, b: diagonal_coefficients(a, b)[0].sum(), argnums=(0, 1))(
+        jnp.array([200.0, -200.0, 0.0]), jnp.array([-200.0, 200.0, 0.0]))
+    assert all(np.all(np.isfinite(x)) for x in g)
+
+
+def test_injections_against_numpy():
+    rng = np.random.default_rng(0)
+    x, e = rng.normal(size=(2, 5, 64)).astype(np.float32), rng.normal(size=(2, 5, 64)).astype(np.float32)
+    for kind in ("diagonal", "linear", "add"):
+        cfg = tiny(injection=kind)
+        inj = Injection(cfg)
+        p = nn.unbox(inj.init(jax.random.key(0), x, e))["params"] if kind != "add" else {}
+        got = inj.apply({"params": p}, x, e)
+        if kind == "diagonal":
+            dt = np.log1p(np.exp(p["dt_bias"]))
+            want = np.exp(-dt * np.exp(p["A_log"])) * x + dt * (e @ np.asarray(p["B"]))
+        elif kind == "linear":
+            want = np.concatenate([x, e], -1) @ np.asarray(p["adapter"]["kernel"])
+        else:
+            want = x + e
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_diagonal_injection_starts_at_decay_sqrt_one_fifth_with_identity_B():
+    params = nn.unbox(init_params(build(tiny()), jax.random.key(0)))["core"]["injection"]
+    decay, dt = diagonal_coefficients(params["A_log"], params["dt_bias"])
+    np.testing.assert_allclose(decay, np.sqrt(1 / 5), rtol=1e-6)
+    np.testing.assert_allclose(dt, 0.804719, rtol=1e-5)
+    np.testing.assert_array_equal(params["B"], np.eye(64))
+    B = nn.unbox(init_params(build(tiny(d_rec=32, d_rec_mlp=64, n_rec_heads=2)), jax.random.key(0)))["core"]["injection"]["B"]
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(B), compute_uv=False), 1.0, rtol=1e-5)  # orthogonal, gain 1
+
+
+def test_spectral_radius_of_other_injections():
+    assert float(spectral_radius({}, "add")) == 1.0
+    kernel = np.zeros((128, 64), np.float32)
+    kernel[:64] = 2.0 * np.eye(64)  # state rows first
+    assert abs(float(spectral_radius({"adapter": {"kernel": kernel}}, "linear")) - 2.0) < 1e-5
