@@ -51,11 +51,31 @@ def model_config() -> ml_collections.ConfigDict:
     ))
 
 
+def data_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        source="embedded",  # embedded (ships with Python) | prepared | tfds
+        path=config_dict.placeholder(str),  # source=prepared: the directory `parcae_jax.data.prepare` wrote
+        tokenizer="bytes",  # bytes | path to tokenizer.json | path to a SentencePiece .model
+        eod_token=config_dict.placeholder(str),  # if not <|endoftext|> (or the SentencePiece EOS)
+        tfds_name=config_dict.placeholder(str),  # source=tfds
+        tfds_split="train",
+        tfds_data_dir=config_dict.placeholder(str),
+        text_field="text",
+        val_every=200,  # source=tfds: hold out about 1 document in val_every (by a hash of its text)
+        cache_dir=config_dict.placeholder(str),  # prepared embedded/TFDS data; default ~/.cache/parcae_jax
+        num_workers=0,  # grain worker processes for the training loader
+        read_threads=2,
+        prefetch=4,
+        document_masking=False,  # attention stays inside each packed document
+    ))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config()
+    config.data = data_config()
     return config
 
 

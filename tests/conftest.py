@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import tempfile
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -12,3 +13,6 @@ if str(ROOT) not in sys.path:  # `configs` and `parcae_jax` import from the repo
     sys.path.insert(0, str(ROOT))
 
 FIXTURES = ROOT / "tests" / "fixtures"
+
+# Prepared corpora (the embedded one, TFDS) go to a throw-away cache, not ~/.cache.
+os.environ.setdefault("PARCAE_JAX_CACHE", tempfile.mkdtemp(prefix="parcae_jax_test_cache_"))

@@ -75,6 +75,7 @@ def run_main(*args):
      "injection='add' needs d_rec == d_model"),
     (["--config.model.nheads=5"], "--config.model.nheads: no such config key"),
     (["--config.model.d_model=wide"], "--config.model.d_model=wide"),
+    (["--config.model.seq_len=4096"], "model.seq_len=4096 exceeds block_size=2048"),
 ])
 def test_cli_rejects_bad_settings_with_one_line_and_exit_code_2(args, message):
     out = run_main("--config=configs/1p3b.py", "--mode=describe", *args)

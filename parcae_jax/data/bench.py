@@ -1,0 +1,122 @@
+"""Input-pipeline benchmark: preparation MB/s, loader tokens/s, and the tiny model's appetite.
+
+    python -m parcae_jax.data.bench [--out=bench_data.json]
+
+prints one JSON object: preparation speed on the embedded corpus (~12 MB of text) with
+the byte tokenizer (in process) and with a 32768-token BPE (2 worker processes), loader
+speed (tokens/s delivered, 0 and 2 workers) at the tiny config's shape, the tokens/s one
+tiny training step consumes (forward + backward + AdamW, fp32), and their ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch (sequences) for the loader and the step.")
+_STEPS = flags.DEFINE_integer("loader_batches", 200, "Batches timed per loader setting.")
+
+
+def bench_prepare(tmp: str) -> dict:
+    from parcae_jax.data import corpus
+    from parcae_jax.data.prepare import prepare
+    from parcae_jax.data.tokenizer import train_bpe
+
+    docs = list(corpus.documents())
+    out: dict = {"corpus_mb": sum(len(d.encode()) for d in docs) / 1e6, "corpus_documents": len(docs)}
+    m = prepare(iter(docs), os.path.join(tmp, "bytes"), "bytes", workers=0, progress=False)
+    out["prepare_bytes_tokenizer_mb_per_s"] = m["text_bytes_this_run"] / m["seconds_this_run"] / 1e6
+    t = time.perf_counter()
+    tok = train_bpe(iter(docs), vocab_size=32768)
+    out["bpe_train_s"] = time.perf_counter() - t
+    path = os.path.join(tmp, "bpe.json")
+    tok.save(path)
+    m = prepare(iter(docs), os.path.join(tmp, "bpe"), path, workers=2, progress=False)
+    out["prepare_bpe_2_workers_mb_per_s"] = m["text_bytes_this_run"] / m["seconds_this_run"] / 1e6
+    tokens = m["splits"]["train"]["tokens"] + m["splits"]["validation"]["tokens"]
+    out["bpe_bytes_per_token"] = out["corpus_mb"] * 1e6 / tokens
+    return out
+
+
+def bench_loader(seq_len: int, batch: int, n: int) -> dict:
+    from parcae_jax.data import corpus
+    from parcae_jax.data.pipeline import make_loader, open_split
+
+    data = open_split(corpus.embedded_corpus(), "train")
+    out = {}
+    for workers in (0, 2):
+        it = iter(make_loader(data, seq_len, batch, seed=0, num_workers=workers))
+        next(it)  # start-up (worker processes) is not throughput
+        t = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        out[f"loader_tokens_per_s_{workers}_workers"] = n * batch * seq_len / (time.perf_counter() - t)
+        if hasattr(it, "close"):
+            it.close()
+    return out
+
+
+def bench_tiny_step(batch: int) -> dict:
+    """Tokens/s of one tiny training step: the rate the loader must outrun."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from configs import tiny
+    from parcae_jax.loss import mean_cross_entropy
+    from parcae_jax.model import ModelConfig, build, init_params
+
+    cfg = ModelConfig.from_mapping(tiny.get_config().model)
+    model = build(cfg)
+    import flax.linen as nn
+
+    params = nn.unbox(init_params(model, jax.random.key(0)))
+    opt = optax.adamw(1e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, ids, key):
+        def loss(p):
+            logits = model.apply({"params": p}, ids, rngs={"depth": key, "state": jax.random.fold_in(key, 1)})
+            return mean_cross_entropy(logits, jnp.roll(ids, -1, axis=1))
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    ids = jnp.zeros((batch, cfg.seq_len), jnp.int32)
+    times = []
+    for i in range(8):
+        t = time.perf_counter()
+        params, state, value = step(params, state, ids, jax.random.key(i))
+        value.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return {"tiny_step_tokens_per_s": batch * cfg.seq_len / float(np.median(times[3:])), "tiny_seq_len": cfg.seq_len}
+
+
+def main(argv):
+    del argv
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "batch_size": _BATCH.value}
+    with tempfile.TemporaryDirectory() as tmp:
+        result.update(bench_prepare(tmp))
+    step = bench_tiny_step(_BATCH.value)
+    result.update(step)
+    result.update(bench_loader(step["tiny_seq_len"], _BATCH.value, _STEPS.value))
+    result["loader_over_step_ratio"] = max(result["loader_tokens_per_s_0_workers"],
+                                           result["loader_tokens_per_s_2_workers"]) / result["tiny_step_tokens_per_s"]
+    text = json.dumps(result, indent=1)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

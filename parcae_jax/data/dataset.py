@@ -1,0 +1,74 @@
+"""From `config.data` to prepared token shards and loaders.
+
+- source=embedded: the corpus that ships with Python (data/corpus.py), prepared into the
+  cache on first use;
+- source=prepared: a directory written by `python -m parcae_jax.data.prepare`;
+- source=tfds: a TFDS dataset in array_record format, read through `tfds.data_source`
+  (no TensorFlow) and tokenised once into the cache (tokens are smaller than text and
+  are not re-tokenised every epoch).
+"""
+
+from __future__ import annotations
+
+import os
+
+from parcae_jax.data import corpus
+from parcae_jax.data.pipeline import TokenSplit, make_loader, open_split
+from parcae_jax.data.prepare import prepare
+from parcae_jax.data.readers import DataError, read_tfds
+from parcae_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+SOURCES = ("embedded", "prepared", "tfds")
+
+
+def check(data, model_vocab_size: int) -> Tokenizer:
+    """Validates config.data before anything is compiled; returns the tokenizer."""
+    if data.source not in SOURCES:
+        raise DataError(f"data.source={data.source!r} is unknown; set it to one of {'|'.join(SOURCES)}")
+    if data.source == "prepared":
+        if not data.path:
+            raise DataError("data.source=prepared needs data.path, the directory prepare wrote")
+        if not os.path.isdir(data.path):
+            raise DataError(f"data.path={data.path}: no such directory")
+    if data.source == "tfds" and not data.tfds_name:
+        raise DataError("data.source=tfds needs data.tfds_name")
+    if data.source == "embedded" and data.tokenizer != "bytes":
+        raise DataError("data.source=embedded is prepared with data.tokenizer=bytes; set it so")
+    tok = load_tokenizer(data.tokenizer, data.eod_token)
+    if tok.vocab_size > model_vocab_size:
+        raise DataError(f"data.tokenizer has {tok.vocab_size} ids but model.vocab_size={model_vocab_size}; "
+                        f"set model.vocab_size to at least {tok.vocab_size}")
+    return tok
+
+
+def prepared_dir(data, tok: Tokenizer, progress: bool = True) -> str:
+    """The prepared directory for config.data, preparing it into the cache if needed."""
+    if data.source == "prepared":
+        return data.path
+    if data.source == "embedded":
+        return corpus.embedded_corpus(data.cache_dir, progress=progress)
+    name = f"tfds-{data.tfds_name.replace('/', '_')}-{data.tfds_split}-{data.text_field}-{tok.fingerprint}"
+    out = os.path.join(data.cache_dir or corpus.default_cache_dir(), name)
+    prepare(read_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir, data.text_field), out, data.tokenizer,
+            eod_token=data.eod_token, val_every=data.val_every, workers=0, progress=progress,
+            description=f"tfds:{data.tfds_name}/{data.tfds_split}")
+    return out
+
+
+def open_splits(data, tok: Tokenizer, progress: bool = True) -> tuple[TokenSplit, TokenSplit]:
+    directory = prepared_dir(data, tok, progress)
+    return open_split(directory, "train", tok.fingerprint), open_split(directory, "validation", tok.fingerprint)
+
+
+def train_loader(split: TokenSplit, data, seq_len: int, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+    return make_loader(split, seq_len, global_batch, seed=seed, shuffle=True, process_index=process_index,
+                       process_count=process_count, num_workers=data.num_workers, read_threads=data.read_threads,
+                       prefetch=data.prefetch)
+
+
+def eval_loader(split: TokenSplit, data, seq_len: int, global_batch: int,
+                process_index: int = 0, process_count: int = 1):
+    """The validation windows in storage order, one pass: every evaluation sees the same batches."""
+    return make_loader(split, seq_len, global_batch, shuffle=False, num_epochs=1, process_index=process_index,
+                       process_count=process_count, read_threads=data.read_threads, prefetch=data.prefetch)
