@@ -15,4 +15,6 @@ from configs import base
 
 def get_config(arg: str | None = None):
     del arg
-    return base.parcae(d_model=768, n_heads=6, n_layers_each=2)
+    config = base.parcae(d_model=768, n_heads=6, n_layers_each=2)
+    config.train.steps = 21362  # 11.2B tokens at 256 x 2048 per step
+    return config

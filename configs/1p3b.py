@@ -14,4 +14,7 @@ from configs import base
 
 def get_config(arg: str | None = None):
     del arg
-    return base.parcae(d_model=1536, n_heads=12, n_layers_each=8)
+    config = base.parcae(d_model=1536, n_heads=12, n_layers_each=8)
+    config.train.steps = 198364  # 104B tokens at 256 x 2048 per step
+    config.optim.lr = 0.006  # the official AdamW lr at this size
+    return config

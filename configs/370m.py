@@ -15,4 +15,6 @@ from configs import base
 
 def get_config(arg: str | None = None):
     del arg
-    return base.parcae(d_model=1024, n_heads=8, n_layers_each=4)
+    config = base.parcae(d_model=1024, n_heads=8, n_layers_each=4)
+    config.train.steps = 56457  # 29.6B tokens at 256 x 2048 per step
+    return config

@@ -46,7 +46,7 @@ def model_config() -> ml_collections.ConfigDict:
         emb_scale=1.0,
         init_orthogonal=True,
         remat_policy="full",  # per loop iteration: full | dots | dots_no_batch | none
-        dtype="float32",  # compute dtype; parameters stay float32
+        dtype="auto",  # compute dtype (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
         attention_impl="xla",  # xla | cudnn
     ))
 
@@ -73,15 +73,61 @@ def data_config() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # parameters, data order, and the depths and x0 of every step
     config.model = model_config()
     config.data = data_config()
+    config.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1),  # devices along (data, fsdp, tensor); one -1 takes the rest
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=256,  # global, in sequences of model.seq_len tokens
+        microbatches=1,  # gradient accumulation: the batch is cut into this many pieces
+        clip_norm=1.0,  # global-norm clipping (0: off); the logged grad_norm is before clipping
+        log_every=10,
+        eval_every=500,  # 0: never (an evaluation also runs at the last step)
+        eval_batches=8,  # validation batches (of batch_size) per evaluation
+        eval_recurrences=config_dict.placeholder(tuple),  # None: (1, 2, 4, model.mean_recurrence)
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        name="muon_adamw",  # muon_adamw (the official recipe) | adamw
+        lr=8e-3,  # AdamW lr (embeddings, tables, head, norms, A_log, dt_bias, B, C)
+        b1=0.8,
+        b2=0.95,
+        eps=1e-10,
+        weight_decay=0.0,
+        muon_lr=8e-3,  # Muon lr (attention and MLP matrices), scaled by sqrt(max(1, rows/cols))
+        muon_momentum=0.95,
+        muon_momentum_start=0.85,  # warmed up linearly to muon_momentum over:
+        muon_momentum_warmup_steps=300,
+        muon_weight_decay=0.2,  # cautious, decays linearly to 0 at train.steps
+        muon_beta2=0.95,  # NorMuon second moment
+        muon_ns_steps=5,
+        muon_dtype="bfloat16",  # where the official Muon works in bfloat16 (float32: exact, slower)
+        schedule="trapezoid",  # trapezoid (warmup-stable-decay) | cosine | constant
+        warmup_steps=0,
+        cooldown_fraction=0.5,  # trapezoid: the last half decays linearly
+        min_lr_ratio=0.0,
+    ))
+    config.ckpt = ml_collections.ConfigDict(dict(
+        every=500,  # steps between checkpoints (0: only at the end and on SIGTERM)
+        keep=3,
+        async_save=True,
+    ))
+    config.dist = ml_collections.ConfigDict(dict(
+        initialize="auto",  # auto (Cloud TPU pods, Slurm, or a coordinator address) | always | never
+        coordinator_address=config_dict.placeholder(str),  # e.g. 10.0.0.1:1234 (or $JAX_COORDINATOR_ADDRESS)
+        num_processes=config_dict.placeholder(int),
+        process_id=config_dict.placeholder(int),
+    ))
+    config.bench = ml_collections.ConfigDict(dict(warmup=3, steps=10))
     return config
 
 
 def parcae(d_model: int, n_heads: int, n_layers_each: int) -> ml_collections.ConfigDict:
     """A published Parcae size: MHA, MLP 4d, r = d, prelude/core/coda of n_layers_each."""
     config = get_config()
+    config.data.source = "prepared"  # FineWeb-Edu (or any corpus) via parcae_jax.data.prepare
     config.model.update(d_model=d_model, n_heads=n_heads, n_kv_heads=n_heads, d_mlp=4 * d_model,
                         n_prelude=n_layers_each, n_core=n_layers_each, n_coda=n_layers_each,
                         d_rec=d_model, d_rec_mlp=4 * d_model, n_rec_heads=n_heads)

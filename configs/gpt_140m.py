@@ -12,4 +12,6 @@ from configs import base
 
 def get_config(arg: str | None = None):
     del arg
-    return base.gpt(d_model=768, n_heads=6, n_layers=6)
+    config = base.gpt(d_model=768, n_heads=6, n_layers=6)
+    config.train.steps = 21362  # 11.2B tokens at 256 x 2048 per step
+    return config

@@ -12,4 +12,7 @@ from configs import base
 
 def get_config(arg: str | None = None):
     del arg
-    return base.gpt(d_model=1536, n_heads=12, n_layers=24)
+    config = base.gpt(d_model=1536, n_heads=12, n_layers=24)
+    config.train.steps = 198364  # 104B tokens at 256 x 2048 per step
+    config.optim.lr = 0.006  # the official AdamW lr at this size
+    return config

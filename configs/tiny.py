@@ -1,9 +1,12 @@
-"""A CPU-sized Parcae for the embedded default run: bytes in, width 128, 1/2/1 layers.
+"""A CPU-sized Parcae on the embedded corpus: bytes in, width 128, 1/2/1 layers.
 
-Command:  python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR
+Command:  python -m parcae_jax.main --config=configs/tiny.py --workdir=/tmp/parcae_tiny
 Hardware: a laptop or this 2-core CI machine; everything published is kept (diagonal
-          injection, prelude norm, value embeddings, per-sequence Poisson depths), only smaller.
-Expect:   `--mode=describe` reports 943,872 parameters.
+          injection, prelude norm, value embeddings, per-sequence Poisson depths, MuonAdamW,
+          trapezoid schedule), only smaller.
+Expect:   about 0.9M parameters (`--mode=describe`); training finishes in under 10 minutes
+          on 2 cores, and the validation loss falls far below the unigram baseline
+          (see README for the measured curve).
 """
 
 from configs import base
@@ -19,4 +22,6 @@ def get_config(arg: str | None = None):
         n_prelude=1, n_core=2, n_coda=1, d_rec=128, d_rec_mlp=512, n_rec_heads=4,
         mean_recurrence=4, mean_backprop_depth=2,
     )
+    config.train.update(steps=500, batch_size=16, log_every=25, eval_every=100, eval_batches=4)
+    config.ckpt.update(every=100, keep=2)
     return config

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
@@ -55,21 +55,46 @@ def load_config():
 
 
 def main(argv: list[str]) -> None:
-    from parcae_jax.model.config import ConfigError, ModelConfig
+    from parcae_jax.data.readers import DataError
+    from parcae_jax.distributed import maybe_initialize
+    from parcae_jax.model.config import ConfigError
+    from parcae_jax.validate import validate
 
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; settings go in flags such as --config.model.d_model=256")
     config = load_config()
+    mode = _MODE.value
+    if mode in ("train", "eval") and not _WORKDIR.value:
+        fail(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
+    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+    if mode != "describe":
+        maybe_initialize(config.dist)
     try:
-        model_config = ModelConfig.from_mapping(config.model)
-    except ConfigError as e:
+        run = validate(config, check_data=mode in ("train", "eval"))
+    except (ConfigError, DataError) as e:
         fail(str(e))
-    if _MODE.value == "describe":
+    if mode == "describe":
         from parcae_jax.describe import describe
 
-        print(json.dumps(describe(model_config), indent=1))
-        return
-    fail(f"--mode={_MODE.value} is not implemented yet (only --mode=describe is)")
+        print(json.dumps(describe(run.model), indent=1))
+    elif mode == "bench":
+        from parcae_jax.bench import bench
+
+        print(json.dumps(bench(config, run)))
+    elif mode == "eval":
+        from parcae_jax.train import evaluate_checkpoint
+
+        try:
+            print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, run)))
+        except FileNotFoundError as e:
+            fail(str(e))
+    else:
+        from parcae_jax.train import train
+
+        try:
+            train(config, _WORKDIR.value, run)
+        except DataError as e:
+            fail(str(e))
 
 
 def run() -> None:

@@ -16,3 +16,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 # Prepared corpora (the embedded one, TFDS) go to a throw-away cache, not ~/.cache.
 os.environ.setdefault("PARCAE_JAX_CACHE", tempfile.mkdtemp(prefix="parcae_jax_test_cache_"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds (still run in CI)")

@@ -71,6 +71,10 @@ def test_diagonal_injection_starts_at_decay_sqrt_one_fifth_with_identity_B():
 
 def test_spectral_radius_of_other_injections():
     assert float(spectral_radius({}, "add")) == 1.0
-    kernel = np.zeros((128, 64), np.float32)
-    kernel[:64] = 2.0 * np.eye(64)  # state rows first
-    assert abs(float(spectral_radius({"adapter": {"kernel": kernel}}, "linear")) - 2.0) < 1e-5
+    rng = np.random.default_rng(0)
+    for r, scale in ((64, 2.0), (64, 0.7), (256, 1.3)):
+        state_part = rng.normal(size=(r, r)).astype(np.float32) * scale / np.sqrt(r)  # x_new = W x
+        kernel = np.concatenate([state_part.T, rng.normal(size=(32, r)).astype(np.float32)])  # state rows first
+        want = np.abs(np.linalg.eigvals(state_part)).max()
+        got = float(spectral_radius({"adapter": {"kernel": kernel}}, "linear"))
+        assert want <= got * (1 + 1e-4) and got <= want * r ** (1 / 2**11) * (1 + 1e-4)  # the Gelfand bound

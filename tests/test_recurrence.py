@@ -85,8 +85,9 @@ def test_no_gradient_steps_keep_no_activations():
     cfg = tiny(remat_policy="none")
     state_bytes = 2 * 64 * cfg.d_rec * 4
     zero, one, sixteen = (_grad_temp_bytes(cfg, n, 2) for n in (0, 1, 16))
-    assert one == sixteen  # the count is a constant here: XLA sees 1 and 16 iterations
-    assert abs(sixteen - zero) < state_bytes  # n=0 only drops the empty loop's bookkeeping
+    # The counts are constants here, so XLA compiles three programs; they differ by loop
+    # bookkeeping (bytes), not by stored states (32 KiB each).
+    assert abs(sixteen - one) < state_bytes / 100 and abs(sixteen - zero) < state_bytes
     # Control: the same 16 iterations taken with gradient do store activations.
     deep = _grad_temp_bytes(cfg.replace(mean_backprop_depth=18), 0, 18)
     assert deep - zero > 16 * state_bytes

@@ -72,3 +72,24 @@ def eval_loader(split: TokenSplit, data, seq_len: int, global_batch: int,
     """The validation windows in storage order, one pass: every evaluation sees the same batches."""
     return make_loader(split, seq_len, global_batch, shuffle=False, num_epochs=1, process_index=process_index,
                        process_count=process_count, read_threads=data.read_threads, prefetch=data.prefetch)
+
+
+def unigram_loss(train: TokenSplit, val_batches: list[dict], vocab_size: int, max_tokens: int = 4_000_000) -> float:
+    """Cross-entropy (nats) of the validation targets under the training split's unigram
+    distribution (add-one smoothed, from up to max_tokens of training data): the loss of a
+    model that has learnt token frequencies and nothing else."""
+    import grain
+    import numpy as np
+
+    source = grain.sources.ArrayRecordDataSource(train.paths)
+    counts, seen = np.ones(vocab_size), 0
+    for i in range(len(source)):
+        ids = np.frombuffer(source[i], train.dtype)
+        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+        seen += len(ids)
+        if seen >= max_tokens:
+            break
+    logp = np.log(counts / counts.sum())
+    targets = np.concatenate([np.asarray(b["targets"]).ravel() for b in val_batches])
+    targets = targets[targets >= 0]
+    return float(-logp[targets].mean())

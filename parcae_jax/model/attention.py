@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init, torch_linear_default
@@ -26,13 +27,24 @@ def rope_angles(positions: jax.Array, head_dim: int, base: float, condense_ratio
     return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
 
 
+def pairs_to_halves(D: int) -> np.ndarray:
+    """Channel order (0, 2, 4, ..., 1, 3, 5, ...): interleaved pairs (2m, 2m+1) become (m, m + D/2)."""
+    return np.concatenate([np.arange(0, D, 2), np.arange(1, D, 2)])
+
+
 def apply_rope(x_BxTxHxD: jax.Array, rope: Rope) -> jax.Array:
-    """Rotates channel pairs (2m, 2m+1) (complex-pair form, not the half-split form)."""
+    """Rotates channel pairs (m, m + D/2) of channels stored in `pairs_to_halves` order.
+
+    This is the official interleaved (complex-pair) RoPE on pairs (2m, 2m+1), with q's and
+    k's channels permuted the same way: the scores q.k and the qk-norm do not depend on
+    channel order, and contiguous halves avoid XLA's interleaving copies.
+    """
     cos, sin = rope
-    x = x_BxTxHxD.astype(jnp.float32).reshape(*x_BxTxHxD.shape[:-1], -1, 2)
-    a, b = x[..., 0], x[..., 1]
-    out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1)
-    return out.reshape(x_BxTxHxD.shape).astype(x_BxTxHxD.dtype)
+    x = x_BxTxHxD.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    out = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return out.astype(x_BxTxHxD.dtype)
 
 
 def qk_norm(x: jax.Array) -> jax.Array:
@@ -51,20 +63,41 @@ def attention_mask(T: int, segment_ids_BxT: jax.Array | None) -> jax.Array:
     return (causal & same_doc)[:, None, None]
 
 
-def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None, impl: str = "xla"):
-    """Softmax(q k^T / sqrt(D)) v with a causal mask; query head h reads kv head h // (H/G)."""
+def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None, impl: str = "xla",
+                          bounded: bool = False):
+    """Softmax(q k^T / sqrt(D)) v with a causal mask; query head h reads kv head h // (H/G).
+
+    Heads-first, and the softmax denominator applied after the value matmul: XLA:CPU
+    otherwise fuses the normalisation into that matmul and runs it ~3x slower. `bounded`:
+    q and k are RMS-normalised, so |q.k| / sqrt(D) <= sqrt(D) and exp cannot overflow; the
+    max subtraction (an extra pass over the scores) is then skipped.
+    """
     B, T, H, D = q_BxTxHxD.shape
     G = k_BxTxGxD.shape[2]
     if impl == "cudnn" and segment_ids_BxT is None:
         return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, is_causal=True, implementation="cudnn")
-    q = q_BxTxHxD.reshape(B, T, G, H // G, D)
+    q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
     s_BxGxRxTxS = jnp.einsum("btgrd,bsgd->bgrts", q, k_BxTxGxD, preferred_element_type=jnp.float32)
-    s_BxGxRxTxS = s_BxGxRxTxS / math.sqrt(D)
-    mask = attention_mask(T, segment_ids_BxT)
-    s_BxGxRxTxS = jnp.where(mask, s_BxGxRxTxS, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxTxGxD.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", p, v_BxTxGxD, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+    s_BxGxRxTxS = jnp.where(attention_mask(T, segment_ids_BxT), s_BxGxRxTxS, -jnp.inf)
+    if not bounded:
+        s_BxGxRxTxS = s_BxGxRxTxS - jax.lax.stop_gradient(jnp.max(s_BxGxRxTxS, axis=-1, keepdims=True))
+    p = jnp.exp(s_BxGxRxTxS)
+    denom_BxGxRxTx1 = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(v_BxTxGxD.dtype), v_BxTxGxD, preferred_element_type=jnp.float32)
+    out = out / denom_BxGxRxTx1
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+
+
+class _Kernel(nn.Module):
+    """A bare weight, so that a fused projection keeps the `q/kernel`, ... parameter names."""
+
+    shape: tuple[int, ...]
+    initializer: object
+    axes: tuple
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", nn.with_logical_partitioning(self.initializer, self.axes), self.shape, jnp.float32)
 
 
 class Attention(nn.Module):
@@ -80,15 +113,19 @@ class Attention(nn.Module):
         std = math.sqrt(2.0 / (5.0 * spec.width))
         D, H, G = spec.head_dim, spec.n_heads, spec.n_kv_heads
 
-        def proj(name, heads, axes):
-            return nn.DenseGeneral(
-                (heads, D), use_bias=False, dtype=dtype, name=name,
-                kernel_init=nn.with_logical_partitioning(matrix_init(std, cfg.init_orthogonal), ("embed", axes, "head_dim")),
-            )(h_BxTxW)
-
-        q = proj("q", H, "heads")
-        k = proj("k", G, "kv_heads")
-        v = proj("v", G, "kv_heads")
+        init = matrix_init(std, cfg.init_orthogonal)
+        W = spec.width
+        Wq = _Kernel((W, H, D), init, ("embed", "heads", "head_dim"), name="q")()
+        Wk = _Kernel((W, G, D), init, ("embed", "kv_heads", "head_dim"), name="k")()
+        Wv = _Kernel((W, G, D), init, ("embed", "kv_heads", "head_dim"), name="v")()
+        perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
+        Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D), jnp.asarray(Wk)[..., perm].reshape(W, G * D),
+                                jnp.asarray(Wv).reshape(W, G * D)], axis=1)  # one matmul instead of three
+        qkv = jnp.einsum("btw,wf->btf", h_BxTxW.astype(dtype), Wqkv.astype(dtype))
+        B, T = qkv.shape[:2]
+        q = qkv[..., : H * D].reshape(B, T, H, D)
+        k = qkv[..., H * D: (H + G) * D].reshape(B, T, G, D)
+        v = qkv[..., (H + G) * D:].reshape(B, T, G, D)
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
             gate_kernel = self.param("ve_gate", nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
@@ -101,8 +138,6 @@ class Attention(nn.Module):
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        y = dot_product_attention(q, k, v, segment_ids_BxT, cfg.attention_impl)
-        return nn.DenseGeneral(
-            spec.width, axis=(-2, -1), use_bias=False, dtype=dtype, name="o",
-            kernel_init=nn.with_logical_partitioning(matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed")),
-        )(y)
+        y = dot_product_attention(q, k, v, segment_ids_BxT, cfg.attention_impl, bounded=cfg.qk_norm)
+        Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
+        return jnp.einsum("bthd,hdw->btw", y, jnp.asarray(Wo).astype(dtype))

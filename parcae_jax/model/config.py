@@ -108,7 +108,12 @@ class ModelConfig:
         """Builds and validates a config from a dict or ConfigDict (unknown keys fail)."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
-        for key, value in dict(values).items():
+        values = dict(values)
+        if values.get("dtype") == "auto":  # bfloat16 on accelerators, float32 on CPU
+            import jax
+
+            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"{prefix}.{key} is not a model setting; known: {', '.join(sorted(known))}")
             kwargs[key] = _coerce(prefix, key, known[key].type, value)

@@ -38,16 +38,24 @@ def diagonal_coefficients(A_log: jax.Array, dt_bias: jax.Array) -> tuple[jax.Arr
     return decay, jax.nn.softplus(dt_bias)
 
 
-def spectral_radius(params_injection: dict, injection: str) -> jax.Array:
-    """rho of the state-to-state map: max(A_bar) (diagonal), 1 (add), max |eig| (linear)."""
+def spectral_radius(params_injection: dict, injection: str, squarings: int = 10) -> jax.Array:
+    """rho of the state-to-state map: max(A_bar) (diagonal), 1 (add), or for linear the
+    Gelfand limit ||W^(2^n)||^(1/2^n) by repeated squaring (eigvals exist on CPU only;
+    with n = 10 the estimate is within r^(1/2^11) of rho: 0.3% at r = 1024)."""
     if injection == "diagonal":
         decay, _ = diagonal_coefficients(params_injection["A_log"], params_injection["dt_bias"])
         return jnp.max(decay)
     if injection == "add":
         return jnp.float32(1.0)
     kernel = params_injection["adapter"]["kernel"]  # [r + d, r], state rows first
-    r = kernel.shape[1]
-    return jnp.max(jnp.abs(jnp.linalg.eigvals(kernel[:r].astype(jnp.float32))))
+    W = kernel[: kernel.shape[1]].astype(jnp.float32).T  # x_new = W x
+    log_scale = jnp.float32(0.0)
+    for _ in range(squarings):  # keep ||M|| = 1 and carry the scale in log space
+        norm = jnp.maximum(jnp.linalg.norm(W), 1e-30)
+        W, log_scale = W / norm, 2.0 * (log_scale + jnp.log(norm))
+        W = W @ W
+    norm = jnp.maximum(jnp.linalg.norm(W), 1e-30)
+    return jnp.exp((log_scale + jnp.log(norm)) / 2**squarings)
 
 
 class Injection(nn.Module):

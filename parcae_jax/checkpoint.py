@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state, the data iterator and the config; preemption.
+
+Each checkpoint directory `WORKDIR/checkpoints/<step>` holds `state` (params, optimizer,
+step, skipped count), `data` (the grain iterator of every process) and `config` (JSON).
+Orbax writes under a temporary name and commits with a rename, so an interrupted save is
+never taken as the latest. A state with non-finite parameters is never saved over a good
+one. Restoring takes the target shardings from the abstract state, so a checkpoint saved
+on one mesh loads onto another.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator, config: dict, wait: bool = False) -> bool:
+        """Saves unless the parameters are not finite (then logs and returns False)."""
+        if step in self.manager.all_steps():
+            return True
+        finite = jax.tree.reduce(lambda a, b: a & b,
+                                 jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state.params), True)
+        if not bool(finite):
+            logging.error("step %d: parameters are not finite; not saving over the last good checkpoint", step)
+            return False
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config)))
+        if wait:
+            self.manager.wait_until_finished()
+        return True
+
+    def restore(self, step: int, abstract_state: Any, data_iterator, local_batches_per_step: int = 1) -> Any:
+        """The state at `step`, laid out as `abstract_state`'s shardings say; positions the
+        data iterator where it was (or, after a change of process count, by the step:
+        the loader's order does not depend on it)."""
+        has_data = os.path.exists(os.path.join(self.directory, str(step), "data",
+                                               f"process_{jax.process_index()}-of-{jax.process_count()}.json"))
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if has_data:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if not has_data:
+            grain.experimental.set_next_index(data_iterator, step * local_batches_per_step)
+        return restored["state"]
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class Preemption:
+    """SIGTERM (preemption notice) asks the loop to save and stop after the current step.
+
+    With several processes every one must stop at the same step, so the flags are
+    all-gathered (any process's notice stops them all)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+    def restore_handler(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+

@@ -1,0 +1,117 @@
+"""The pure training and evaluation steps (jit them; train.py does, with shardings).
+
+Randomness is a function of (seed, step): depths and x0 are drawn once for the whole
+global batch from fold_in(key(seed), step), so a resumed run, a run on another mesh and
+a run cut into micro-batches all see the same depths for the same sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from parcae_jax.loss import token_cross_entropy
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.injection import spectral_radius
+from parcae_jax.model.recurrence import draw_initial_state, sample_depths
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken (skipped ones included), int32
+    params: Any
+    opt_state: Any
+    skipped: jax.Array  # steps whose gradient was not finite, int32
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, seq_len: int = 8) -> TrainState:
+    params = nn.unbox(model.init({"params": key}, jnp.zeros((1, seq_len), jnp.int32), recurrence=1)["params"])
+    return TrainState(jnp.int32(0), params, tx.init(params), jnp.int32(0))
+
+
+def _depths_and_state(cfg: ModelConfig, key: jax.Array, B: int, T: int) -> dict:
+    if cfg.arch == "gpt":
+        return {}
+    n, k = sample_depths(jax.random.fold_in(key, 0), B, cfg)
+    return {"n": n, "k": k, "x0": draw_initial_state(jax.random.fold_in(key, 1), (B, T, cfg.d_rec), cfg)}
+
+
+def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int, microbatches: int = 1,
+                    clip_norm: float = 1.0, document_masking: bool = False) -> Callable:
+    cfg: ModelConfig = model.cfg
+
+    def loss_sum(params, mb):
+        extra = {"num_steps": (mb["n"], mb["k"]), "initial_state": mb["x0"]} if cfg.arch == "parcae" else {}
+        logits, inter = model.apply({"params": params}, mb["inputs"], mutable=["intermediates"],
+                                    segment_ids_BxT=mb["segment_ids"] if document_masking else None, **extra)
+        loss, mask = token_cross_entropy(logits, mb["targets"])
+        state = inter["intermediates"].get("state")
+        state_norm = jnp.mean(jnp.linalg.norm(state[0], axis=-1)) if state else jnp.float32(0)
+        return loss.sum(), (mask.sum(), state_norm)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        B, T = batch["inputs"].shape
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        data = {**batch, **_depths_and_state(cfg, key, B, T)}
+        if microbatches == 1:
+            (total, (count, norm)), grads = grad_fn(state.params, data)
+        else:  # accumulate token-summed losses and gradients over micro-batches
+            split = jax.tree.map(lambda x: x.reshape(microbatches, B // microbatches, *x.shape[1:]), data)
+
+            def body(acc, mb):
+                (l, (c, s)), g = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, acc, (l, c, s, g)), None
+
+            zeros = (jnp.float32(0), jnp.int32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
+            (total, count, norm, grads), _ = jax.lax.scan(body, zeros, split)
+            norm = norm / microbatches
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        loss = total / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+        if clip_norm > 0:  # as torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above it
+            grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_norm / (grad_norm + 1e-6)), grads)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+        new = TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": ~finite,
+                   **{name: lr(state.step) for name, lr in lrs.items()}}
+        if cfg.arch == "parcae":
+            inj = state.params["core"]["injection"] if cfg.injection != "add" else {}
+            metrics.update(rho=spectral_radius(inj, cfg.injection), state_norm=norm,
+                           depth_mean=jnp.mean(data["n"] + data["k"]).astype(jnp.float32),
+                           depth_max_nograd=jnp.max(data["n"]), depth_max_grad=jnp.max(data["k"]))
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, *, seed: int, document_masking: bool = False) -> Callable:
+    """(params, batch, R) -> (loss sum, real tokens); R is traced: one compile for every R.
+    x0 comes from a fixed key, so every evaluation of the same weights gives the same loss."""
+    cfg: ModelConfig = model.cfg
+
+    def eval_step(params, batch: dict, recurrence) -> tuple[jax.Array, jax.Array]:
+        B, T = batch["inputs"].shape
+        extra = {}
+        if cfg.arch == "parcae":
+            x0 = draw_initial_state(jax.random.fold_in(jax.random.key(seed), -1 % 2**31), (B, T, cfg.d_rec), cfg)
+            extra = {"recurrence": recurrence, "initial_state": x0}
+        logits = model.apply({"params": params}, batch["inputs"],
+                             segment_ids_BxT=batch["segment_ids"] if document_masking else None, **extra)
+        loss, mask = token_cross_entropy(logits, batch["targets"])
+        return loss.sum(), mask.sum()
+
+    return eval_step

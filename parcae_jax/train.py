@@ -1,0 +1,185 @@
+"""The training loop: set-up (mesh, data, sharded state or resume), steps, logs, evals,
+checkpoints, and a clean stop on SIGTERM. The step itself is in step.py."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from parcae_jax import sharding
+from parcae_jax.checkpoint import Checkpointer, Preemption, abstract_with_shardings
+from parcae_jax.data import dataset
+from parcae_jax.data.pipeline import to_global
+from parcae_jax.describe import flops_per_token
+from parcae_jax.metrics import MetricsWriter, peak_flops
+from parcae_jax.model import build
+from parcae_jax.optim import make_optimizer
+from parcae_jax.step import TrainState, init_state, make_eval_step, make_train_step
+from parcae_jax.validate import Run
+
+
+class Trainer:
+    """Everything a run needs, built once: mesh, model, optimizer, shardings, jitted steps."""
+
+    def __init__(self, config, run: Run, devices=None):
+        self.config, self.run = config, run
+        self.mesh = sharding.make_mesh(config.mesh.shape, devices)
+        self.model = build(run.model)
+        self.tx, self.lrs = make_optimizer(config.optim, config.train.steps)
+        with self.context():
+            key = jax.random.key(config.seed)
+            boxed = jax.eval_shape(lambda: self.model.init({"params": key}, jnp.zeros((1, 8), jnp.int32),
+                                                           recurrence=1)["params"])
+            self.abstract = jax.eval_shape(lambda: init_state(self.model, self.tx, key))
+            params_sh = sharding.param_shardings(boxed, self.mesh)
+            rep = sharding.replicated(self.mesh)
+            self.state_sharding = TrainState(rep, params_sh,
+                                             sharding.like_params(self.abstract.opt_state, self.abstract.params,
+                                                                  params_sh, self.mesh), rep)
+            self.batch_sharding = sharding.batch_sharding(self.mesh)
+            t = config.train
+            masking = config.data.document_masking
+            step = make_train_step(self.model, self.tx, self.lrs, seed=config.seed, microbatches=t.microbatches,
+                                   clip_norm=t.clip_norm, document_masking=masking)
+            self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                                      out_shardings=(self.state_sharding, rep), donate_argnums=0)
+            self.eval_step = jax.jit(make_eval_step(self.model, seed=config.seed, document_masking=masking),
+                                     in_shardings=(params_sh, self.batch_sharding, rep), out_shardings=rep)
+            self.init = jax.jit(lambda k: init_state(self.model, self.tx, k), out_shardings=self.state_sharding)
+
+    def context(self):
+        """Mesh and logical-axis rules, active whenever the model is traced."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.RULES))
+        return stack
+
+    def fresh_state(self) -> TrainState:
+        with self.context():
+            return self.init(jax.random.key(self.config.seed))
+
+    def evaluate(self, params, batches: list[dict]) -> dict[str, float]:
+        """Mean validation loss at every eval recurrence, on the same batches each time."""
+        out = {}
+        recurrences = self.run.eval_recurrences if self.run.model.arch == "parcae" else (0,)
+        with self.context():
+            for R in recurrences:
+                total, count = 0.0, 0
+                for batch in batches:
+                    loss, n = self.eval_step(params, batch, jnp.int32(max(R, 1)))
+                    total, count = total + float(loss), count + int(n)
+                key = f"eval/loss_r{R}" if self.run.model.arch == "parcae" else "eval/loss"
+                out[key] = total / max(count, 1)
+        return out
+
+
+def _mean(ms: list[dict]) -> dict[str, float]:
+    fetched = jax.device_get(ms)
+    keys = fetched[-1].keys()
+    out = {k: float(np.mean([m[k] for m in fetched])) for k in keys if k not in ("skipped", "tokens")}
+    out["tokens"] = float(sum(m["tokens"] for m in fetched))
+    out["skipped"] = float(sum(bool(m["skipped"]) for m in fetched))
+    return out
+
+
+def train(config, workdir: str, run: Run) -> dict[str, float]:
+    """Trains to config.train.steps, resuming from the latest checkpoint in workdir."""
+    t, pid, nproc = config.train, jax.process_index(), jax.process_count()
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, run)
+    tok = run.tokenizer
+    train_split, val_split = dataset.open_splits(config.data, tok, progress=pid == 0)
+    seq = run.model.seq_len
+    loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
+    data_iter = iter(loader)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt.keep, config.ckpt.async_save)
+    latest = ckpt.latest_step()
+    with trainer.context():
+        if latest is None:
+            state = trainer.fresh_state()
+        else:
+            logging.info("resuming from step %d in %s", latest, ckpt.directory)
+            target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
+            state = ckpt.restore(latest, target, data_iter)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0)
+    local_eval = [b for _, b in zip(range(t.eval_batches),
+                                    iter(dataset.eval_loader(val_split, config.data, seq, t.batch_size, pid, nproc)))]
+    eval_batches = [to_global(b, trainer.batch_sharding) for b in local_eval]
+    unigram = dataset.unigram_loss(train_split, local_eval, run.model.padded_vocab_size) if pid == 0 else None
+    fpt = flops_per_token(run.model)["flops_per_token"]
+    peak = peak_flops(jax.devices()[0].device_kind)
+    config_dict = config.to_dict()
+    preempt = Preemption()
+    pending: list[dict] = []
+    last = {}
+    tick, tick_step = time.perf_counter(), start
+    step = start
+    try:
+        with trainer.context():
+            while step < t.steps:
+                batch = to_global(next(data_iter), trainer.batch_sharding)
+                state, metrics = trainer.train_step(state, batch)
+                pending.append(metrics)
+                step += 1
+                stop = preempt.should_stop()
+                evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+                if step % t.log_every == 0 or evaluating or stop or step == t.steps:
+                    m = _mean(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    m["step_time_s"] = (now - tick) / (step - tick_step)
+                    m["tokens_per_sec"] = m.pop("tokens") / (now - tick)
+                    m["skipped_total"] = float(jax.device_get(state.skipped))
+                    if peak:
+                        m["mfu"] = fpt * m["tokens_per_sec"] / (peak * jax.device_count())
+                    if evaluating:
+                        m.update(trainer.evaluate(state.params, eval_batches))
+                        if unigram is not None:
+                            m["eval/unigram_loss"] = unigram
+                    writer.write(step, m)
+                    last = m
+                    tick, tick_step = time.perf_counter(), step
+                if stop or (config.ckpt.every and step % config.ckpt.every == 0) or step == t.steps:
+                    ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
+                if stop:
+                    logging.warning("stopped by SIGTERM after step %d; checkpoint saved", step)
+                    break
+    finally:
+        preempt.restore_handler()
+        ckpt.close()
+        writer.close()
+        if hasattr(data_iter, "close"):
+            data_iter.close()
+    return last
+
+
+def evaluate_checkpoint(config, workdir: str, run: Run) -> dict[str, Any]:
+    """--mode=eval: validation loss of the latest checkpoint at every eval recurrence."""
+    trainer = Trainer(config, run)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt.keep)
+    latest = ckpt.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
+    _, val_split = dataset.open_splits(config.data, run.tokenizer)
+    with trainer.context():
+        import orbax.checkpoint as ocp
+
+        target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
+        state = ckpt.manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        batches = [to_global(b, trainer.batch_sharding) for _, b in
+                   zip(range(config.train.eval_batches),
+                       iter(dataset.eval_loader(val_split, config.data, run.model.seq_len, config.train.batch_size,
+                                                jax.process_index(), jax.process_count())))]
+        out = {"step": latest, **trainer.evaluate(state.params, batches)}
+    ckpt.close()
+    return out

@@ -1,0 +1,63 @@
+"""Whole-config validation, before anything is compiled: one ConfigError / DataError line
+naming the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from parcae_jax.data import dataset
+from parcae_jax.data.tokenizer import Tokenizer
+from parcae_jax.model.config import ConfigError, ModelConfig
+from parcae_jax.optim import OPTIMIZERS, SCHEDULES
+from parcae_jax.sharding import resolve_mesh_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    model: ModelConfig
+    mesh_shape: tuple[int, int, int]
+    eval_recurrences: tuple[int, ...]
+    tokenizer: Tokenizer | None
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config, n_devices: int | None = None, process_count: int | None = None, check_data: bool = True) -> Run:
+    model = ModelConfig.from_mapping(config.model)
+    n_devices = n_devices if n_devices is not None else jax.device_count()
+    process_count = process_count if process_count is not None else jax.process_count()
+    mesh = resolve_mesh_shape(config.mesh.shape, n_devices)
+    dp = mesh[0] * mesh[1]
+    t, o, c = config.train, config.optim, config.ckpt
+    for name in ("steps", "batch_size", "microbatches", "log_every", "eval_batches"):
+        _need(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
+    _need(t.eval_every >= 0 and c.every >= 0, "train.eval_every and ckpt.every must be >= 0 (0: never)")
+    _need(c.keep >= 1, f"ckpt.keep={c.keep} must be >= 1")
+    _need(t.batch_size % t.microbatches == 0,
+          f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
+    micro = t.batch_size // t.microbatches
+    _need(micro % dp == 0, f"train.batch_size={t.batch_size} gives micro-batches of {micro} sequences, not divisible "
+                           f"by the data-parallel size {dp} (mesh data x fsdp = {mesh[0]} x {mesh[1]}); "
+                           f"use a multiple of {dp * t.microbatches}")
+    _need(t.batch_size % process_count == 0,
+          f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
+    _need(t.clip_norm >= 0, f"train.clip_norm={t.clip_norm} must be >= 0 (0: no clipping)")
+    _need(o.name in OPTIMIZERS, f"optim.name={o.name!r} is unknown; set it to one of {'|'.join(OPTIMIZERS)}")
+    _need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is unknown; set it to one of {'|'.join(SCHEDULES)}")
+    _need(o.lr > 0 and o.muon_lr > 0, "optim.lr and optim.muon_lr must be > 0")
+    _need(0 <= o.b1 < 1 and 0 <= o.b2 < 1 and 0 <= o.muon_momentum < 1, "optim betas and momentum must be in [0, 1)")
+    _need(0 <= o.cooldown_fraction <= 1, f"optim.cooldown_fraction={o.cooldown_fraction} must be in [0, 1]")
+    _need(0 <= o.warmup_steps < t.steps, f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps)")
+    _need(1 <= o.muon_ns_steps <= 5, f"optim.muon_ns_steps={o.muon_ns_steps} must be 1..5 (Polar Express has 5)")
+    _need(o.muon_dtype in ("bfloat16", "float32"), f"optim.muon_dtype={o.muon_dtype!r} must be bfloat16 or float32")
+    recurrences = tuple(t.eval_recurrences) if t.eval_recurrences else (1, 2, 4, model.mean_recurrence)
+    _need(all(isinstance(r, int) and r >= 1 for r in recurrences),
+          f"train.eval_recurrences={recurrences} must be integers >= 1")
+    recurrences = tuple(sorted(set(recurrences)))
+    tok = dataset.check(config.data, model.vocab_size) if check_data else None
+    return Run(model, mesh, recurrences, tok)
