@@ -1,5 +1,6 @@
-"""Entry point: flags -> a validated config -> one mode.
+"""Entry point: flags -> a validated config -> one mode (train | eval | describe | bench).
 
+    python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR            # train (the default mode)
     python -m parcae_jax.main --config=configs/1p3b.py --mode=describe
     python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR --config.model.mean_recurrence=8
 """
