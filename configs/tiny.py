@@ -4,9 +4,9 @@ Command:  python -m parcae_jax.main --config=configs/tiny.py --workdir=/tmp/parc
 Hardware: a laptop or this 2-core CI machine; everything published is kept (diagonal
           injection, prelude norm, value embeddings, per-sequence Poisson depths, MuonAdamW,
           trapezoid schedule), only smaller.
-Expect:   about 0.9M parameters (`--mode=describe`); training finishes in under 10 minutes
-          on 2 cores, and the validation loss falls far below the unigram baseline
-          (see README for the measured curve).
+Expect:   943,872 parameters (`--mode=describe`); 400 steps in about 6 minutes on 2 CPU
+          cores, ending at a validation loss of ~1.61 nats/byte against a unigram
+          baseline of ~3.44 (README shows the log).
 """
 
 from configs import base

@@ -36,7 +36,7 @@ def _line(step: int, total: int, m: dict[str, float]) -> str:
                      ("rho", "rho {:.4f}"), ("state_norm", "|x| {:.2f}"), ("skipped_total", "skipped {:.0f}")):
         if key in m:
             parts.append(fmt.format(m[key]))
-    parts += [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("eval/loss")]
+    parts += [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("eval/")]
     return " | ".join(parts)
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from parcae_jax.convert import ConversionError, _read_config, config_to_reference, load_reference, save_reference
+from parcae_jax.convert import ConversionError, _read_config, load_reference, save_reference
+from parcae_jax.reference_config import config_to_reference
 from parcae_jax.model import build, init_params
 from tests.conftest import FIXTURES, ROOT
 from tests.helpers import tiny

@@ -4,8 +4,8 @@
 
 prints one JSON object: preparation speed on the embedded corpus (~12 MB of text) with
 the byte tokenizer (in process) and with a 32768-token BPE (2 worker processes), loader
-speed (tokens/s delivered, 0 and 2 workers) at the tiny config's shape, the tokens/s one
-tiny training step consumes (forward + backward + AdamW, fp32), and their ratio.
+speed (tokens/s delivered, 0 and 2 workers) at the tiny config's shape, the tokens/s the
+tiny config's training step consumes (`--mode=bench`'s measurement), and their ratio.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import platform
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
@@ -64,41 +63,15 @@ def bench_loader(seq_len: int, batch: int, n: int) -> dict:
 
 
 def bench_tiny_step(batch: int) -> dict:
-    """Tokens/s of one tiny training step: the rate the loader must outrun."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
+    """Tokens/s of the tiny config's real training step (--mode=bench): what the loader must outrun."""
     from configs import tiny
-    from parcae_jax.loss import mean_cross_entropy
-    from parcae_jax.model import ModelConfig, build, init_params
+    from parcae_jax.bench import bench
+    from parcae_jax.validate import validate
 
-    cfg = ModelConfig.from_mapping(tiny.get_config().model)
-    model = build(cfg)
-    import flax.linen as nn
-
-    params = nn.unbox(init_params(model, jax.random.key(0)))
-    opt = optax.adamw(1e-3)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, ids, key):
-        def loss(p):
-            logits = model.apply({"params": p}, ids, rngs={"depth": key, "state": jax.random.fold_in(key, 1)})
-            return mean_cross_entropy(logits, jnp.roll(ids, -1, axis=1))
-
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    ids = jnp.zeros((batch, cfg.seq_len), jnp.int32)
-    times = []
-    for i in range(8):
-        t = time.perf_counter()
-        params, state, value = step(params, state, ids, jax.random.key(i))
-        value.block_until_ready()
-        times.append(time.perf_counter() - t)
-    return {"tiny_step_tokens_per_s": batch * cfg.seq_len / float(np.median(times[3:])), "tiny_seq_len": cfg.seq_len}
+    config = tiny.get_config()
+    config.train.batch_size = batch
+    result = bench(config, validate(config, check_data=False))
+    return {"tiny_step_tokens_per_sec": result["tokens_per_sec"], "tiny_seq_len": result["seq_len"]}
 
 
 def main(argv):
@@ -110,7 +83,7 @@ def main(argv):
     result.update(step)
     result.update(bench_loader(step["tiny_seq_len"], _BATCH.value, _STEPS.value))
     result["loader_over_step_ratio"] = max(result["loader_tokens_per_s_0_workers"],
-                                           result["loader_tokens_per_s_2_workers"]) / result["tiny_step_tokens_per_s"]
+                                           result["loader_tokens_per_s_2_workers"]) / result["tiny_step_tokens_per_sec"]
     text = json.dumps(result, indent=1)
     print(text)
     if _OUT.value:
