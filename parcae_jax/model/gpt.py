@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.config import ModelConfig
@@ -30,7 +31,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         T = input_ids_BxT.shape[1]
         specs = block_specs(cfg)
-        positions = jnp.arange(T) if positions is None else positions
+        positions = np.arange(T) if positions is None else positions
         rope = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
         h, table = TokenEmbed(cfg, name="embed")(input_ids_BxT)
         ves = ValueEmbeds(cfg, name="value_embeds")(input_ids_BxT, tuple(s.table for s in specs if s.applies_ve))

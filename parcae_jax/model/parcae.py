@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.config import ModelConfig
@@ -36,7 +37,7 @@ class Parcae(nn.Module):
         cfg = self.cfg
         B, T = input_ids_BxT.shape
         specs = block_specs(cfg)
-        positions = jnp.arange(T) if positions is None else positions
+        positions = np.arange(T) if positions is None else positions
         rope_main = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
         rope_core = rope_main if cfg.rec_head_dim == cfg.head_dim else rope_angles(
             positions, cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)

@@ -104,16 +104,17 @@ def _nograd_compacted(core, x, e, rope, ves, seg, n_B, groups: int):
     """The no-gradient phase, each iteration on as few rows as hold every active one.
 
     Rows are sorted by n (within each data-parallel shard, so no row changes device), and
-    iteration i runs the core on the first B/g, B/2g or B/4g rows of every shard: the
-    smallest that still covers each row with n > i. Rows are independent (attention stays
-    within a row) and inactive rows keep their state, so the result is the same as
-    running every row; the work saved is what per-sequence depths leave idle (~45% of
-    this phase at mean recurrence 4, batch 8).
+    iteration i runs the core on the first m rows of every shard, m the smallest of b,
+    3b/4, b/2, 3b/8, b/4, b/8 (b = B/g) that still covers each row with n > i. Rows are
+    independent (attention stays within a row) and inactive rows keep their state, so the
+    result is the same as running every row. At mean recurrence 4, batch 8, this phase
+    costs 17.8 row-iterations per step on average instead of 40.4 (all rows every time);
+    every row's own count would be 16.9. Each size is one more compiled copy of the core.
     """
     B = x.shape[0]
     groups = groups if B % groups == 0 else 1  # e.g. a batch of 1 at initialisation
     b = B // groups
-    sizes = [m for m in (b, b // 2, b // 4) if m >= 1]
+    sizes = sorted({m for m in (b, 3 * b // 4, b // 2, 3 * b // 8, b // 4, b // 8) if m >= 1}, reverse=True)
     order = jnp.argsort(-n_B.reshape(groups, b), axis=1, stable=True)
     perm = (jnp.arange(groups)[:, None] * b + order).reshape(B)
     take = lambda a: None if a is None else a[perm]  # noqa: E731
@@ -134,7 +135,7 @@ def _nograd_compacted(core, x, e, rope, ves, seg, n_B, groups: int):
     def body(mdl, carry):
         x, i = carry
         active = jnp.max(jnp.sum((n > i).reshape(groups, b), axis=1))
-        which = sum((active <= m).astype(jnp.int32) for m in sizes[1:])  # 0: all rows, 1: half, 2: quarter
+        which = sum((active <= m).astype(jnp.int32) for m in sizes[1:])  # index of the smallest size >= active
         return nn.switch(which, [branch(m) for m in sizes], mdl, x, i), i + 1
 
     def loop(mdl, x):
