@@ -52,10 +52,13 @@ class Checkpointer:
             self.manager.wait_until_finished()
         return True
 
-    def restore(self, step: int, abstract_state: Any, data_iterator, local_batches_per_step: int = 1) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iterator=None, local_batches_per_step: int = 1) -> Any:
         """The state at `step`, laid out as `abstract_state`'s shardings say; positions the
-        data iterator where it was (or, after a change of process count, by the step:
-        the loader's order does not depend on it)."""
+        data iterator, if given, where it was (or, after a change of process count, by the
+        step: the loader's order does not depend on it)."""
+        if data_iterator is None:  # evaluation: the state alone
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
         has_data = os.path.exists(os.path.join(self.directory, str(step), "data",
                                                f"process_{jax.process_index()}-of-{jax.process_count()}.json"))
         args = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -3,6 +3,7 @@ checkpoints, and a clean stop on SIGTERM. The step itself is in step.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -56,8 +57,6 @@ class Trainer:
 
     def context(self):
         """Mesh and logical-axis rules, active whenever the model is traced."""
-        import contextlib
-
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(sharding.RULES))
@@ -67,19 +66,23 @@ class Trainer:
         with self.context():
             return self.init(jax.random.key(self.config.seed))
 
+    def local_eval_batches(self, val_split) -> list[dict]:
+        """This process's rows of the first `train.eval_batches` validation batches (the same every eval)."""
+        loader = dataset.eval_loader(val_split, self.config.data, self.run.model.seq_len, self.config.train.batch_size,
+                                     jax.process_index(), jax.process_count())
+        return [b for _, b in zip(range(self.config.train.eval_batches), loader)]
+
     def evaluate(self, params, batches: list[dict]) -> dict[str, float]:
         """Mean validation loss at every eval recurrence, on the same batches each time."""
-        out = {}
+        sums = {}
         recurrences = self.run.eval_recurrences if self.run.model.arch == "parcae" else (0,)
         with self.context():
-            for R in recurrences:
-                total, count = 0.0, 0
-                for batch in batches:
-                    loss, n = self.eval_step(params, batch, jnp.int32(max(R, 1)))
-                    total, count = total + float(loss), count + int(n)
+            for R in recurrences:  # dispatch every batch first; one fetch at the end
                 key = f"eval/loss_r{R}" if self.run.model.arch == "parcae" else "eval/loss"
-                out[key] = total / max(count, 1)
-        return out
+                sums[key] = [self.eval_step(params, batch, jnp.int32(max(R, 1))) for batch in batches]
+        fetched = jax.device_get(sums)
+        return {key: float(sum(float(loss) for loss, _ in parts)) / max(sum(int(n) for _, n in parts), 1)
+                for key, parts in fetched.items()}
 
 
 def _mean(ms: list[dict]) -> dict[str, float]:
@@ -112,8 +115,7 @@ def train(config, workdir: str, run: Run) -> dict[str, float]:
             state = ckpt.restore(latest, target, data_iter)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0)
-    local_eval = [b for _, b in zip(range(t.eval_batches),
-                                    iter(dataset.eval_loader(val_split, config.data, seq, t.batch_size, pid, nproc)))]
+    local_eval = trainer.local_eval_batches(val_split)
     eval_batches = [to_global(b, trainer.batch_sharding) for b in local_eval]
     unigram = dataset.unigram_loss(train_split, local_eval, run.model.padded_vocab_size) if pid == 0 else None
     fpt = flops_per_token(run.model)["flops_per_token"]
@@ -172,14 +174,8 @@ def evaluate_checkpoint(config, workdir: str, run: Run) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
     _, val_split = dataset.open_splits(config.data, run.tokenizer)
     with trainer.context():
-        import orbax.checkpoint as ocp
-
-        target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
-        state = ckpt.manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        batches = [to_global(b, trainer.batch_sharding) for _, b in
-                   zip(range(config.train.eval_batches),
-                       iter(dataset.eval_loader(val_split, config.data, run.model.seq_len, config.train.batch_size,
-                                                jax.process_index(), jax.process_count())))]
+        state = ckpt.restore(latest, abstract_with_shardings(trainer.abstract, trainer.state_sharding))
+        batches = [to_global(b, trainer.batch_sharding) for b in trainer.local_eval_batches(val_split)]
         out = {"step": latest, **trainer.evaluate(state.params, batches)}
     ckpt.close()
     return out

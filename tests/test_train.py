@@ -15,7 +15,7 @@ import pytest
 
 from configs import tiny
 from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
-from parcae_jax.train import Trainer, train
+from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate
 from tests.conftest import ROOT
 
@@ -95,11 +95,8 @@ def final_params(config, workdir):
     trainer = Trainer(config, validate(config, check_data=False))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 5)
     step = ckpt.latest_step()
-    import orbax.checkpoint as ocp
-
     with trainer.context():
-        target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
-        state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        state = ckpt.restore(step, abstract_with_shardings(trainer.abstract, trainer.state_sharding))
     ckpt.close()
     return step, jax.device_get(state.params)
 
@@ -184,6 +181,11 @@ def test_the_tiny_run_leaves_metrics_events_and_checkpoints(tmp_path):
             "tokens_per_sec", "lr", "muon_lr", "grad_norm", "state_norm"} <= set(rows[-1])
     assert rows[-1]["rho"] < 1 and last["step_time_s"] > 0
     assert os.listdir(tmp_path / "tensorboard") and sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    # --mode=eval on the final checkpoint gives the losses the run logged at its last eval
+    evaluated = evaluate_checkpoint(config, str(tmp_path), validate(config))
+    assert evaluated["step"] == 6
+    for key in ("eval/loss_r1", "eval/loss_r2", "eval/loss_r3"):
+        assert evaluated[key] == pytest.approx(rows[-1][key], abs=1e-6)
 
 
 def main_error(*args):
