@@ -69,12 +69,6 @@ class Checkpointer:
             grain.experimental.set_next_index(data_iterator, step * local_batches_per_step)
         return restored["state"]
 
-    def saved_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

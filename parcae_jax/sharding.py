@@ -58,10 +58,6 @@ def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
-def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
