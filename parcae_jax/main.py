@@ -59,10 +59,8 @@ def main(argv: list[str]) -> None:
     from parcae_jax.data.readers import DataError
     from parcae_jax.distributed import maybe_initialize
     from parcae_jax.model.config import ConfigError
-    from parcae_jax.host_memory import reuse_freed_memory
     from parcae_jax.validate import validate
 
-    reuse_freed_memory()  # before anything starts JAX's CPU client (see host_memory.py)
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; settings go in flags such as --config.model.d_model=256")
     config = load_config()
