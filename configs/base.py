@@ -120,7 +120,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_processes=config_dict.placeholder(int),
         process_id=config_dict.placeholder(int),
     ))
-    config.bench = ml_collections.ConfigDict(dict(warmup=3, steps=10))
+    config.bench = ml_collections.ConfigDict(dict(
+        warmup=3,
+        steps=10,
+        compile_only=False,  # lower and compile the sharded step from abstract shapes; report memory, run nothing
+    ))
     return config
 
 

@@ -3,6 +3,11 @@
 Prints one JSON object: tokens_per_sec (median over timed steps after warm-up, each
 synchronised), step_time_s, compile_s, temp_bytes (XLA's memory analysis of the
 compiled step), flops_per_token (describe.py), achieved_flops_per_sec and the device.
+
+With `bench.compile_only=True` nothing is allocated: the sharded step is lowered from
+abstract shapes and compiled ahead of time, and the JSON gives XLA's per-device memory
+analysis. On a fake CPU mesh (XLA_FLAGS=--xla_force_host_platform_device_count=N) this
+checks that a pod-sized config builds and compiles for an N-device mesh, on a laptop.
 """
 
 from __future__ import annotations
@@ -10,14 +15,52 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from parcae_jax.checkpoint import abstract_with_shardings
 
 from parcae_jax.describe import flops_per_token
 from parcae_jax.train import Trainer
 from parcae_jax.validate import Run
 
 
+def _memory(compiled) -> dict:
+    """XLA's per-device memory analysis of a compiled function (bytes; None where unknown)."""
+    m = compiled.memory_analysis()
+    fields = ("temp", "argument", "output", "alias", "generated_code")
+    out = {f"{f}_bytes": int(getattr(m, f"{f}_size_in_bytes")) if m else None for f in fields}
+    if m:  # donated arguments alias their outputs: counted once
+        out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    return out
+
+
+def compile_only(config, run: Run) -> dict:
+    """Lowers and compiles the sharded train step from abstract shapes; allocates nothing."""
+    trainer = Trainer(config, run)
+    B, T = config.train.batch_size, run.model.seq_len
+    state = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=trainer.batch_sharding)
+             for k in ("inputs", "targets", "segment_ids")}
+    with trainer.context():
+        start = time.perf_counter()
+        lowered = trainer.train_step.lower(state, batch)
+        lower_s = time.perf_counter() - start
+        # Nothing will run, so the CPU backend may skip LLVM's optimisations (half the compile
+        # time); the memory analysis comes from XLA's buffer assignment and is unchanged.
+        fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+        compiled = lowered.compile(compiler_options=fast if jax.default_backend() == "cpu" else None)
+        compile_s = time.perf_counter() - start - lower_s
+    return {"compile_only": True, "lower_s": lower_s, "compile_s": compile_s, **_memory(compiled),
+            "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract.params)),
+            "mesh_shape": list(run.mesh_shape), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "batch_size": B, "seq_len": T,
+            "microbatches": config.train.microbatches, "dtype": run.model.dtype}
+
+
 def bench(config, run: Run) -> dict:
+    if config.bench.compile_only:
+        return compile_only(config, run)
     trainer = Trainer(config, run)
     B, T = config.train.batch_size, run.model.seq_len
     rng = np.random.default_rng(config.seed)

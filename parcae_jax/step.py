@@ -50,7 +50,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
         logits, inter = model.apply({"params": params}, mb["inputs"], mutable=["intermediates"],
                                     segment_ids_BxT=mb["segment_ids"] if document_masking else None, **extra)
         loss, mask = token_cross_entropy(logits, mb["targets"])
-        state = inter["intermediates"].get("state")
+        state = inter.get("intermediates", {}).get("state")  # GPT sows nothing
         state_norm = jnp.mean(jnp.linalg.norm(state[0], axis=-1)) if state else jnp.float32(0)
         return loss.sum(), (mask.sum(), state_norm)
 

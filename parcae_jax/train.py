@@ -94,11 +94,13 @@ def _mean(ms: list[dict]) -> dict[str, float]:
     return out
 
 
-def train(config, workdir: str, run: Run) -> dict[str, float]:
-    """Trains to config.train.steps, resuming from the latest checkpoint in workdir."""
+def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dict[str, float]:
+    """Trains to config.train.steps, resuming from the latest checkpoint in workdir.
+
+    `trainer` (built from the same config and run) lets callers reuse its compiled steps."""
     t, pid, nproc = config.train, jax.process_index(), jax.process_count()
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, run)
+    trainer = trainer or Trainer(config, run)
     tok = run.tokenizer
     train_split, val_split = dataset.open_splits(config.data, tok, progress=pid == 0)
     seq = run.model.seq_len
@@ -165,9 +167,9 @@ def train(config, workdir: str, run: Run) -> dict[str, float]:
     return last
 
 
-def evaluate_checkpoint(config, workdir: str, run: Run) -> dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dict[str, Any]:
     """--mode=eval: validation loss of the latest checkpoint at every eval recurrence."""
-    trainer = Trainer(config, run)
+    trainer = trainer or Trainer(config, run)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt.keep)
     latest = ckpt.latest_step()
     if latest is None:
