@@ -10,7 +10,6 @@ on one mesh loads onto another.
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -21,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from parcae_jax import storage
+
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
@@ -30,7 +31,7 @@ def _all_finite(tree) -> jax.Array:
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory)  # local or gs://
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
@@ -59,8 +60,8 @@ class Checkpointer:
         if data_iterator is None:  # evaluation: the state alone
             return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
-        has_data = os.path.exists(os.path.join(self.directory, str(step), "data",
-                                               f"process_{jax.process_index()}-of-{jax.process_count()}.json"))
+        has_data = (self.directory / str(step) / "data" /
+                    f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if has_data:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

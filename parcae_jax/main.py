@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
     from parcae_jax.data.readers import DataError
     from parcae_jax.distributed import maybe_initialize
     from parcae_jax.model.config import ConfigError
+    from parcae_jax.storage import StorageError, make_dir
     from parcae_jax.validate import validate
 
     if len(argv) > 1:
@@ -70,6 +71,11 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
     if mode != "describe":
         maybe_initialize(config.dist)
+    if mode == "train":
+        try:  # before anything compiles: a workdir that cannot be made is one line
+            make_dir(_WORKDIR.value)
+        except StorageError as e:
+            fail(str(e))
     try:
         run = validate(config, check_data=mode in ("train", "eval"))
     except (ConfigError, DataError) as e:
@@ -87,14 +93,14 @@ def main(argv: list[str]) -> None:
 
         try:
             print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, run)))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, StorageError) as e:
             fail(str(e))
     else:
         from parcae_jax.train import train
 
         try:
             train(config, _WORKDIR.value, run)
-        except DataError as e:
+        except (DataError, StorageError) as e:
             fail(str(e))
 
 

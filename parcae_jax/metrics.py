@@ -1,7 +1,8 @@
 """Metrics out: TensorBoard events, WORKDIR/metrics.jsonl and one console line per log step.
 
-On resume, lines of metrics.jsonl after the restored step are dropped first, so the file
-always describes one run, step by step.
+On resume, lines of metrics.jsonl after the restored step are dropped first (and a torn
+last line from a crash mid-write), so the file always describes one run, step by step.
+A gs:// workdir gets both files uploaded whole from a local staging copy (storage.Mirror).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import json
 import math
 import os
 from typing import Any
+
+from absl import logging
+
+from parcae_jax.storage import Mirror
 
 
 # Dense bfloat16 peak FLOP/s per chip, for MFU (no entry: MFU is not reported).
@@ -40,21 +45,44 @@ def _line(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def _kept_lines(text: str, resume_step: int) -> list[str]:
+    """The rows of a metrics.jsonl up to resume_step; a torn last line (a crash mid-write) is dropped."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                logging.warning("metrics.jsonl: dropping a torn last line (%d bytes)", len(line))
+                break
+            raise
+        if row["step"] <= resume_step:
+            kept.append(line + "\n")
+    return kept
+
+
 class MetricsWriter:
+    """metrics.jsonl and TensorBoard events in the workdir (local or gs://, via storage.Mirror)."""
+
     def __init__(self, workdir: str, resume_step: int, total_steps: int, enabled: bool = True):
         self.enabled, self.total = enabled, total_steps
-        self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
         if not enabled:
             return
+        self.mirror = Mirror(workdir)
+        self.mirror.fetch("metrics.jsonl")
+        self.path = os.path.join(self.mirror.local, "metrics.jsonl")
         if os.path.exists(self.path):  # drop what a killed run logged past its last checkpoint
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w") as f:
+                kept = _kept_lines(f.read(), resume_step)
+            with open(self.path + ".tmp", "w") as f:  # write, then rename: never half a file
                 f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(self.mirror.local, "tensorboard"))
+        self.mirror.sync(force=True)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -65,8 +93,16 @@ class MetricsWriter:
         for k, v in m.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        self.mirror.sync()
         print(_line(step, self.total, m), flush=True)
+
+    def sync(self) -> None:
+        """Uploads now (a gs:// workdir): called with every checkpoint, so that the remote
+        metrics.jsonl holds every row up to any step a run can resume from."""
+        if self.tb is not None:
+            self.mirror.sync(force=True)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.mirror.sync(force=True)

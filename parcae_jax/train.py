@@ -4,7 +4,6 @@ checkpoints, and a clean stop on SIGTERM. The step itself is in step.py."""
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from parcae_jax import sharding
+from parcae_jax import sharding, storage
 from parcae_jax.checkpoint import Checkpointer, Preemption, abstract_with_shardings
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
@@ -99,14 +98,14 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
 
     `trainer` (built from the same config and run) lets callers reuse its compiled steps."""
     t, pid, nproc = config.train, jax.process_index(), jax.process_count()
-    os.makedirs(workdir, exist_ok=True)
+    storage.make_dir(workdir)
     trainer = trainer or Trainer(config, run)
     tok = run.tokenizer
     train_split, val_split = dataset.open_splits(config.data, tok, progress=pid == 0)
     seq = run.model.seq_len
     loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt.keep, config.ckpt.async_save)
+    ckpt = Checkpointer(storage.resolve(workdir) / "checkpoints", config.ckpt.keep, config.ckpt.async_save)
     latest = ckpt.latest_step()
     with trainer.context():
         if latest is None:
@@ -155,6 +154,7 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                     tick, tick_step = time.perf_counter(), step
                 if stop or (config.ckpt.every and step % config.ckpt.every == 0) or step == t.steps:
                     ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
+                    writer.sync()
                 if stop:
                     logging.warning("stopped by SIGTERM after step %d; checkpoint saved", step)
                     break
@@ -170,7 +170,10 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
 def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dict[str, Any]:
     """--mode=eval: validation loss of the latest checkpoint at every eval recurrence."""
     trainer = trainer or Trainer(config, run)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt.keep)
+    directory = storage.resolve(workdir) / "checkpoints"
+    if not directory.exists():  # and create nothing in a misspelled workdir
+        raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
+    ckpt = Checkpointer(directory, config.ckpt.keep)
     latest = ckpt.latest_step()
     if latest is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")

