@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from parcae_jax.checkpoint import abstract_with_shardings
-
 from parcae_jax.describe import flops_per_token
 from parcae_jax.train import Trainer
 from parcae_jax.validate import Run

@@ -105,4 +105,4 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-            self.mirror.sync(force=True)
+            self.mirror.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -103,3 +104,9 @@ class Mirror:
                 (self.target / rel).parent.mkdir(parents=True, exist_ok=True)
                 (self.target / rel).write_bytes((self.local / rel).read_bytes())
         self._last = time.monotonic()
+
+    def close(self) -> None:
+        """A last upload, then the staging folder goes."""
+        self.sync(force=True)
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)

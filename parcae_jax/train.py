@@ -98,14 +98,14 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
 
     `trainer` (built from the same config and run) lets callers reuse its compiled steps."""
     t, pid, nproc = config.train, jax.process_index(), jax.process_count()
-    storage.make_dir(workdir)
+    root = storage.make_dir(workdir)
     trainer = trainer or Trainer(config, run)
     tok = run.tokenizer
     train_split, val_split = dataset.open_splits(config.data, tok, progress=pid == 0)
     seq = run.model.seq_len
     loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(storage.resolve(workdir) / "checkpoints", config.ckpt.keep, config.ckpt.async_save)
+    ckpt = Checkpointer(root / "checkpoints", config.ckpt.keep, config.ckpt.async_save)
     latest = ckpt.latest_step()
     with trainer.context():
         if latest is None:
