@@ -2,7 +2,7 @@
 
 Other configs start from `get_config()` here and change what differs; a key that is not
 declared here cannot be set (configs are locked), so a typo in an override fails at once.
-The model defaults are the published 140m Parcae (REFERENCE_SPEC section 1).
+The model defaults are the published 140m Parcae (docs/design.md §1).
 """
 
 import ml_collections

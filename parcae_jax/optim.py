@@ -2,7 +2,7 @@
 
 Every schedule is a function of the global step, passed to `update(..., step=step)`, so a
 skipped step (non-finite gradient) or a resume never shifts it. MuonAdamW follows the
-official optimizer (REFERENCE_SPEC section 8); what optax lacks is written here: the
+official optimizer (docs/design.md §7); what optax lacks is written here: the
 Polar Express orthogonalisation with its 1.02 normalisation, the NorMuon second moment,
 the sqrt(max(1, rows/cols)) lr scale and cautious weight decay.
 """

@@ -1,4 +1,4 @@
-"""Initialisation (REFERENCE_SPEC section 7), checked by its closed-form consequences."""
+"""Initialisation (docs/design.md §6), checked by its closed-form consequences."""
 
 import flax.linen as nn
 import jax

@@ -75,7 +75,7 @@ def test_value_embedding_layout_matches_the_reference_rules():
         assert ref["block"] == f"{'core_block' if spec.segment == 'core' else spec.segment}.{spec.index}"
         assert (spec.gate, spec.table is not None, spec.applies_ve) == (
             ref["has_ve_gate"], ref["value_embeds_key_exists"], ref["ve_applied"])
-    # 2/1/2 layers with backprop depth 2: the two rules agree only on coda.1 (REFERENCE_SPEC 4.4).
+    # 2/1/2 layers with backprop depth 2: the two rules agree only on coda.1 (docs/design.md §3).
     specs = block_specs(tiny(n_prelude=2, n_core=1, n_coda=2, mean_backprop_depth=2))
     assert [(s.segment, s.index) for s in specs if s.applies_ve] == [("coda", 1)]
     params = nn.unbox(init_params(build(tiny(n_prelude=2, n_core=1, n_coda=2, mean_backprop_depth=2)), jax.random.key(0)))

@@ -1,4 +1,4 @@
-"""MuonAdamW against a NumPy implementation of REFERENCE_SPEC section 8; schedules."""
+"""MuonAdamW against a NumPy implementation of docs/design.md §7; schedules."""
 
 import sys
 

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of a Parcae looped model or of its fixed-depth GPT baseline.
 
-    Defaults are the published 140m Parcae model (REFERENCE_SPEC section 1).
+    Defaults are the published 140m Parcae model (docs/design.md §1).
     """
 
     arch: str = "parcae"

@@ -1,4 +1,4 @@
-"""The fixed-depth GPT baseline, built from the same blocks as Parcae (REFERENCE_SPEC section 9)."""
+"""The fixed-depth GPT baseline, built from the same blocks as Parcae (docs/design.md §8)."""
 
 from __future__ import annotations
 

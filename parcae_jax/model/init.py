@@ -1,4 +1,4 @@
-"""Initialisers of the official `scaled-zero` scheme (REFERENCE_SPEC section 7).
+"""Initialisers of the official `scaled-zero` scheme (docs/design.md §6).
 
 Kernels are stored Flax-style, inputs first: `[*in_axes, *out_axes]`. A matrix is
 orthogonal in either orientation, so `init_orthogonal` draws a scaled semi-orthogonal

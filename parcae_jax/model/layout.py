@@ -1,7 +1,7 @@
 """Which blocks a model has, their widths, and where value embeddings apply.
 
 The official code decides value embeddings with two rules that do not always agree
-(REFERENCE_SPEC section 4.4), and we reproduce both exactly:
+(docs/design.md §3), and we reproduce both exactly:
 - a table `k` exists iff has_ve(k, n_unique_layers), k = the block's position in the stack;
 - a block owns a gate iff has_ve(layer_id, n_gate), with Parcae's `layer_id` counting the
   unrolled core (coda ids start after n_core * mean_recurrence) and n_gate = n_core *

@@ -1,4 +1,4 @@
-"""Parcae: prelude -> (injection + core) looped -> C -> coda -> head (REFERENCE_SPEC section 3)."""
+"""Parcae: prelude -> (injection + core) looped -> C -> coda -> head (docs/design.md §2)."""
 
 from __future__ import annotations
 

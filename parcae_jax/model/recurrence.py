@@ -2,8 +2,8 @@
 
 One training forward runs, per sequence b, n_b iterations without gradient followed by
 k_b iterations with gradient (truncated BPTT). The batch pays for max(n) + max(k)
-iterations; row b takes an update only while its own counter runs (REFERENCE_SPEC
-section 6). The no-gradient phase is a `while_loop` over stop-gradient parameters and
+iterations; row b takes an update only while its own counter runs (docs/design.md
+§5). The no-gradient phase is a `while_loop` over stop-gradient parameters and
 inputs, so it keeps no activations and one compiled function serves every count; the
 gradient phase is a rematerialised `scan` of static length `mean_backprop_depth`.
 Rows that have finished their no-gradient iterations drop out of the work in buckets
