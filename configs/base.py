@@ -119,6 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         coordinator_address=config_dict.placeholder(str),  # e.g. 10.0.0.1:1234 (or $JAX_COORDINATOR_ADDRESS)
         num_processes=config_dict.placeholder(int),
         process_id=config_dict.placeholder(int),
+        init_timeout_s=300,  # how long start-up waits for every process to join
+        heartbeat_timeout_s=30,  # a process silent this long is taken as dead: the others stop (JAX: 100)
     ))
     config.bench = ml_collections.ConfigDict(dict(
         warmup=3,

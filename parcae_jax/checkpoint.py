@@ -16,7 +16,6 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -80,26 +79,38 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 class Preemption:
-    """SIGTERM (preemption notice) asks the loop to save and stop after the current step.
+    """A preemption notice (SIGTERM) asks the loop to save and stop after a step.
 
-    With several processes every one must stop at the same step, so the flags are
-    all-gathered (any process's notice stops them all)."""
+    One process: our own SIGTERM handler sets a flag. Several processes: every one must stop
+    at the same step, and asking the others on every step would be a blocking collective.
+    JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM itself,
+    agrees on a stop step in the background, and `reached_preemption_sync_point(step)` is a
+    local check; so there we install no handler of our own (it would replace JAX's)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.distributed = _preemption_service() is not None
+        self._previous = None if self.distributed else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
         self.requested = True
 
-    def should_stop(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step` (to be asked after every step, on every process)."""
+        if self.distributed:
+            from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def restore_handler(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
+
+def _preemption_service():
+    """JAX's preemption sync manager, if jax.distributed is up with it (else None)."""
+    from jax._src import distributed
+
+    return distributed.global_state.preemption_sync_manager if distributed.global_state.client else None

@@ -10,6 +10,8 @@ One process per host; every process runs the same command.
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 from absl import logging
@@ -41,19 +43,65 @@ def detected_process_count() -> int:
         return _env_process_count()
 
 
-def maybe_initialize(dist) -> bool:
-    """Initialises jax.distributed if configured or detected; returns whether it did."""
+class DistributedError(RuntimeError):
+    """A multi-process start-up that cannot work; the message is one line naming the fix."""
+
+
+def explicit_coordinator(dist) -> tuple[str, int, int] | None:
+    """(address, num_processes, process_id) from config.dist or JAX_* variables, if given."""
     address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if dist.initialize == "never":
-        return False
-    if address:
+    if not address:
+        return None
+    try:
         num = dist.num_processes if dist.num_processes is not None else int(os.environ["JAX_NUM_PROCESSES"])
         pid = dist.process_id if dist.process_id is not None else int(os.environ["JAX_PROCESS_ID"])
-        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
-    elif dist.initialize == "always" or detected_process_count() > 1:
-        jax.distributed.initialize()  # auto-detects the cluster (Cloud TPU, Slurm, ...)
-    else:
+    except (KeyError, ValueError) as e:
+        raise DistributedError(f"coordinator {address} given, but not {e}: set config.dist.num_processes and "
+                               "process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
+    if not 0 <= pid < num:
+        raise DistributedError(f"process_id={pid} must be in [0, num_processes={num})")
+    return address, num, pid
+
+
+def wanted(dist) -> bool:
+    """Whether this run has several processes (and so calls jax.distributed.initialize)."""
+    if dist.initialize == "never":
         return False
+    return dist.initialize == "always" or explicit_coordinator(dist) is not None or detected_process_count() > 1
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Process 0 serves the coordinator; the others first check that something listens there,
+    so that a wrong address or a missing process 0 is one line, not a C++ abort after minutes."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise DistributedError(f"coordinator address {address!r} must be HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"cannot reach the coordinator at {address} within {timeout_s:.0f} s ({e.strerror or e}); "
+                    "start process 0 there with the same command, or fix config.dist.coordinator_address") from None
+            time.sleep(1.0)
+
+
+def maybe_initialize(dist) -> bool:
+    """Initialises jax.distributed if configured or detected; returns whether it did."""
+    if not wanted(dist):
+        return False
+    timeouts = dict(initialization_timeout=int(dist.init_timeout_s), heartbeat_timeout_seconds=int(dist.heartbeat_timeout_s))
+    explicit = explicit_coordinator(dist)
+    if explicit:
+        address, num, pid = explicit
+        if pid != 0:
+            _wait_for_coordinator(address, dist.init_timeout_s)
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid, **timeouts)
+    else:
+        jax.distributed.initialize(**timeouts)  # auto-detects the cluster (Cloud TPU, Slurm, ...)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     return True

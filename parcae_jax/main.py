@@ -57,7 +57,7 @@ def load_config():
 
 def main(argv: list[str]) -> None:
     from parcae_jax.data.readers import DataError
-    from parcae_jax.distributed import maybe_initialize
+    from parcae_jax import distributed, supervise
     from parcae_jax.model.config import ConfigError
     from parcae_jax.storage import StorageError, make_dir
     from parcae_jax.validate import validate
@@ -70,16 +70,25 @@ def main(argv: list[str]) -> None:
         fail(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
     if mode != "describe":
-        maybe_initialize(config.dist)
-    if mode == "train":
-        try:  # before anything compiles: a workdir that cannot be made is one line
-            make_dir(_WORKDIR.value)
-        except StorageError as e:
+        try:
+            if distributed.wanted(config.dist) and not supervise.is_child():
+                explicit = distributed.explicit_coordinator(config.dist)
+                who = f"process {explicit[2]} of {explicit[1]}" if explicit else "this process"
+                sys.exit(supervise.run_child(sys.argv[1:], who))  # see supervise.py: a line if it dies
+            supervise.set_phase("connecting")
+            distributed.maybe_initialize(config.dist)
+            supervise.set_phase("running")
+        except distributed.DistributedError as e:
             fail(str(e))
     try:
         run = validate(config, check_data=mode in ("train", "eval"))
     except (ConfigError, DataError) as e:
         fail(str(e))
+    if mode == "train":
+        try:  # after validation (bad input writes nothing), before compiling: a workdir that cannot be made is one line
+            make_dir(_WORKDIR.value)
+        except StorageError as e:
+            fail(str(e))
     if mode == "describe":
         from parcae_jax.describe import describe
 

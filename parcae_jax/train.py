@@ -134,7 +134,7 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                 state, metrics = trainer.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
-                stop = preempt.should_stop()
+                stop = preempt.should_stop(step)
                 evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
                 if step % t.log_every == 0 or evaluating or stop or step == t.steps:
                     m = _mean(pending)
@@ -153,10 +153,11 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                     last = m
                     tick, tick_step = time.perf_counter(), step
                 if stop or (config.ckpt.every and step % config.ckpt.every == 0) or step == t.steps:
-                    ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
+                    saved = ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
                     writer.sync()
                 if stop:
-                    logging.warning("stopped by SIGTERM after step %d; checkpoint saved", step)
+                    logging.warning("stopped by a preemption notice (SIGTERM) after step %d; %s", step,
+                                    "checkpoint saved" if saved else "NO checkpoint: the parameters are not finite")
                     break
     finally:
         preempt.restore_handler()

@@ -31,8 +31,16 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
     model = ModelConfig.from_mapping(config.model)
     n_devices = n_devices if n_devices is not None else jax.device_count()
     process_count = process_count if process_count is not None else jax.process_count()
-    mesh = resolve_mesh_shape(config.mesh.shape, n_devices)
+    try:
+        mesh = resolve_mesh_shape(config.mesh.shape, n_devices)
+    except ConfigError as e:
+        if process_count == 1:
+            raise
+        raise ConfigError(f"{e} [{process_count} processes x {n_devices // process_count} devices]") from None
     dp = mesh[0] * mesh[1]
+    _need(dp % process_count == 0,
+          f"mesh.shape={mesh} splits the batch over data x fsdp = {dp} device groups, not a multiple of the "
+          f"{process_count} processes (each process loads its own rows); use e.g. --config.mesh.shape=(-1,1,1)")
     t, o, c = config.train, config.optim, config.ckpt
     for name in ("steps", "batch_size", "microbatches", "log_every", "eval_batches"):
         _need(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")

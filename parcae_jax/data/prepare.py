@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Iterable, Iterator
 
+import filelock
 import numpy as np
 
 from parcae_jax.data.readers import DataError
@@ -131,10 +132,31 @@ def _encoded(batches: Iterator[list], pool, workers: int) -> Iterator[tuple[list
 def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, eod_token: str | None = None,
             docs_per_shard: int = 8192, val_every: int = 200, workers: int = 0, description: str = "",
             progress: bool = True) -> dict:
-    """Writes (or finishes, or finds) a prepared dataset in `output`; returns its manifest."""
-    tok = load_tokenizer(tokenizer, eod_token)
+    """Writes (or finishes, or finds) a prepared dataset in `output`; returns its manifest.
+
+    Several processes may ask for the same output at once (every host of a run prepares its
+    cache, and hosts may share a filesystem): a lock file beside `output` lets one of them
+    prepare while the others wait, then find the manifest and return it."""
     if docs_per_shard < 1 or val_every < 0:
         raise DataError("docs_per_shard must be >= 1 and val_every >= 0")
+    target = os.path.abspath(output).rstrip("/")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    lock = filelock.FileLock(target + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(f"waiting for another process preparing {output}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        return _prepare(documents, output, tokenizer, eod_token=eod_token, docs_per_shard=docs_per_shard,
+                        val_every=val_every, workers=workers, description=description, progress=progress)
+    finally:
+        lock.release()
+
+
+def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token: str | None, docs_per_shard: int,
+             val_every: int, workers: int, description: str, progress: bool) -> dict:
+    tok = load_tokenizer(tokenizer, eod_token)
     plan = {"format": FORMAT, "tokenizer": {"spec": tokenizer, "fingerprint": tok.fingerprint,
                                             "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
             "token_dtype": "uint16" if tok.vocab_size <= 2**16 else "uint32",
