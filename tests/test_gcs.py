@@ -3,6 +3,7 @@ the run trains, checkpoints, is killed, resumes from the emulator exactly, and i
 metrics.jsonl and TensorBoard events are there. Nothing of ours is mocked: orbax writes
 through tensorstore's gcs driver, everything else through etils.epath and gcsfs."""
 
+import json
 import os
 import pathlib
 import signal
@@ -70,15 +71,37 @@ def read_stdout_until(proc, marker: str, timeout: float = 300) -> None:
     raise AssertionError(f"the run ended before {marker!r}: {proc.communicate()}")
 
 
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    """A small corpus as JSON lines: the language reference topics that ship with Python."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
+    return path
+
+
+def prepare_cli(documents, output, env):
+    out = subprocess.run([sys.executable, "-m", "parcae_jax.data.prepare", f"--input={documents}",
+                          f"--output={output}", "--val_every=10", "--docs_per_shard=16"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 @pytest.mark.slow
-def test_gs_workdir_trains_is_killed_and_resumes_exactly(gcs, tmp_path):
+def test_gs_workdir_and_data_train_are_killed_and_resume_exactly(gcs, documents, tmp_path):
     from etils import epath
     from etils.epath import backend
 
+    prepare_cli(documents, tmp_path / "data", gcs)
+    prepare_cli(documents, f"gs://{BUCKET}/data", gcs)  # the same shards, prepared locally and uploaded
     config = small_config()
+    config.data.update(source="prepared", path=str(tmp_path / "data"))
     train(config, str(tmp_path / "local"), validate(config))  # the uninterrupted run, on local disk
     workdir = f"gs://{BUCKET}/runs/cut"
-    killed = run_main(workdir, env=gcs)
+    data = ["--config.data.source=prepared", f"--config.data.path=gs://{BUCKET}/data"]
+    killed = run_main(workdir, *data, env=gcs)
     read_stdout_until(killed, "step 12/20")  # checkpoints 5 and 10 are (being) written to the emulator
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -87,7 +110,7 @@ def test_gs_workdir_trains_is_killed_and_resumes_exactly(gcs, tmp_path):
     saved = sorted(int(p.name) for p in (remote / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[0] == 5, saved
 
-    resumed = run_main(workdir, env=gcs)
+    resumed = run_main(workdir, *data, env=gcs)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "step 20/20" in out and "step 1/20" not in out  # it resumed, it did not start over
@@ -110,3 +133,30 @@ def test_a_missing_bucket_is_one_line_and_creates_nothing(gcs):
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "gs://no-such-bucket: no such bucket" in out.stderr
     assert not epath.Path("gs://no-such-bucket").exists()
+
+
+def test_gs_data_is_staged_once_with_checksums(gcs, documents, tmp_path):
+    from etils import epath
+
+    from parcae_jax.data import staging
+    from parcae_jax.data.readers import DataError
+
+    local, remote, cache = tmp_path / "data", f"gs://{BUCKET}/staged_test", str(tmp_path / "cache")
+    prepare_cli(documents, local, gcs)
+    staging.upload_prepared(str(local), remote)
+    staged = staging.stage_prepared(remote, cache)
+    for name in os.listdir(local):
+        if name.endswith((".arrayrecord", ".npy", "manifest.json")):
+            assert (local / name).read_bytes() == pathlib.Path(staged, name).read_bytes(), name
+    stamp = pathlib.Path(staged, staging.STAMP).stat().st_mtime_ns
+    assert staging.stage_prepared(remote, cache) == staged  # a complete copy is reused as it is
+    assert pathlib.Path(staged, staging.STAMP).stat().st_mtime_ns == stamp
+
+    shard = next(n for n in sorted(os.listdir(local)) if n.endswith(".arrayrecord"))
+    (epath.Path(remote) / shard).write_bytes(b"not the shard the manifest describes")
+    manifest = epath.Path(remote) / "manifest.json"
+    manifest.write_text(manifest.read_text() + " ")  # a new manifest: the copy is made again
+    with pytest.raises(DataError, match=f"{shard}: its sha256 differs from the manifest's"):
+        staging.stage_prepared(remote, cache)
+    with pytest.raises(DataError, match="no manifest.json there"):
+        staging.stage_prepared(f"gs://{BUCKET}/nothing_here", cache)

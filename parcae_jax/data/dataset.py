@@ -2,7 +2,8 @@
 
 - source=embedded: the corpus that ships with Python (data/corpus.py), prepared into the
   cache on first use;
-- source=prepared: a directory written by `python -m parcae_jax.data.prepare`;
+- source=prepared: a directory written by `python -m parcae_jax.data.prepare`, local or
+  gs:// (then staged once per host into the cache: data/staging.py);
 - source=tfds: a TFDS dataset in array_record format, read through `tfds.data_source`
   (no TensorFlow) and tokenised once into the cache (tokens are smaller than text and
   are not re-tokenised every epoch).
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-from parcae_jax.data import corpus
+from parcae_jax import storage
+from parcae_jax.data import corpus, staging
 from parcae_jax.data.pipeline import TokenSplit, make_loader, open_split
 from parcae_jax.data.prepare import prepare
 from parcae_jax.data.readers import DataError, read_tfds
@@ -28,28 +30,39 @@ def check(data, model_vocab_size: int) -> Tokenizer:
     if data.source == "prepared":
         if not data.path:
             raise DataError("data.source=prepared needs data.path, the directory prepare wrote")
-        if not os.path.isdir(data.path):
+        if storage.is_remote(data.path):
+            staging.remote_manifest(data.path)  # one line if it is not there
+        elif not os.path.isdir(data.path):
             raise DataError(f"data.path={data.path}: no such directory")
     if data.source == "tfds" and not data.tfds_name:
         raise DataError("data.source=tfds needs data.tfds_name")
     if data.source == "embedded" and data.tokenizer != "bytes":
         raise DataError("data.source=embedded is prepared with data.tokenizer=bytes; set it so")
-    tok = load_tokenizer(data.tokenizer, data.eod_token)
+    tok = load_tokenizer(tokenizer_spec(data), data.eod_token)
     if tok.vocab_size > model_vocab_size:
         raise DataError(f"data.tokenizer has {tok.vocab_size} ids but model.vocab_size={model_vocab_size}; "
                         f"set model.vocab_size to at least {tok.vocab_size}")
     return tok
 
 
+def tokenizer_spec(data) -> str:
+    """data.tokenizer, with a gs:// file staged to local disk first."""
+    return staging.stage_file(data.tokenizer, _cache(data)) if storage.is_remote(data.tokenizer) else data.tokenizer
+
+
+def _cache(data) -> str:
+    return data.cache_dir or corpus.default_cache_dir()
+
+
 def prepared_dir(data, tok: Tokenizer, progress: bool = True) -> str:
     """The prepared directory for config.data, preparing it into the cache if needed."""
     if data.source == "prepared":
-        return data.path
+        return staging.stage_prepared(data.path, _cache(data)) if storage.is_remote(data.path) else data.path
     if data.source == "embedded":
         return corpus.embedded_corpus(data.cache_dir, progress=progress)
     name = f"tfds-{data.tfds_name.replace('/', '_')}-{data.tfds_split}-{data.text_field}-{tok.fingerprint}"
-    out = os.path.join(data.cache_dir or corpus.default_cache_dir(), name)
-    prepare(read_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir, data.text_field), out, data.tokenizer,
+    out = os.path.join(_cache(data), name)
+    prepare(read_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir, data.text_field), out, tokenizer_spec(data),
             eod_token=data.eod_token, val_every=data.val_every, workers=0, progress=progress,
             description=f"tfds:{data.tfds_name}/{data.tfds_split}")
     return out

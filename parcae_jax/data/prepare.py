@@ -29,6 +29,7 @@ import filelock
 import numpy as np
 
 from parcae_jax.data.readers import DataError
+from parcae_jax.data.staging import sha256_file
 from parcae_jax.data.tokenizer import load_tokenizer
 
 FORMAT = "parcae_jax.tokens.v1"
@@ -230,7 +231,9 @@ def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token
         shards = []
         for name in complete_shards(output, s):
             lengths = np.load(os.path.join(output, name + ".lengths.npy"))
-            shards.append({"path": name, "documents": int(len(lengths)), "tokens": int(lengths.sum())})
+            shards.append({"path": name, "documents": int(len(lengths)), "tokens": int(lengths.sum()),
+                           "sha256": sha256_file(os.path.join(output, name)),  # checked when staged from GCS
+                           "lengths_sha256": sha256_file(os.path.join(output, name + ".lengths.npy"))})
         splits[s] = {"shards": shards, "documents": sum(x["documents"] for x in shards),
                      "tokens": sum(x["tokens"] for x in shards)}
     manifest = {**plan, "text_bytes_this_run": stats["bytes"], "seconds_this_run": time.perf_counter() - start,
@@ -244,7 +247,9 @@ def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
-    from parcae_jax.data import readers
+    from parcae_jax import storage
+    from parcae_jax.data import readers, staging
+    from parcae_jax.data.corpus import default_cache_dir
 
     FLAGS = flags.FLAGS
     logging.set_verbosity(logging.WARNING)  # TFDS logs its lookups at INFO
@@ -252,10 +257,19 @@ def main(argv: list[str]) -> None:
         readers.exit_with(DataError(f"unexpected arguments {argv[1:]}"))
     try:
         docs = readers.documents_from_flags(FLAGS)
-        m = prepare(docs, FLAGS.output, FLAGS.tokenizer, eod_token=FLAGS.eod_token, docs_per_shard=FLAGS.docs_per_shard,
+        output = FLAGS.output
+        if storage.is_remote(output):  # prepared on local disk, then uploaded (manifest last)
+            storage.make_dir(output)  # a missing bucket fails now, not after the work
+            output = staging.local_for(output, default_cache_dir())
+        tokenizer = FLAGS.tokenizer
+        if storage.is_remote(tokenizer):
+            tokenizer = staging.stage_file(tokenizer, default_cache_dir())
+        m = prepare(docs, output, tokenizer, eod_token=FLAGS.eod_token, docs_per_shard=FLAGS.docs_per_shard,
                     val_every=FLAGS.val_every, workers=FLAGS.workers,
                     description=f"tfds:{FLAGS.tfds}/{FLAGS.tfds_split}" if FLAGS.tfds else ",".join(FLAGS.input))
-    except DataError as e:
+        if output != FLAGS.output:
+            staging.upload_prepared(output, FLAGS.output)
+    except (DataError, storage.StorageError) as e:
         readers.exit_with(e)
     print(json.dumps({s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in SPLITS}))
 
