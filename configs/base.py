@@ -122,6 +122,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init_timeout_s=300,  # how long start-up waits for every process to join
         heartbeat_timeout_s=30,  # a process silent this long is taken as dead: the others stop (JAX: 100)
     ))
+    config.compilation_cache_dir = "auto"  # XLA's persistent cache; auto: <data cache>/xla, "": off; may be gs://
+    config.profile = ml_collections.ConfigDict(dict(
+        start_step=10,  # a profiler trace of steps start_step+1 .. start_step+steps into WORKDIR/profile
+        steps=0,  # 0: no trace (open it with TensorBoard's profile plugin or xprof)
+    ))
+    config.wandb = ml_collections.ConfigDict(dict(
+        project=config_dict.placeholder(str),  # None: no Weights & Biases; TensorBoard and metrics.jsonl always
+        entity=config_dict.placeholder(str),
+        name=config_dict.placeholder(str),  # None: the workdir's last component
+        mode="online",  # online | offline (logs under WORKDIR/wandb, `wandb sync` later) | disabled
+    ))
     config.bench = ml_collections.ConfigDict(dict(
         warmup=3,
         steps=10,

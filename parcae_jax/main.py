@@ -89,6 +89,10 @@ def main(argv: list[str]) -> None:
             make_dir(_WORKDIR.value)
         except StorageError as e:
             fail(str(e))
+    if mode != "describe":
+        from parcae_jax import compile_cache
+
+        compile_cache.enable(config.compilation_cache_dir, config.data.cache_dir)
     if mode == "describe":
         from parcae_jax.describe import describe
 

@@ -65,9 +65,10 @@ def _kept_lines(text: str, resume_step: int) -> list[str]:
 class MetricsWriter:
     """metrics.jsonl and TensorBoard events in the workdir (local or gs://, via storage.Mirror)."""
 
-    def __init__(self, workdir: str, resume_step: int, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: str, resume_step: int, total_steps: int, enabled: bool = True, wandb_config=None,
+                 run_config: dict | None = None):
         self.enabled, self.total = enabled, total_steps
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
         self.mirror = Mirror(workdir)
@@ -82,7 +83,14 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(self.mirror.local, "tensorboard"))
+        if wandb_config is not None and wandb_config.project:
+            self.wandb = _start_wandb(wandb_config, workdir, self.mirror.local, run_config)
         self.mirror.sync(force=True)
+
+    @property
+    def local_dir(self) -> str:
+        """A local folder inside the workdir (or uploaded to it): for traces and other outputs."""
+        return os.fspath(self.mirror.local)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,6 +101,8 @@ class MetricsWriter:
         for k, v in m.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(m, step=step)
         self.mirror.sync()
         print(_line(step, self.total, m), flush=True)
 
@@ -105,4 +115,26 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
             self.mirror.close()
+
+
+def _start_wandb(wb, workdir: str, local: str, run_config: dict | None):
+    """A W&B run whose id is derived from the workdir, so a resumed run continues the same one."""
+    import hashlib
+
+    import wandb
+
+    run_id = hashlib.sha256(os.fspath(workdir).rstrip("/").encode()).hexdigest()[:16]
+    name = wb.name or os.path.basename(os.fspath(workdir).rstrip("/"))
+    return wandb.init(project=wb.project, entity=wb.entity, name=name, id=run_id, resume="allow", dir=os.fspath(local),
+                      config=run_config, mode=wb.mode, settings=wandb.Settings(console="off", quiet=True))
+
+
+def slow_hosts(seconds: list[float], step_time_s: float, factor: float = 2.0) -> list[tuple[int, float, float]]:
+    """(process, its seconds, the median) for each process whose per-step host time (waiting
+    for input) is over `factor` x the median and over a tenth of the step: the host the
+    others are waiting for in every collective."""
+    median = sorted(seconds)[len(seconds) // 2]
+    return [(i, s, median) for i, s in enumerate(seconds) if s > factor * median and s > 0.1 * step_time_s]

@@ -4,6 +4,7 @@ checkpoints, and a clean stop on SIGTERM. The step itself is in step.py."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -18,7 +19,8 @@ from parcae_jax.checkpoint import Checkpointer, Preemption, abstract_with_shardi
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
 from parcae_jax.describe import flops_per_token
-from parcae_jax.metrics import MetricsWriter, peak_flops
+from parcae_jax.metrics import MetricsWriter, peak_flops, slow_hosts
+from parcae_jax.profile import Profiler
 from parcae_jax.model import build
 from parcae_jax.optim import make_optimizer
 from parcae_jax.step import TrainState, init_state, make_eval_step, make_train_step
@@ -93,6 +95,19 @@ def _mean(ms: list[dict]) -> dict[str, float]:
     return out
 
 
+def _data_wait(local_s: float, step_time_s: float, nproc: int) -> float:
+    """The largest per-step input wait over processes; warns about a host the others wait for."""
+    if nproc == 1:
+        return local_s
+    from jax.experimental import multihost_utils
+
+    waits = [float(w) for w in multihost_utils.process_allgather(np.float32(local_s))]
+    for i, s, median in slow_hosts(waits, step_time_s):
+        logging.warning("slow host: process %d waits %.3f s/step for input data against a median of %.3f s; "
+                        "every collective waits for it (check its disk, CPU load and data.read_threads)", i, s, median)
+    return max(waits)
+
+
 def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dict[str, float]:
     """Trains to config.train.steps, resuming from the latest checkpoint in workdir.
 
@@ -115,25 +130,31 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
             target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
             state = ckpt.restore(latest, target, data_iter)
     start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0)
+    config_dict = config.to_dict()
+    writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0, wandb_config=config.wandb, run_config=config_dict)
+    profiler = Profiler(config.profile, os.path.join(writer.local_dir, "profile") if pid == 0 else None)
     local_eval = trainer.local_eval_batches(val_split)
     eval_batches = [to_global(b, trainer.batch_sharding) for b in local_eval]
     unigram = dataset.unigram_loss(train_split, local_eval, run.model.padded_vocab_size) if pid == 0 else None
     fpt = flops_per_token(run.model)["flops_per_token"]
     peak = peak_flops(jax.devices()[0].device_kind)
-    config_dict = config.to_dict()
     preempt = Preemption()
     pending: list[dict] = []
     last = {}
     tick, tick_step = time.perf_counter(), start
+    data_wait = 0.0  # seconds this process spent waiting for its input since the last log
     step = start
     try:
         with trainer.context():
             while step < t.steps:
+                profiler.before(step)
+                waited = time.perf_counter()
                 batch = to_global(next(data_iter), trainer.batch_sharding)
+                data_wait += time.perf_counter() - waited
                 state, metrics = trainer.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
+                profiler.after(step, state)
                 stop = preempt.should_stop(step)
                 evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
                 if step % t.log_every == 0 or evaluating or stop or step == t.steps:
@@ -143,6 +164,8 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                     m["step_time_s"] = (now - tick) / (step - tick_step)
                     m["tokens_per_sec"] = m.pop("tokens") / (now - tick)
                     m["skipped_total"] = float(jax.device_get(state.skipped))
+                    m["data_wait_s"] = _data_wait(data_wait / (step - tick_step), m["step_time_s"], nproc)
+                    data_wait = 0.0
                     if peak:
                         m["mfu"] = fpt * m["tokens_per_sec"] / (peak * jax.device_count())
                     if evaluating:
@@ -161,6 +184,7 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                     break
     finally:
         preempt.restore_handler()
+        profiler.after(None, state)
         ckpt.close()
         writer.close()
         if hasattr(data_iter, "close"):

@@ -63,6 +63,9 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
     _need(0 <= o.warmup_steps < t.steps, f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps)")
     _need(1 <= o.muon_ns_steps <= 5, f"optim.muon_ns_steps={o.muon_ns_steps} must be 1..5 (Polar Express has 5)")
     _need(o.muon_dtype in ("bfloat16", "float32"), f"optim.muon_dtype={o.muon_dtype!r} must be bfloat16 or float32")
+    _need(config.wandb.mode in ("online", "offline", "disabled"),
+          f"wandb.mode={config.wandb.mode!r} must be online, offline or disabled")
+    _need(config.profile.steps >= 0 and config.profile.start_step >= 0, "profile.start_step and steps must be >= 0")
     recurrences = tuple(t.eval_recurrences) if t.eval_recurrences else (1, 2, 4, model.mean_recurrence)
     _need(all(isinstance(r, int) and r >= 1 for r in recurrences),
           f"train.eval_recurrences={recurrences} must be integers >= 1")
