@@ -138,3 +138,40 @@ def slow_hosts(seconds: list[float], step_time_s: float, factor: float = 2.0) ->
     others are waiting for in every collective."""
     median = sorted(seconds)[len(seconds) // 2]
     return [(i, s, median) for i, s in enumerate(seconds) if s > factor * median and s > 0.1 * step_time_s]
+
+
+class ProcessLog:
+    """WORKDIR/logs/process_<i>.log, one per process: its start-up line, every warning and error
+    it logs, and the step lines. Only process 0 writes to the console (the others' consoles
+    keep errors only), so on a pod each host's own story is in its file."""
+
+    def __init__(self, workdir: str, pid: int, nproc: int, header: str):
+        import logging as std_logging
+
+        self.mirror = Mirror(os.path.join(os.fspath(workdir), "logs"))
+        name = f"process_{pid}.log"
+        os.makedirs(self.mirror.local, exist_ok=True)
+        self.mirror.fetch(name)  # a resumed run appends
+        self.handler = std_logging.FileHandler(os.path.join(self.mirror.local, name))
+        self.handler.setLevel(std_logging.WARNING)
+        self.handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(module)s: %(message)s"))
+        std_logging.getLogger("absl").addHandler(self.handler)
+        if pid != 0:
+            logging.get_absl_handler().setLevel(std_logging.ERROR)
+        self.line(f"process {pid} of {nproc}: {header}")
+        self.mirror.sync(force=True)
+
+    def line(self, text: str) -> None:
+        self.handler.stream.write(text + "\n")
+        self.handler.flush()
+
+    def step(self, step: int, total: int, m: dict[str, Any]) -> None:
+        self.line(_line(step, total, {k: float(v) for k, v in m.items()}))
+        self.mirror.sync()
+
+    def close(self) -> None:
+        import logging as std_logging
+
+        std_logging.getLogger("absl").removeHandler(self.handler)
+        self.handler.close()
+        self.mirror.close()

@@ -19,7 +19,7 @@ from parcae_jax.checkpoint import Checkpointer, Preemption, abstract_with_shardi
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
 from parcae_jax.describe import flops_per_token
-from parcae_jax.metrics import MetricsWriter, peak_flops, slow_hosts
+from parcae_jax.metrics import MetricsWriter, ProcessLog, peak_flops, slow_hosts
 from parcae_jax.profile import Profiler
 from parcae_jax.model import build
 from parcae_jax.optim import make_optimizer
@@ -132,6 +132,8 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
     start = int(jax.device_get(state.step))
     config_dict = config.to_dict()
     writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0, wandb_config=config.wandb, run_config=config_dict)
+    proc_log = ProcessLog(root, pid, nproc, f"{jax.local_device_count()} local / {jax.device_count()} devices "
+                          f"({jax.devices()[0].device_kind}), jax {jax.__version__}, resuming from step {start}")
     profiler = Profiler(config.profile, os.path.join(writer.local_dir, "profile") if pid == 0 else None)
     local_eval = trainer.local_eval_batches(val_split)
     eval_batches = [to_global(b, trainer.batch_sharding) for b in local_eval]
@@ -173,6 +175,7 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                         if unigram is not None:
                             m["eval/unigram_loss"] = unigram
                     writer.write(step, m)
+                    proc_log.step(step, t.steps, m)
                     last = m
                     tick, tick_step = time.perf_counter(), step
                 if stop or (config.ckpt.every and step % config.ckpt.every == 0) or step == t.steps:
@@ -187,6 +190,7 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
         profiler.after(None, state)
         ckpt.close()
         writer.close()
+        proc_log.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
     return last

@@ -79,8 +79,11 @@ def test_two_processes_train_like_one_and_survive_preemption_kill_and_resume(tmp
         assert _wait(procs, 120) == [0, 0], (logs / "p0.log").read_text()[-3000:]
         stopped = max(losses(work))
         assert stopped < STEPS and os.path.isdir(work / "checkpoints" / str(stopped))
-        for i in (0, 1):
-            assert f"after step {stopped}; checkpoint saved" in (logs / f"p{i}.log").read_text()
+        for i in (0, 1):  # each process's own log file; the console is process 0's
+            own = (work / "logs" / f"process_{i}.log").read_text()
+            assert own.startswith(f"process {i} of 2: 4 local / 8 devices")
+            assert f"after step {stopped}; checkpoint saved" in own and f"step {stopped}/{STEPS} | loss" in own
+        assert "step 1/" in (logs / "p0.log").read_text() and "step 1/" not in (logs / "p1.log").read_text()
         assert len(list(cache.glob("embedded-*/manifest.json"))) == 1
 
         # 2. The same command resumes on two processes; SIGKILL one: the other exits non-zero
