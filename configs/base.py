@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=1000,
         batch_size=256,  # global, in sequences of model.seq_len tokens
         microbatches=1,  # gradient accumulation: the batch is cut into this many pieces
+        max_consecutive_skips=20,  # this many skipped steps in a row stop the run (exit 3); 0: never
         clip_norm=1.0,  # global-norm clipping (0: off); the logged grad_norm is before clipping
         log_every=10,
         eval_every=500,  # 0: never (an evaluation also runs at the last step)
@@ -112,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ckpt = ml_collections.ConfigDict(dict(
         every=500,  # steps between checkpoints (0: only at the end and on SIGTERM)
         keep=3,
+        allow_changes=config_dict.placeholder(str),  # resume despite these changed keys, e.g. "seed,train.batch_size"
         async_save=True,
     ))
     config.dist = ml_collections.ConfigDict(dict(
@@ -122,7 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init_timeout_s=300,  # how long start-up waits for every process to join
         heartbeat_timeout_s=30,  # a process silent this long is taken as dead: the others stop (JAX: 100)
     ))
-    config.compilation_cache_dir = "auto"  # XLA's persistent cache; auto: <data cache>/xla, "": off; may be gs://
+    # XLA's persistent compilation cache. auto: <data cache>/xla for one process, off for several
+    # (their cache must be one folder every host reads: give a gs:// path); "": off.
+    config.compilation_cache_dir = "auto"
     config.profile = ml_collections.ConfigDict(dict(
         start_step=10,  # a profiler trace of steps start_step+1 .. start_step+steps into WORKDIR/profile
         steps=0,  # 0: no trace (open it with TensorBoard's profile plugin or xprof)

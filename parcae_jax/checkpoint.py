@@ -1,31 +1,33 @@
-"""Orbax checkpoints of the train state, the data iterator and the config; preemption.
+"""Orbax checkpoints of the train state, the data iterator and the config.
 
 Each checkpoint directory `WORKDIR/checkpoints/<step>` holds `state` (params, optimizer,
 step, skipped count), `data` (the grain iterator of every process) and `config` (JSON).
 Orbax writes under a temporary name and commits with a rename, so an interrupted save is
 never taken as the latest. A state with non-finite parameters is never saved over a good
 one. Restoring takes the target shardings from the abstract state, so a checkpoint saved
-on one mesh loads onto another.
+on one mesh loads onto another. A checkpoint that cannot be read is set aside, and the one
+before it restored.
 """
 
 from __future__ import annotations
 
-import signal
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
 from parcae_jax import storage
+from parcae_jax.step import all_finite
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    """One compiled reduction (not one eager op per leaf of a sharded tree)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+_all_finite = jax.jit(all_finite)  # one compiled reduction, not one eager op per leaf
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the workdir can be restored; the message is one line."""
 
 
 class Checkpointer:
@@ -52,22 +54,73 @@ class Checkpointer:
             self.manager.wait_until_finished()
         return True
 
-    def restore(self, step: int, abstract_state: Any, data_iterator=None, local_batches_per_step: int = 1) -> Any:
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore(self, step: int, abstract_state: Any, data_iterator=None, data_index: int | None = None) -> Any:
         """The state at `step`, laid out as `abstract_state`'s shardings say; positions the
-        data iterator, if given, where it was (or, after a change of process count, by the
-        step: the loader's order does not depend on it)."""
+        data iterator, if given, where it was, or at loader batch `data_index` (by default, when
+        the process count changed, `step`: the loader's order does not depend on it)."""
         if data_iterator is None:  # evaluation: the state alone
             return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
-        has_data = (self.directory / str(step) / "data" /
-                    f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
+        has_data = data_index is None and (self.directory / str(step) / "data" /
+                                           f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if has_data:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         if not has_data:
-            grain.experimental.set_next_index(data_iterator, step * local_batches_per_step)
+            grain.experimental.set_next_index(data_iterator, step if data_index is None else data_index)
         return restored["state"]
+
+    def restore_newest(self, abstract_state: Any, data_iterator=None,
+                       check: Callable[[dict, int], int | None] | None = None,
+                       set_aside: bool = True) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None if there is none.
+
+        `check(saved_config, step)` may refuse (by raising) or return a data index for
+        `restore`. A checkpoint that cannot be read (truncated or garbage files, a missing item,
+        an empty folder) is reported in one line and, with set_aside, moved to
+        `checkpoints_unreadable/` beside the checkpoints (never deleted); then the one before it
+        is tried."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
+                self._unreadable(step, e, set_aside)
+                continue
+            data_index = check(saved, step) if check else None  # a refusal is not damage: it propagates
+            try:
+                return step, self.restore(step, abstract_state, data_iterator, data_index)
+            except Exception as e:  # noqa: BLE001
+                self._unreadable(step, e, set_aside)
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored"
+                                  + (f" (moved to {self._aside_dir()})" if set_aside else "")
+                                  + "; delete them or use a new workdir to start over")
+        return None
+
+    def _aside_dir(self):
+        return self.directory.parent / f"{self.directory.name}_unreadable"
+
+    def _unreadable(self, step: int, error: Exception, set_aside: bool) -> None:
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        where = ""
+        if set_aside:
+            target = self._aside_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if jax.process_index() == 0:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (self.directory / str(step)).rename(target)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+            self.manager.reload()
+            where = f"; moved to {target}"
+        logging.error("checkpoint %d cannot be restored (%s: %s)%s; trying the one before", step,
+                      type(error).__name__, reason, where)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -76,41 +129,3 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-class Preemption:
-    """A preemption notice (SIGTERM) asks the loop to save and stop after a step.
-
-    One process: our own SIGTERM handler sets a flag. Several processes: every one must stop
-    at the same step, and asking the others on every step would be a blocking collective.
-    JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM itself,
-    agrees on a stop step in the background, and `reached_preemption_sync_point(step)` is a
-    local check; so there we install no handler of our own (it would replace JAX's)."""
-
-    def __init__(self):
-        self.requested = False
-        self.distributed = _preemption_service() is not None
-        self._previous = None if self.distributed else signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step` (to be asked after every step, on every process)."""
-        if self.distributed:
-            from jax.experimental import multihost_utils
-
-            self.requested = multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def restore_handler(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _preemption_service():
-    """JAX's preemption sync manager, if jax.distributed is up with it (else None)."""
-    from jax._src import distributed
-
-    return distributed.global_state.preemption_sync_manager if distributed.global_state.client else None

@@ -16,8 +16,10 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file (path[:arg]).",
-                                          lock_config=True)
+# No default here: ml_collections would load it, with the overrides, while this module is
+# imported, where a bad override cannot be turned into one line. _parse_flags adds it.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]); "
+                                          "default configs/tiny.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "describe", "bench"], "What to do.")
 
@@ -28,17 +30,34 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _unknown_key(e: Exception, argv: list[str]) -> None:
+    """An override of a key that no config declares (ml_collections raises KeyError or AttributeError)."""
+    lines = str(e).replace("\\n", "\n").splitlines() or ["?"]  # KeyError's str() is a repr
+    key, hint = lines[0].strip("'\"\\"), " ".join(lines[1:]).strip("' ")
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    fail(f"{bad[0] if bad else key}: no such config key{' (' + hint + ')' if hint else ''}; "
+         "every key is declared in configs/base.py")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        argv = [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(str(e).splitlines()[0])
-    except (AttributeError, KeyError) as e:  # an override of a key that no config declares
-        lines = str(e).replace("\\n", "\n").splitlines() or ["?"]  # KeyError's str() is a repr
-        key, hint = lines[0].strip("'\"\\"), " ".join(lines[1:]).strip("' ")
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-        fail(f"{bad[0] if bad else key}: no such config key{' (' + hint + ')' if hint else ''}; "
-             "every key is declared in configs/base.py")
+    except OSError as e:  # a config file that failed to load, met by an override
+        _cannot_load(e, argv)
+    except SyntaxError as e:  # raised while the --config file is imported
+        fail(f"--config={e.filename}: syntax error at line {e.lineno}: {e.msg}")
+    except AttributeError as e:
+        if "get_config" in str(e):
+            config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the --config file")
+            fail(f"{config_file} has no get_config(); a config file defines get_config(arg=None) returning a "
+                 "ConfigDict (see configs/tiny.py)")
+        _unknown_key(e, argv)
+    except KeyError as e:
+        _unknown_key(e, argv)
     except (TypeError, ValueError) as e:
         fail(f"bad config override: {str(e).splitlines()[0]}")
     return []
@@ -51,14 +70,21 @@ def load_config():
         config.to_dict()  # a config that failed to load raises on first attribute access
         return config
     except OSError as e:  # ml_collections defers file errors until first use
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        fail(f"--config={flags.FLAGS['config'].config_filename}: cannot load ({lines[-1]})")
+        _cannot_load(e, [f"--config={flags.FLAGS['config'].config_filename}"])
+
+
+def _cannot_load(e: OSError, argv: list[str]) -> None:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    fail(f"--config={config_file}: cannot load ({lines[-1]})")
 
 
 def main(argv: list[str]) -> None:
     from parcae_jax.data.readers import DataError
     from parcae_jax import distributed, supervise
+    from parcae_jax.checkpoint import CheckpointError
     from parcae_jax.model.config import ConfigError
+    from parcae_jax.resume import ResumeRefused
     from parcae_jax.storage import StorageError, make_dir
     from parcae_jax.validate import validate
 
@@ -102,19 +128,29 @@ def main(argv: list[str]) -> None:
 
         print(json.dumps(bench(config, run)))
     elif mode == "eval":
+        from parcae_jax.checkpoint import CheckpointError
+        from parcae_jax.resume import ResumeRefused
         from parcae_jax.train import evaluate_checkpoint
 
         try:
             print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, run)))
-        except (FileNotFoundError, StorageError) as e:
+        except (FileNotFoundError, StorageError, ResumeRefused, CheckpointError) as e:
             fail(str(e))
     else:
-        from parcae_jax.train import train
+        from parcae_jax.checkpoint import CheckpointError
+        from parcae_jax.preemption import Interrupted
+        from parcae_jax.resume import ResumeRefused
+        from parcae_jax.train import NonFiniteRun, train
 
         try:
             train(config, _WORKDIR.value, run)
-        except (DataError, StorageError) as e:
+        except (DataError, StorageError, ResumeRefused, CheckpointError) as e:
             fail(str(e))
+        except NonFiniteRun as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
+        except Interrupted as e:  # saved and stopped: a distinct code, so that schedulers requeue
+            sys.exit(128 + e.signum)
 
 
 def run() -> None:

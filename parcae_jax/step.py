@@ -34,6 +34,12 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
     return TrainState(jnp.int32(0), params, tx.init(params), jnp.int32(0))
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every floating-point leaf is finite (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def _depths_and_state(cfg: ModelConfig, key: jax.Array, B: int, T: int) -> dict:
     if cfg.arch == "gpt":
         return {}
@@ -80,12 +86,14 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
         if clip_norm > 0:  # as torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above it
             grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_norm / (grad_norm + 1e-6)), grads)
 
-        def apply(_):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
-            return optax.apply_updates(state.params, updates), opt_state
-
-        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
-        new = TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+        params = optax.apply_updates(state.params, updates)
+        # A finite gradient can still give non-finite parameters or moments (an lr of 1e6, an
+        # overflow in the optimizer): such an update is skipped like a non-finite gradient.
+        finite = finite & all_finite((params, opt_state))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state),
+                         state.skipped + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": ~finite,
                    **{name: lr(state.step) for name, lr in lrs.items()}}
         if cfg.arch == "parcae":

@@ -66,7 +66,7 @@ def run_child(argv: list[str], who: str) -> int:
     fd, phase_path = tempfile.mkstemp(prefix="parcae_jax_phase_")
     os.close(fd)
     child = subprocess.Popen([sys.executable, "-m", "parcae_jax.main", *argv], env={**os.environ, PHASE_FILE: phase_path},
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=_die_with_parent, process_group=0)  # Ctrl-C reaches it once, through us
     forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

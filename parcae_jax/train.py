@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from typing import Any
 
@@ -14,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from parcae_jax import sharding, storage
-from parcae_jax.checkpoint import Checkpointer, Preemption, abstract_with_shardings
+from parcae_jax import resume, sharding, storage
+from parcae_jax.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings
+from parcae_jax.preemption import Interrupted, Preemption
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
 from parcae_jax.describe import flops_per_token
@@ -86,8 +88,11 @@ class Trainer:
                 for key, parts in fetched.items()}
 
 
-def _mean(ms: list[dict]) -> dict[str, float]:
-    fetched = jax.device_get(ms)
+class NonFiniteRun(RuntimeError):
+    """Too many consecutive steps were skipped: the run cannot recover by itself."""
+
+
+def _mean(fetched: list[dict]) -> dict[str, float]:
     keys = fetched[-1].keys()
     out = {k: float(np.mean([m[k] for m in fetched])) for k in keys if k not in ("skipped", "tokens")}
     out["tokens"] = float(sum(m["tokens"] for m in fetched))
@@ -121,16 +126,15 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
     loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
     data_iter = iter(loader)
     ckpt = Checkpointer(root / "checkpoints", config.ckpt.keep, config.ckpt.async_save)
-    latest = ckpt.latest_step()
-    with trainer.context():
-        if latest is None:
-            state = trainer.fresh_state()
-        else:
-            logging.info("resuming from step %d in %s", latest, ckpt.directory)
-            target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
-            state = ckpt.restore(latest, target, data_iter)
-    start = int(jax.device_get(state.step))
     config_dict = config.to_dict()
+    guard = lambda saved, step: resume.check(saved, config_dict, step, config.ckpt.allow_changes)  # noqa: E731
+    with trainer.context():
+        target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
+        found = ckpt.restore_newest(target, data_iter, guard)
+        state = trainer.fresh_state() if found is None else found[1]
+    start = int(jax.device_get(state.step))
+    if found is not None:
+        logging.warning("resumed from checkpoint %d in %s", start, ckpt.directory)
     writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0, wandb_config=config.wandb, run_config=config_dict)
     proc_log = ProcessLog(root, pid, nproc, f"{jax.local_device_count()} local / {jax.device_count()} devices "
                           f"({jax.devices()[0].device_kind}), jax {jax.__version__}, resuming from step {start}")
@@ -145,6 +149,7 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
     last = {}
     tick, tick_step = time.perf_counter(), start
     data_wait = 0.0  # seconds this process spent waiting for its input since the last log
+    skips_in_row = 0
     step = start
     try:
         with trainer.context():
@@ -160,8 +165,11 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                 stop = preempt.should_stop(step)
                 evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
                 if step % t.log_every == 0 or evaluating or stop or step == t.steps:
-                    m = _mean(pending)
+                    fetched = jax.device_get(pending)
                     pending = []
+                    for row in fetched:  # skipped steps in a row, up to this one
+                        skips_in_row = skips_in_row + 1 if bool(row["skipped"]) else 0
+                    m = _mean(fetched)
                     now = time.perf_counter()
                     m["step_time_s"] = (now - tick) / (step - tick_step)
                     m["tokens_per_sec"] = m.pop("tokens") / (now - tick)
@@ -176,13 +184,18 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                             m["eval/unigram_loss"] = unigram
                     writer.write(step, m)
                     proc_log.step(step, t.steps, m)
+                    if t.max_consecutive_skips and skips_in_row >= t.max_consecutive_skips:
+                        raise NonFiniteRun(
+                            f"{skips_in_row} steps in a row up to step {step} were skipped (non-finite loss, gradient "
+                            f"or update), so the run stops; checkpoint {ckpt.latest_step()} is the last one saved; "
+                            "resume from it with a lower optim.lr / optim.muon_lr")
                     last = m
                     tick, tick_step = time.perf_counter(), step
                 if stop or (config.ckpt.every and step % config.ckpt.every == 0) or step == t.steps:
                     saved = ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
                     writer.sync()
                 if stop:
-                    logging.warning("stopped by a preemption notice (SIGTERM) after step %d; %s", step,
+                    logging.warning("stopped by %s after step %d; %s", signal.Signals(preempt.signum).name, step,
                                     "checkpoint saved" if saved else "NO checkpoint: the parameters are not finite")
                     break
     finally:
@@ -193,6 +206,8 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
         proc_log.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
+    if preempt.requested:
+        raise Interrupted(preempt.signum, step)
     return last
 
 
@@ -203,12 +218,16 @@ def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None 
     if not directory.exists():  # and create nothing in a misspelled workdir
         raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
     ckpt = Checkpointer(directory, config.ckpt.keep)
-    latest = ckpt.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
     _, val_split = dataset.open_splits(config.data, run.tokenizer)
     with trainer.context():
-        state = ckpt.restore(latest, abstract_with_shardings(trainer.abstract, trainer.state_sharding))
+        target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
+        model_only = lambda saved, step: resume.check(  # noqa: E731 - another model cannot load these weights
+            {"model": saved["model"]}, {"model": config.model.to_dict()}, step, None,
+            fix="evaluate with the config the run was trained with")
+        found = ckpt.restore_newest(target, check=model_only, set_aside=False)  # eval writes nothing
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
+        latest, state = found
         batches = [to_global(b, trainer.batch_sharding) for b in trainer.local_eval_batches(val_split)]
         out = {"step": latest, **trainer.evaluate(state.params, batches)}
     ckpt.close()

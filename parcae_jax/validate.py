@@ -4,6 +4,7 @@ naming the field and the fix."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 
@@ -27,7 +28,23 @@ def _need(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _non_finite(tree: dict, prefix: str = "") -> list[str]:
+    """Config keys holding inf or nan, or a number float32 (what the step computes in) cannot hold."""
+    bad = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            bad += _non_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            bad.append(f"{prefix}{key}={value}")
+    return bad
+
+
 def validate(config, n_devices: int | None = None, process_count: int | None = None, check_data: bool = True) -> Run:
+    bad = _non_finite(config.to_dict())
+    _need(not bad, f"{', '.join(bad)}: must be a finite number (within float32's range)")
     model = ModelConfig.from_mapping(config.model)
     n_devices = n_devices if n_devices is not None else jax.device_count()
     process_count = process_count if process_count is not None else jax.process_count()
@@ -54,6 +71,7 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
                            f"use a multiple of {dp * t.microbatches}")
     _need(t.batch_size % process_count == 0,
           f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
+    _need(t.max_consecutive_skips >= 0, f"train.max_consecutive_skips={t.max_consecutive_skips} must be >= 0 (0: never stop)")
     _need(t.clip_norm >= 0, f"train.clip_norm={t.clip_norm} must be >= 0 (0: no clipping)")
     _need(o.name in OPTIMIZERS, f"optim.name={o.name!r} is unknown; set it to one of {'|'.join(OPTIMIZERS)}")
     _need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is unknown; set it to one of {'|'.join(SCHEDULES)}")

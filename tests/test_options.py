@@ -65,7 +65,7 @@ def rows(workdir):
 
 
 # What depends on wall-clock time, not on the computation.
-TIMING = {"step_time_s", "tokens_per_sec", "mfu"}
+TIMING = {"step_time_s", "tokens_per_sec", "mfu", "data_wait_s"}
 
 
 @pytest.mark.slow

@@ -157,18 +157,30 @@ def test_checkpoint_from_mesh_1x8x1_resumes_on_2x4x1(tmp_path):
     assert sorted(losses(tmp_path / "a")) == list(range(1, 10))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_30(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    config = small_config(steps=30)
+    train(config, str(workdir), validate(config))
+    return losses(workdir)
+
+
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
-    proc = run_main(tmp_path, "--config.train.steps=10000", "--config.ckpt.every=0")
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, sig, code, uninterrupted_30):
+    """SIGTERM (preemption) and Ctrl-C save after the current step and exit 128 + signal, a code
+    schedulers read as 'requeue'; the same command then resumes to the uninterrupted losses."""
+    proc = run_main(tmp_path, "--config.train.steps=30", "--config.ckpt.every=0")
     wait_for_step(tmp_path, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == code, err
     saved = Checkpointer(str(tmp_path / "checkpoints"), 5).latest_step()
-    assert saved is not None and saved >= 3 and max(losses(tmp_path)) == saved
-    config = small_config(steps=saved + 2)
+    assert f"stopped by {sig.name} after step {saved}; checkpoint saved" in err
+    assert 3 <= saved < 30 and max(losses(tmp_path)) == saved
+    config = small_config(steps=30)
     train(config, str(tmp_path), validate(config))
-    assert sorted(losses(tmp_path)) == list(range(1, saved + 3))
+    assert losses(tmp_path) == uninterrupted_30
 
 
 def test_the_tiny_run_leaves_metrics_events_and_checkpoints(tmp_path):

@@ -15,7 +15,7 @@ import os
 
 from parcae_jax import storage
 from parcae_jax.data import corpus, staging
-from parcae_jax.data.pipeline import TokenSplit, make_loader, open_split
+from parcae_jax.data.pipeline import TokenSplit, make_loader, open_split, read_manifest
 from parcae_jax.data.prepare import prepare
 from parcae_jax.data.readers import DataError, read_tfds
 from parcae_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -34,6 +34,8 @@ def check(data, model_vocab_size: int) -> Tokenizer:
             staging.remote_manifest(data.path)  # one line if it is not there
         elif not os.path.isdir(data.path):
             raise DataError(f"data.path={data.path}: no such directory")
+        else:
+            read_manifest(data.path)  # one line if it is not a finished preparation
     if data.source == "tfds" and not data.tfds_name:
         raise DataError("data.source=tfds needs data.tfds_name")
     if data.source == "embedded" and data.tokenizer != "bytes":

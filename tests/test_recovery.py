@@ -1,0 +1,181 @@
+"""Runs that cannot be broken by accident: a damaged latest checkpoint is set aside and the one
+before it resumes exactly; a resume that changes what the run means is refused (or, accepted
+on purpose, continues from the right place in the data); non-finite updates are skipped and a
+run that only skips stops with exit 3."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from parcae_jax.checkpoint import Checkpointer
+from parcae_jax.data import dataset
+from parcae_jax.model.config import ConfigError
+from parcae_jax.resume import ResumeRefused, check
+from parcae_jax.step import init_state, make_train_step
+from parcae_jax.train import Trainer, train
+from parcae_jax.validate import validate
+from tests.conftest import ROOT
+from tests.helpers import tiny
+from tests.test_train import losses, run_main, small_config
+
+
+def steady_config(steps):
+    """A run whose first steps do not depend on train.steps (constant lr, no decaying Muon
+    weight decay): 8 steps then 4 more equal 12 uninterrupted ones."""
+    config = small_config(steps=steps)
+    config.optim.update(schedule="constant", muon_weight_decay=0.0)
+    config.ckpt.update(every=4, keep=5)
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(trainer, the uninterrupted 12-step losses, a workdir stopped at step 8: checkpoints 4, 8)."""
+    config = steady_config(12)
+    trainer = Trainer(config, validate(config))
+    full, base = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("base")
+    train(config, str(full), validate(config), trainer)
+    train(steady_config(8), str(base), validate(config), trainer)
+    return trainer, losses(full), base
+
+
+def _largest(folder):
+    files = [os.path.join(r, n) for r, _, names in os.walk(folder) for n in names]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _garbage(path):
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(max(os.path.getsize(path), 64)))
+
+
+DAMAGE = {
+    "truncated array data": lambda c: _truncate(_largest(c / "8" / "state" / "d")),
+    "garbage array data": lambda c: _garbage(_largest(c / "8" / "state" / "d")),
+    "deleted manifest.ocdbt": lambda c: os.remove(next((c / "8" / "state").rglob("manifest.ocdbt"))),
+    "garbage _METADATA": lambda c: (c / "8" / "state" / "_METADATA").write_text("{garbage"),
+    "missing state item": lambda c: shutil.rmtree(c / "8" / "state"),
+    "garbage iterator JSON": lambda c: (c / "8" / "data" / "process_0-of-1.json").write_text("not json"),
+    "garbage config JSON": lambda c: next((c / "8" / "config").glob("*")).write_text("{{"),
+    "an empty newer folder": lambda c: (c / "20").mkdir(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes_exactly(runs, damage, tmp_path):
+    trainer, want, base = runs
+    work = tmp_path / "run"
+    shutil.copytree(base, work)
+    DAMAGE[damage](work / "checkpoints")
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 1.2')  # and a torn last line, as a crash mid-write leaves
+    config = steady_config(12)
+    train(config, str(work), validate(config), trainer)
+    assert losses(work) == want  # steps 1..12, bit for bit
+    aside = sorted(os.listdir(work / "checkpoints_unreadable"))
+    assert [name.split("-")[0] for name in aside] == (["20"] if damage == "an empty newer folder" else ["8"])
+
+
+def test_changes_that_change_the_run_are_refused_in_one_line_and_harmless_ones_pass():
+    saved = small_config(steps=20).to_dict()
+    now = small_config(steps=40).to_dict()
+    now["seed"], now["model"]["d_model"], now["train"]["log_every"] = 1, 64, 5
+    with pytest.raises(ResumeRefused) as e:
+        check(saved, now, 8, None)
+    message = str(e.value)
+    assert "\n" not in message and "model.d_model 32 -> 64, seed 0 -> 1" in message
+    assert message.endswith("--config.ckpt.allow_changes=model.d_model,seed")
+    assert "train.steps" not in message and "train.log_every" not in message  # harmless: logged only
+    assert check(saved, now, 8, "seed,model.d_model") is None
+    bigger = small_config(steps=20).to_dict()
+    bigger["train"]["batch_size"] = 24  # 8 steps x 8 sequences read: resume at batch ceil(64 / 24) = 3
+    assert check(saved, bigger, 8, "train.batch_size") == 3
+
+
+@pytest.mark.slow
+def test_a_refused_resume_touches_nothing_and_an_accepted_batch_change_resumes_at_the_right_window(runs, tmp_path):
+    trainer, _, base = runs
+    work = tmp_path / "run"
+    shutil.copytree(base, work)
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    changed = steady_config(12)
+    changed.seed = 1
+    with pytest.raises(ResumeRefused, match="seed 0 -> 1"):
+        train(changed, str(work), validate(changed), Trainer(changed, validate(changed)))
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before  # nothing moved aside or written
+
+    # Batch 8 -> 16, accepted: checkpoint 8 has read 64 sequences, so the loader resumes at
+    # batch 4 of 16, the windows right after them.
+    bigger = steady_config(12)
+    bigger.train.batch_size = 16
+    bigger.ckpt.allow_changes = "train.batch_size"
+    run = validate(bigger)
+    trainer16 = Trainer(bigger, run)
+    split, _ = dataset.open_splits(bigger.data, run.tokenizer)
+    loader = dataset.train_loader(split, bigger.data, run.model.seq_len, 16, bigger.seed)
+    it = iter(loader)
+    with trainer16.context():
+        from parcae_jax.checkpoint import abstract_with_shardings
+
+        target = abstract_with_shardings(trainer16.abstract, trainer16.state_sharding)
+        step, _ = Checkpointer(str(work / "checkpoints"), 5).restore_newest(
+            target, it, lambda saved, s: check(saved, bigger.to_dict(), s, bigger.ckpt.allow_changes))
+    expected = iter(dataset.train_loader(split, bigger.data, run.model.seq_len, 16, bigger.seed))
+    for _ in range(4):
+        next(expected)
+    assert step == 8
+    np.testing.assert_array_equal(next(it)["inputs"], next(expected)["inputs"])
+    train(bigger, str(work), run, trainer16)
+    assert sorted(losses(work)) == list(range(1, 13))
+
+
+def test_an_update_that_makes_the_parameters_non_finite_is_skipped():
+    from parcae_jax.model import build
+
+    model = build(tiny())
+    tx = optax.with_extra_args_support(optax.scale(float("inf")))  # a finite gradient; an update nothing survives
+    state = init_state(model, tx, jax.random.key(0))
+    step = jax.jit(make_train_step(model, tx, {}, seed=0))
+    ids = np.random.default_rng(0).integers(0, 256, (2, 17)).astype(np.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((2, 16), np.int32)}
+    new, metrics = step(state, batch)
+    assert bool(metrics["skipped"]) and np.isfinite(float(metrics["grad_norm"]))
+    jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+    assert int(new.skipped) == 1 and int(new.step) == 1
+
+
+def test_non_finite_settings_are_refused_before_anything_runs():
+    for key, value in (("lr", float("inf")), ("muon_lr", float("nan")), ("b2", float("inf"))):
+        config = small_config()
+        config.optim[key] = value
+        with pytest.raises(ConfigError, match=f"optim.{key}={value}: must be a finite number"):
+            validate(config)
+    config = small_config()
+    config.optim.lr = 1e39  # finite in Python, inf in float32
+    with pytest.raises(ConfigError, match="optim.lr"):
+        validate(config)
+
+
+@pytest.mark.slow
+def test_a_run_that_only_skips_stops_with_exit_3_and_keeps_its_checkpoint(tmp_path):
+    proc = run_main(tmp_path, "--config.optim.lr=1e6", "--config.optim.muon_lr=1e6", "--config.ckpt.every=2",
+                    "--config.train.max_consecutive_skips=3")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: 3 steps in a row up to step") and "lower optim.lr" in last, last
+    kept = Checkpointer(str(tmp_path / "checkpoints"), 5)
+    assert kept.latest_step() is not None
+    assert max(losses(tmp_path)) < 20
