@@ -11,6 +11,7 @@ before it restored.
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any, Callable
 
@@ -47,12 +48,32 @@ class Checkpointer:
         if not bool(_all_finite(state.params)):
             logging.error("step %d: parameters are not finite; not saving over the last good checkpoint", step)
             return False
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(config)))
-        if wait:
-            self.manager.wait_until_finished()
+        self._check_space(step, state)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(config)))
+            if wait:
+                self.manager.wait_until_finished()
+        except OSError as e:  # e.g. the disk filled up during the (asynchronous) write
+            raise self._cannot_write(step, e.strerror or str(e)) from None
         return True
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuses, before orbax starts, a save that a local disk cannot hold: a full disk found
+        mid-write costs that checkpoint and floods the log from orbax's threads."""
+        if storage.is_remote(self.directory):
+            return
+        need = int(1.1 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))) + (4 << 20)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise self._cannot_write(step, f"{free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB needed")
+
+    def _cannot_write(self, step: int, why: str) -> storage.StorageError:
+        kept = [s for s in self.manager.all_steps() if s != step]
+        intact = f"checkpoint {max(kept)} is intact" if kept else "no checkpoint was saved yet"
+        return storage.StorageError(f"{self.directory}: cannot write checkpoint {step} ({why}); {intact}: free "
+                                    "space, then run the same command to resume")
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -123,8 +144,12 @@ class Checkpointer:
                       type(error).__name__, reason, where)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except OSError as e:
+            raise self._cannot_write(max(self.manager.all_steps(), default=0), e.strerror or str(e)) from None
+        finally:
+            self.manager.close()
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -194,3 +194,38 @@ def test_config_sources_resolve_to_prepared_data(tmp_path):
     data.update(source="s3")
     with pytest.raises(DataError, match="data.source='s3' is unknown"):
         dataset.check(data, model_vocab_size=257)
+
+
+def test_another_input_into_a_prepared_output_is_refused_unless_overwrite(tmp_path):
+    from tests.test_bad_inputs import tree_hash
+
+    (tmp_path / "a.txt").write_text("the first corpus " * 100)
+    (tmp_path / "b.txt").write_text("a second, different corpus " * 100)
+    out = tmp_path / "out"
+    first = run_prepare(f"--input={tmp_path / 'a.txt'}", f"--output={out}", "--val_every=0")
+    assert first.returncode == 0, first.stderr
+    assert run_prepare(f"--input={tmp_path / 'a.txt'}", f"--output={out}", "--val_every=0").stdout == first.stdout
+    before = tree_hash(out)
+    again = run_prepare(f"--input={tmp_path / 'b.txt'}", f"--output={out}", "--val_every=0")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "holds a preparation of another input; use another --output, or --overwrite" in again.stderr
+    assert tree_hash(out) == before  # the old preparation is untouched
+    replaced = run_prepare(f"--input={tmp_path / 'b.txt'}", f"--output={out}", "--val_every=0", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(replaced.stdout)["train"]["tokens"] == len("a second, different corpus " * 100) + 1
+
+
+def test_a_shard_whose_length_table_disagrees_is_refused_at_open(tmp_path):
+    from parcae_jax.data.pipeline import open_split
+
+    prepare((f"document {i} " * 20 for i in range(30)), str(tmp_path), docs_per_shard=10, val_every=0,
+            progress=False)
+    table = tmp_path / "train-00001.arrayrecord.lengths.npy"
+    shorter = np.load(table)[:-1]
+    np.save(open(table, "wb"), shorter)
+    with pytest.raises(DataError, match="train-00001.arrayrecord holds 10 documents but its .lengths.npy lists 9"):
+        open_split(str(tmp_path), "train")
+    (tmp_path / "train-00002.arrayrecord").write_bytes(b"garbage")
+    np.save(open(table, "wb"), np.ones(10, np.int32))
+    with pytest.raises(DataError, match="train-00002.arrayrecord: not a readable shard"):
+        open_split(str(tmp_path), "train")

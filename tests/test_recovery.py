@@ -179,3 +179,30 @@ def test_a_run_that_only_skips_stops_with_exit_3_and_keeps_its_checkpoint(tmp_pa
     kept = Checkpointer(str(tmp_path / "checkpoints"), 5)
     assert kept.latest_step() is not None
     assert max(losses(tmp_path)) < 20
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB filesystem (tmpfs; the tests run as root, as CI does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_run_resumes_exactly_once_there_is_room(small_disk, tmp_path):
+    workdir = small_disk / "run"
+    proc = run_main(workdir, "--config.train.steps=30", "--config.ckpt.every=2", "--config.ckpt.keep=30")
+    out, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert "cannot write checkpoint" in lines[0] and "MB free" in lines[0] and "is intact" in lines[0], lines[0]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = run_main(workdir, "--config.train.steps=30", "--config.ckpt.every=2", "--config.ckpt.keep=30")
+    assert resumed.wait(timeout=300) == 0
+    config = small_config(steps=30)
+    config.ckpt.update(every=2, keep=30)
+    train(config, str(tmp_path / "whole"), validate(config))
+    assert losses(workdir) == losses(tmp_path / "whole")

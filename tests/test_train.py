@@ -123,20 +123,42 @@ def wait_for_step(workdir, step, proc, timeout=300):
     raise TimeoutError
 
 
-@pytest.mark.slow
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_20(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
     config = small_config()
-    run = validate(config)
-    train(config, str(tmp_path / "whole"), run)
+    train(config, str(workdir), validate(config))
+    return workdir
+
+
+def _kill_mid_save(workdir, proc):
+    """SIGKILL as soon as orbax is writing a checkpoint after the first (its temporary folder exists)."""
+    folder = workdir / "checkpoints"
+    while proc.poll() is None:
+        names = os.listdir(folder) if folder.exists() else []
+        if "5" in names and any(".orbax-checkpoint-tmp" in n for n in names):
+            proc.send_signal(signal.SIGKILL)
+            return
+        time.sleep(0.001)
+    raise AssertionError("the run ended before a save could be caught in progress")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["between checkpoints", "while a checkpoint is written"])
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted_20, moment):
+    config = small_config()
     killed = run_main(tmp_path / "cut")
-    wait_for_step(tmp_path / "cut", 12, killed)
-    killed.send_signal(signal.SIGKILL)
+    if moment == "between checkpoints":
+        wait_for_step(tmp_path / "cut", 12, killed)
+        killed.send_signal(signal.SIGKILL)
+    else:
+        _kill_mid_save(tmp_path / "cut", killed)
     killed.wait()
     cut_at = Checkpointer(str(tmp_path / "cut" / "checkpoints"), 5).latest_step()
     assert cut_at is not None and 5 <= cut_at < 20
-    train(config, str(tmp_path / "cut"), run)  # resumes from the checkpoint
-    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # every step, bit for bit
-    (s1, p1), (s2, p2) = final_params(config, tmp_path / "whole"), final_params(config, tmp_path / "cut")
+    train(config, str(tmp_path / "cut"), validate(config))  # resumes from the checkpoint
+    assert losses(tmp_path / "cut") == losses(uninterrupted_20)  # every step, bit for bit
+    (s1, p1), (s2, p2) = final_params(config, uninterrupted_20), final_params(config, tmp_path / "cut")
     assert s1 == s2 == 20
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
 

@@ -63,5 +63,6 @@ def embedded_corpus(cache_dir: str | None = None, progress: bool = False) -> str
     """The prepared directory of the embedded corpus (prepared now if it is not yet)."""
     out = os.path.join(cache_dir or default_cache_dir(), f"embedded-{fingerprint()}")
     prepare(documents(), out, "bytes", docs_per_shard=1024, val_every=VAL_EVERY, workers=0,
-            description="embedded: pydoc_data.topics + Python standard library sources", progress=progress)
+            description="embedded: pydoc_data.topics + Python standard library sources", progress=progress,
+            source=f"embedded:{fingerprint()}")
     return out

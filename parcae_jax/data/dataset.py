@@ -66,7 +66,8 @@ def prepared_dir(data, tok: Tokenizer, progress: bool = True) -> str:
     out = os.path.join(_cache(data), name)
     prepare(read_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir, data.text_field), out, tokenizer_spec(data),
             eod_token=data.eod_token, val_every=data.val_every, workers=0, progress=progress,
-            description=f"tfds:{data.tfds_name}/{data.tfds_split}")
+            description=f"tfds:{data.tfds_name}/{data.tfds_split}",
+            source=f"tfds:{data.tfds_name}/{data.tfds_split}@{data.tfds_data_dir or ''}:{data.text_field}")
     return out
 
 

@@ -64,7 +64,20 @@ def open_split(directory: str, split: str, fingerprint: str | None = None) -> To
     for p in paths:
         if not os.path.exists(p):
             raise DataError(f"{p} is missing; the prepared directory is incomplete, prepare it again")
-    lengths = np.concatenate([np.load(p + ".lengths.npy") for p in paths]).astype(np.int64)
+    tables = [np.load(p + ".lengths.npy") for p in paths]
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for path, table in zip(paths, tables):  # a cheap check (the record count is in the file's footer)
+        try:
+            reader = ArrayRecordReader(path)
+            records = reader.num_records()
+            reader.close()
+        except Exception as e:  # noqa: BLE001 - a truncated or garbage shard: array_record raises RuntimeError
+            raise DataError(f"{path}: not a readable shard ({str(e).splitlines()[0][:120]}); prepare the data again") from None
+        if records != len(table):
+            raise DataError(f"{path} holds {records} documents but its .lengths.npy lists {len(table)}; "
+                            "prepare the data again")
+    lengths = np.concatenate(tables).astype(np.int64)
     return TokenSplit(directory, split, paths, lengths, np.dtype(manifest["token_dtype"]),
                       manifest["tokenizer"]["eod_id"], manifest)
 

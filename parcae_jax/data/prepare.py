@@ -132,8 +132,12 @@ def _encoded(batches: Iterator[list], pool, workers: int) -> Iterator[tuple[list
 
 def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, eod_token: str | None = None,
             docs_per_shard: int = 8192, val_every: int = 200, workers: int = 0, description: str = "",
-            progress: bool = True) -> dict:
+            progress: bool = True, source: str = "", overwrite: bool = False) -> dict:
     """Writes (or finishes, or finds) a prepared dataset in `output`; returns its manifest.
+
+    `source` fingerprints the input (files: paths, sizes, modification times; see
+    readers.input_fingerprint): an output prepared from another input, or with other settings,
+    is refused unless `overwrite`, which deletes the old preparation first.
 
     Several processes may ask for the same output at once (every host of a run prepares its
     cache, and hosts may share a filesystem): a lock file beside `output` lets one of them
@@ -150,29 +154,36 @@ def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, 
         lock.acquire()
     try:
         return _prepare(documents, output, tokenizer, eod_token=eod_token, docs_per_shard=docs_per_shard,
-                        val_every=val_every, workers=workers, description=description, progress=progress)
+                        val_every=val_every, workers=workers, description=description, progress=progress,
+                        source=source, overwrite=overwrite)
     finally:
         lock.release()
 
 
 def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token: str | None, docs_per_shard: int,
-             val_every: int, workers: int, description: str, progress: bool) -> dict:
+             val_every: int, workers: int, description: str, progress: bool, source: str, overwrite: bool) -> dict:
     tok = load_tokenizer(tokenizer, eod_token)
     plan = {"format": FORMAT, "tokenizer": {"spec": tokenizer, "fingerprint": tok.fingerprint,
                                             "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
             "token_dtype": "uint16" if tok.vocab_size <= 2**16 else "uint32",
-            "docs_per_shard": docs_per_shard, "val_every": val_every, "description": description}
+            "docs_per_shard": docs_per_shard, "val_every": val_every, "description": description, "source": source}
     os.makedirs(output, exist_ok=True)
     manifest_path = os.path.join(output, "manifest.json")
     plan_path = os.path.join(output, "plan.json")
     if os.path.exists(plan_path):
         with open(plan_path) as f:
             old = json.load(f)
-        same = lambda p: (p["tokenizer"]["fingerprint"], p["docs_per_shard"], p["val_every"])  # noqa: E731
+        same = lambda p: (p["tokenizer"]["fingerprint"], p["docs_per_shard"], p["val_every"],  # noqa: E731
+                          p.get("source") or source)  # a plan from before sources were recorded: unknown
+        if same(old) != same(plan) and not overwrite:
+            what = "another input" if same(old)[:3] == same(plan)[:3] else "other settings (tokenizer, shard size or split)"
+            raise DataError(f"{output} holds a preparation of {what}; use another --output, or --overwrite "
+                            "to replace it")
         if same(old) != same(plan):
-            raise DataError(f"{output} holds a preparation with other settings (tokenizer, shard size or "
-                            "split); use another --output or delete it")
-        plan = old
+            _remove_preparation(output)
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            plan = json.load(f)
         if os.path.exists(manifest_path):
             with open(manifest_path) as f:
                 return json.load(f)
@@ -244,6 +255,13 @@ def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token
     return manifest
 
 
+def _remove_preparation(output: str) -> None:
+    """Deletes what prepare wrote in `output` (and nothing else)."""
+    for name in os.listdir(output):
+        if name.endswith((".arrayrecord", ".lengths.npy", ".tmp")) or name in ("plan.json", "manifest.json"):
+            os.remove(os.path.join(output, name))
+
+
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
@@ -266,7 +284,8 @@ def main(argv: list[str]) -> None:
             tokenizer = staging.stage_file(tokenizer, default_cache_dir())
         m = prepare(docs, output, tokenizer, eod_token=FLAGS.eod_token, docs_per_shard=FLAGS.docs_per_shard,
                     val_every=FLAGS.val_every, workers=FLAGS.workers,
-                    description=f"tfds:{FLAGS.tfds}/{FLAGS.tfds_split}" if FLAGS.tfds else ",".join(FLAGS.input))
+                    description=f"tfds:{FLAGS.tfds}/{FLAGS.tfds_split}" if FLAGS.tfds else ",".join(FLAGS.input),
+                    source=readers.input_fingerprint(FLAGS), overwrite=FLAGS.overwrite)
         if output != FLAGS.output:
             staging.upload_prepared(output, FLAGS.output)
     except (DataError, storage.StorageError) as e:
@@ -281,6 +300,7 @@ if __name__ == "__main__":
 
     readers.define_input_flags()
     flags.DEFINE_string("output", None, "Directory for shards and manifest.json.", required=True)
+    flags.DEFINE_bool("overwrite", False, "Replace a preparation of another input or settings in --output.")
     flags.DEFINE_string("tokenizer", "bytes", "bytes | path to tokenizer.json | path to a SentencePiece .model")
     flags.DEFINE_string("eod_token", None, "End-of-document token, if not <|endoftext|> (or the SentencePiece EOS).")
     flags.DEFINE_integer("docs_per_shard", 8192, "Documents per shard.")

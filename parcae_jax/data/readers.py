@@ -8,6 +8,7 @@ one line naming the file (and line) and the fix.
 from __future__ import annotations
 
 import glob
+import hashlib
 import gzip
 import json
 import os
@@ -128,6 +129,18 @@ def define_input_flags() -> None:
     flags.DEFINE_string("tfds", None, "Read this TFDS dataset (array_record format) instead of --input.")
     flags.DEFINE_string("tfds_split", "train", "TFDS split.")
     flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
+
+
+def input_fingerprint(FLAGS) -> str:
+    """What --input / --tfds name, as a short hash: each file's path, size and modification
+    time (cheap; a re-run over unchanged files gives the same), or the TFDS dataset."""
+    if FLAGS.tfds:
+        return f"tfds:{FLAGS.tfds}/{FLAGS.tfds_split}@{FLAGS.tfds_data_dir or ''}"
+    h = hashlib.sha256()
+    for path in expand_inputs(FLAGS.input):
+        stat = os.stat(path)
+        h.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return "files:" + h.hexdigest()[:16]
 
 
 def documents_from_flags(FLAGS) -> Iterator[str]:
