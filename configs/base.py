@@ -124,8 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init_timeout_s=300,  # how long start-up waits for every process to join
         heartbeat_timeout_s=30,  # a process silent this long is taken as dead: the others stop (JAX: 100)
     ))
-    # XLA's persistent compilation cache. auto: <data cache>/xla for one process, off for several
-    # (their cache must be one folder every host reads: give a gs:// path); "": off.
+    # XLA's persistent compilation cache. auto: <data cache>/xla for one accelerator process; off on
+    # CPU and for several processes (give a folder every host reads, gs://...); "": off.
     config.compilation_cache_dir = "auto"
     config.profile = ml_collections.ConfigDict(dict(
         start_step=10,  # a profiler trace of steps start_step+1 .. start_step+steps into WORKDIR/profile

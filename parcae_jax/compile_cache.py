@@ -1,6 +1,13 @@
 """XLA's persistent compilation cache: a restarted or resumed run (every preemption on a pod)
 loads its compiled steps instead of compiling them again, which for the published sizes
-takes minutes. On a pod every host reads one cache (a gs:// folder) that process 0 writes."""
+takes minutes. With several processes JAX has process 0 write the cache and every process
+read it, so it must be one folder every host reads (gs://...).
+
+On CPU it stays off unless asked for: there, an executable read from the cache does not pair
+its collectives with freshly compiled ones. Seen in our tests: with several CPU devices in
+one process, all-reduces of a cached train step and of a fresh program time out in XLA's
+rendezvous (the process aborts after 40 s); with several processes, gloo aborts with
+"collective mismatch". CPU compiles of the sizes that run there take seconds anyway."""
 
 from __future__ import annotations
 
@@ -11,26 +18,21 @@ from absl import logging
 
 
 def enable(directory: str, data_cache_dir: str | None) -> str | None:
-    """Points JAX at `directory` ("auto": <data cache>/xla on one process; "": off); returns the folder used."""
+    """Points JAX at `directory` ("auto": <data cache>/xla on one accelerator process, else off;
+    "": off); returns the folder used, or None."""
     if not directory:
         return None
-    if directory == "auto" and jax.process_count() > 1:
-        # A local folder per host would give process 0 cached executables and the others fresh
-        # ones; the cache must be one that every process reads.
-        logging.warning("compilation cache off: with several processes, set compilation_cache_dir to a folder "
-                        "every host reads (gs://...)")
-        return None
+    cpu = jax.default_backend() == "cpu"
     if directory == "auto":
+        if cpu or jax.process_count() > 1:  # see above; several hosts need a folder all of them read
+            return None
         from parcae_jax.data.corpus import default_cache_dir
 
         directory = os.path.join(data_cache_dir or default_cache_dir(), "xla")
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        # Only process 0 writes entries and every process reads them; on CPU an executable
-        # read from the cache does not pair its gloo collectives with those of a process that
-        # compiled its own (gloo aborts: "collective mismatch"), so multi-process CPU runs
-        # compile afresh. (On TPU a cache shared by all hosts is what JAX intends.)
-        logging.warning("compilation cache off: not supported for multi-process CPU runs")
-        return None
+    if cpu and jax.device_count() > 1:
+        logging.warning("compilation_cache_dir on CPU with %d devices: cached and fresh executables may not pair "
+                        "their collectives (XLA aborts after a 40 s rendezvous timeout); use it with one device",
+                        jax.device_count())
     if "://" not in directory:
         os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,13 @@ def rope_table(cfg: ModelConfig) -> np.ndarray:
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}/config.json: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}/config.json: expected a JSON object of config fields")
     fields = dict(raw.get("config", raw))
     if "model_class" in raw and "_class_name" not in fields:  # fixture wrappers name the class beside `config`
         fields.setdefault("_class_name", "ParcaeConfig" if raw["model_class"] == "Parcae" else "GPTConfig")
@@ -98,8 +104,15 @@ def load_reference(path: str) -> tuple[ModelConfig, dict]:
         if not os.path.isfile(os.path.join(path, name)):
             raise ConversionError(f"{path}: missing {name} (expected an official checkpoint directory)")
     fields = _read_config(path)
-    cfg = dataclasses.replace(config_from_reference(fields), reference_config=json.dumps(fields, sort_keys=True))
-    tensors = load_file(os.path.join(path, "model.safetensors"))
+    try:
+        cfg = config_from_reference(fields)
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError (a ValueError) names the field already
+        raise ConversionError(f"{path}/config.json: {e if not isinstance(e, KeyError) else f'no field {e}'}") from None
+    cfg = dataclasses.replace(cfg, reference_config=json.dumps(fields, sort_keys=True))
+    try:
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
+        raise ConversionError(f"{path}/model.safetensors: not a readable safetensors file ({e})") from None
     if "freqs_cis" in tensors and tensors["freqs_cis"].shape == rope_table(cfg).shape:
         if np.max(np.abs(tensors["freqs_cis"] - rope_table(cfg))) > 1e-4:
             raise ConversionError(f"{path}: freqs_cis does not match rope_base={cfg.rope_base}; unsupported RoPE table")
@@ -169,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg, params = load_reference(args.reference)
         if args.out:
             save_reference(args.out, cfg, params)
-    except ConversionError as e:
-        raise SystemExit(f"error: {e}")
+    except ConversionError as e:  # one line and exit 2, as every bad input
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     summary = {k: v for k, v in cfg.to_dict().items() if k != "reference_config"}
     print(json.dumps({"model": summary, "written": args.out}, indent=1))
 

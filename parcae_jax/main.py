@@ -79,13 +79,42 @@ def _cannot_load(e: OSError, argv: list[str]) -> None:
     fail(f"--config={config_file}: cannot load ({lines[-1]})")
 
 
-def main(argv: list[str]) -> None:
-    from parcae_jax.data.readers import DataError
-    from parcae_jax import distributed, supervise
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input or a fixable environment (each message is one line).
+    Imported only when something failed: the watcher parent of a multi-process run stays small."""
     from parcae_jax.checkpoint import CheckpointError
+    from parcae_jax.data.readers import DataError
+    from parcae_jax.distributed import DistributedError
     from parcae_jax.model.config import ConfigError
     from parcae_jax.resume import ResumeRefused
-    from parcae_jax.storage import StorageError, make_dir
+    from parcae_jax.storage import StorageError
+
+    return ConfigError, DataError, StorageError, DistributedError, ResumeRefused, CheckpointError
+
+
+def main(argv: list[str]) -> None:
+    """The one error boundary: a user error is one line and exit 2; a run that only skipped
+    steps exits 3; one stopped by a signal (after saving) 128 + signal; a bug shows its traceback."""
+    from parcae_jax.preemption import Interrupted
+
+    try:
+        _main(argv)
+    except Interrupted as e:  # saved and stopped: a distinct code, so that schedulers requeue
+        sys.exit(128 + e.signum)
+    except Exception as e:
+        from parcae_jax.train import NonFiniteRun
+
+        if isinstance(e, NonFiniteRun):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
+        if isinstance(e, _user_errors()):
+            fail(str(e))
+        raise
+
+
+def _main(argv: list[str]) -> None:
+    from parcae_jax import distributed, supervise
+    from parcae_jax.storage import make_dir
     from parcae_jax.validate import validate
 
     if len(argv) > 1:
@@ -96,25 +125,16 @@ def main(argv: list[str]) -> None:
         fail(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
     if mode != "describe":
-        try:
-            if distributed.wanted(config.dist) and not supervise.is_child():
-                explicit = distributed.explicit_coordinator(config.dist)
-                who = f"process {explicit[2]} of {explicit[1]}" if explicit else "this process"
-                sys.exit(supervise.run_child(sys.argv[1:], who))  # see supervise.py: a line if it dies
-            supervise.set_phase("connecting")
-            distributed.maybe_initialize(config.dist)
-            supervise.set_phase("running")
-        except distributed.DistributedError as e:
-            fail(str(e))
-    try:
-        run = validate(config, check_data=mode in ("train", "eval"))
-    except (ConfigError, DataError) as e:
-        fail(str(e))
+        if distributed.wanted(config.dist) and not supervise.is_child():
+            explicit = distributed.explicit_coordinator(config.dist)
+            who = f"process {explicit[2]} of {explicit[1]}" if explicit else "this process"
+            sys.exit(supervise.run_child(sys.argv[1:], who))  # see supervise.py: a line if it dies
+        supervise.set_phase("connecting")
+        distributed.maybe_initialize(config.dist)
+        supervise.set_phase("running")
+    run = validate(config, check_data=mode in ("train", "eval"))
     if mode == "train":
-        try:  # after validation (bad input writes nothing), before compiling: a workdir that cannot be made is one line
-            make_dir(_WORKDIR.value)
-        except StorageError as e:
-            fail(str(e))
+        make_dir(_WORKDIR.value)  # after validation (bad input writes nothing), before compiling
     if mode != "describe":
         from parcae_jax import compile_cache
 
@@ -128,29 +148,13 @@ def main(argv: list[str]) -> None:
 
         print(json.dumps(bench(config, run)))
     elif mode == "eval":
-        from parcae_jax.checkpoint import CheckpointError
-        from parcae_jax.resume import ResumeRefused
         from parcae_jax.train import evaluate_checkpoint
 
-        try:
-            print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, run)))
-        except (FileNotFoundError, StorageError, ResumeRefused, CheckpointError) as e:
-            fail(str(e))
+        print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, run)))
     else:
-        from parcae_jax.checkpoint import CheckpointError
-        from parcae_jax.preemption import Interrupted
-        from parcae_jax.resume import ResumeRefused
-        from parcae_jax.train import NonFiniteRun, train
+        from parcae_jax.train import train
 
-        try:
-            train(config, _WORKDIR.value, run)
-        except (DataError, StorageError, ResumeRefused, CheckpointError) as e:
-            fail(str(e))
-        except NonFiniteRun as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(3)
-        except Interrupted as e:  # saved and stopped: a distinct code, so that schedulers requeue
-            sys.exit(128 + e.signum)
+        train(config, _WORKDIR.value, run)
 
 
 def run() -> None:

@@ -216,7 +216,7 @@ def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None 
     trainer = trainer or Trainer(config, run)
     directory = storage.resolve(workdir) / "checkpoints"
     if not directory.exists():  # and create nothing in a misspelled workdir
-        raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
+        raise CheckpointError(f"no checkpoint in {directory}; train first (--mode=train)")
     ckpt = Checkpointer(directory, config.ckpt.keep)
     _, val_split = dataset.open_splits(config.data, run.tokenizer)
     with trainer.context():
@@ -226,7 +226,7 @@ def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None 
             fix="evaluate with the config the run was trained with")
         found = ckpt.restore_newest(target, check=model_only, set_aside=False)  # eval writes nothing
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
+            raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
         latest, state = found
         batches = [to_global(b, trainer.batch_sharding) for b in trainer.local_eval_batches(val_split)]
         out = {"step": latest, **trainer.evaluate(state.params, batches)}

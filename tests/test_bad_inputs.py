@@ -103,13 +103,14 @@ def places(tmp_path_factory):
     prepare((f"document {i} " * 30 for i in range(60)), str(root / "data"), docs_per_shard=20, val_every=10,
             progress=False)
     (root / "a_file").write_text("not a folder")
+    (root / "doc.txt").write_text("a document to prepare")
     broken = root / "broken"
     broken.mkdir()
     (broken / "syntax.py").write_text("def get_config(:\n")
     (broken / "noget.py").write_text("x = 1\n")
     (broken / "garbage.json").write_text("{not json")
     return {"W": str(root / "trained"), "N": str(root / "nothing_here"), "F": str(root / "a_file"),
-            "D": str(root / "data"), "C": str(broken), "root": root}
+            "D": str(root / "data"), "C": str(broken), "T": str(root / "doc.txt"), "root": root}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -128,3 +129,45 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(places, case):
     assert says in lines[0], lines[0]
     assert tree_hash(places["root"]) == before
     assert not os.path.exists(new)
+
+
+# The other command-line tools: (module, arguments, what the one line must say). {R}: an
+# official-format folder whose config.json / model.safetensors are damaged in the named way.
+TOOLS = {
+    "prepare: garbage SentencePiece model": ("parcae_jax.data.prepare", ["--input={T}", "--output={N}",
+                                             "--tokenizer={C}/garbage.model"], "not a SentencePiece model"),
+    "prepare: output is a file": ("parcae_jax.data.prepare", ["--input={T}", "--output={F}"],
+                                  "exists and is not a directory"),
+    "prepare: missing input": ("parcae_jax.data.prepare", ["--input={N}.txt", "--output={N}"],
+                               "no such file or directory"),
+    "convert: missing folder": ("parcae_jax.convert", ["--reference={N}"], "missing config.json"),
+    "convert: config.json not JSON": ("parcae_jax.convert", ["--reference={C}/bad_json"], "config.json: not JSON"),
+    "convert: config.json without a field": ("parcae_jax.convert", ["--reference={C}/no_field"], "no field"),
+    "convert: garbage safetensors": ("parcae_jax.convert", ["--reference={C}/bad_tensors"],
+                                     "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOOLS))
+def test_the_other_tools_answer_bad_input_in_one_line_too(places, case):
+    import shutil
+
+    from tests.conftest import FIXTURES
+
+    module, args, says = TOOLS[case]
+    broken = places["root"] / "broken"
+    if not (broken / "bad_tensors").exists():  # official-format folders, each damaged one way
+        for name in ("bad_json", "no_field", "bad_tensors"):
+            shutil.copytree(FIXTURES / "reference_parcae_tiny", broken / name, ignore=shutil.ignore_patterns("*.npz"))
+        (broken / "bad_json" / "config.json").write_text("{bad")
+        (broken / "no_field" / "config.json").write_text('{"n_embd": 64}')
+        (broken / "bad_tensors" / "model.safetensors").write_bytes(b"garbage")
+        (broken / "garbage.model").write_bytes(b"garbage")
+    new = os.path.join(places["root"], f"new_tool_{list(TOOLS).index(case)}")
+    args = [a.format(**{**places, "N": new}) for a in args]
+    before = tree_hash(places["root"])
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    assert says in lines[0], lines[0]
+    assert tree_hash(places["root"]) == before and not os.path.exists(new)

@@ -71,14 +71,17 @@ def test_profiler_trace_and_wandb_offline_follow_the_run_and_its_resume(tmp_path
 
 
 def test_a_second_identical_run_loads_its_steps_from_the_compilation_cache(tmp_path):
+    """On one CPU device: the cache is off by default on CPU (see compile_cache.py), where only
+    a single device pairs cached and fresh executables safely."""
     cache = tmp_path / "xla"
     flags = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
         "--config.train.steps=2", "--config.train.batch_size=8", "--config.train.eval_every=0",
         "--config.train.eval_batches=1", f"--config.compilation_cache_dir={cache}"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     entries = []
     for name in ("a", "b"):
         out = subprocess.run([sys.executable, "-m", "parcae_jax.main", f"--workdir={tmp_path / name}", *flags],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         entries.append(sorted(os.listdir(cache)))
     assert any(e.startswith("jit_train_step-") for e in entries[0]), entries[0]

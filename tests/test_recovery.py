@@ -188,7 +188,7 @@ def small_disk(tmp_path):
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @pytest.mark.slow
@@ -201,7 +201,8 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly_once_there_is_room(
     assert "cannot write checkpoint" in lines[0] and "MB free" in lines[0] and "is intact" in lines[0], lines[0]
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     resumed = run_main(workdir, "--config.train.steps=30", "--config.ckpt.every=2", "--config.ckpt.keep=30")
-    assert resumed.wait(timeout=300) == 0
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-5000:]
     config = small_config(steps=30)
     config.ckpt.update(every=2, keep=30)
     train(config, str(tmp_path / "whole"), validate(config))

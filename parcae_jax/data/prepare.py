@@ -144,9 +144,11 @@ def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, 
     prepare while the others wait, then find the manifest and return it."""
     if docs_per_shard < 1 or val_every < 0:
         raise DataError("docs_per_shard must be >= 1 and val_every >= 0")
-    target = os.path.abspath(output).rstrip("/")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    lock = filelock.FileLock(target + ".lock")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise DataError(f"--output={output} exists and is not a directory; choose another path")
+    load_tokenizer(tokenizer, eod_token)  # a bad tokenizer is one line before anything is written
+    os.makedirs(output, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(output, ".prepare.lock"))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:

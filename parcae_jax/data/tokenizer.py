@@ -80,7 +80,10 @@ class SentencePieceTokenizer:
     def __init__(self, path: str, eod_token: str | None = None):
         import sentencepiece
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError for a file it cannot parse
+            raise DataError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eod_id = self.sp.piece_to_id(eod_token) if eod_token else self.sp.eos_id()
         if self.eod_id < 0 or (eod_token and self.sp.id_to_piece(self.eod_id) != eod_token):
