@@ -221,11 +221,23 @@ def test_a_shard_whose_length_table_disagrees_is_refused_at_open(tmp_path):
     prepare((f"document {i} " * 20 for i in range(30)), str(tmp_path), docs_per_shard=10, val_every=0,
             progress=False)
     table = tmp_path / "train-00001.arrayrecord.lengths.npy"
-    shorter = np.load(table)[:-1]
-    np.save(open(table, "wb"), shorter)
+    original = np.load(table)
+    np.save(open(table, "wb"), original[:-1])
     with pytest.raises(DataError, match="train-00001.arrayrecord holds 10 documents but its .lengths.npy lists 9"):
         open_split(str(tmp_path), "train")
     (tmp_path / "train-00002.arrayrecord").write_bytes(b"garbage")
-    np.save(open(table, "wb"), np.ones(10, np.int32))
+    np.save(open(table, "wb"), original)
     with pytest.raises(DataError, match="train-00002.arrayrecord: not a readable shard"):
+        open_split(str(tmp_path), "train")
+
+
+def test_a_manifest_whose_token_dtype_lies_is_refused_at_open(tmp_path):
+    from parcae_jax.data.pipeline import open_split
+
+    prepare((f"document {i} " * 20 for i in range(30)), str(tmp_path), docs_per_shard=10, val_every=0,
+            progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["token_dtype"] == "uint16"
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "token_dtype": "uint32"}))
+    with pytest.raises(DataError, match="not .* tokens of uint32 as manifest.json says"):
         open_split(str(tmp_path), "train")

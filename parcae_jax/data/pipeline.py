@@ -65,21 +65,32 @@ def open_split(directory: str, split: str, fingerprint: str | None = None) -> To
         if not os.path.exists(p):
             raise DataError(f"{p} is missing; the prepared directory is incomplete, prepare it again")
     tables = [np.load(p + ".lengths.npy") for p in paths]
+    dtype = np.dtype(manifest["token_dtype"])
+    for path, table in zip(paths, tables):
+        _check_shard(path, table, dtype)
+    lengths = np.concatenate(tables).astype(np.int64)
+    return TokenSplit(directory, split, paths, lengths, dtype, manifest["tokenizer"]["eod_id"], manifest)
+
+
+def _check_shard(path: str, table: np.ndarray, dtype: np.dtype) -> None:
+    """Cheap checks before training reads a shard at random: its record count (in the file's
+    footer) against its length table, and its first record's size against the manifest's
+    token dtype (a lying manifest would otherwise train on garbage tokens)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    for path, table in zip(paths, tables):  # a cheap check (the record count is in the file's footer)
-        try:
-            reader = ArrayRecordReader(path)
-            records = reader.num_records()
-            reader.close()
-        except Exception as e:  # noqa: BLE001 - a truncated or garbage shard: array_record raises RuntimeError
-            raise DataError(f"{path}: not a readable shard ({str(e).splitlines()[0][:120]}); prepare the data again") from None
-        if records != len(table):
-            raise DataError(f"{path} holds {records} documents but its .lengths.npy lists {len(table)}; "
-                            "prepare the data again")
-    lengths = np.concatenate(tables).astype(np.int64)
-    return TokenSplit(directory, split, paths, lengths, np.dtype(manifest["token_dtype"]),
-                      manifest["tokenizer"]["eod_id"], manifest)
+    try:
+        reader = ArrayRecordReader(path)
+        records = reader.num_records()
+        first = reader.read([0])[0] if records else b""
+        reader.close()
+    except Exception as e:  # noqa: BLE001 - a truncated or garbage shard: array_record raises RuntimeError
+        raise DataError(f"{path}: not a readable shard ({str(e).splitlines()[0][:120]}); prepare the data again") from None
+    if records != len(table):
+        raise DataError(f"{path} holds {records} documents but its .lengths.npy lists {len(table)}; "
+                        "prepare the data again")
+    if records and len(first) != int(table[0]) * dtype.itemsize:
+        raise DataError(f"{path}: its first document has {len(first)} bytes, not {int(table[0])} tokens of "
+                        f"{dtype.name} as manifest.json says; prepare the data again")
 
 
 class PackedWindows:
