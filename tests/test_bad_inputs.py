@@ -71,6 +71,9 @@ CASES = {
     "config syntax error": (["--config={C}/syntax.py"], "syntax error at line 1"),
     "config without get_config": (["--config={C}/noget.py"], "has no get_config()"),
     "resume with another seed": (["--workdir={W}", "--config.seed=1"], "seed 0 -> 1"),
+    "resume with another batch": (["--workdir={W}", "--config.train.batch_size=16"],
+                                  "train.batch_size 8 -> 16; use a new workdir, or accept the change with "
+                                  "--config.ckpt.allow_changes=train.batch_size"),
     "resume with another width": (["--workdir={W}", "--config.model.d_model=64", "--config.model.d_rec=64"],
                                   "model.d_model 32 -> 64"),
     "eval with another width": (["--mode=eval", "--workdir={W}", "--config.model.d_model=64",
