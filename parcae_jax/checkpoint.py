@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state, the data iterator and the config.
 
 Each checkpoint directory `WORKDIR/checkpoints/<step>` holds `state` (params, optimizer,
-step, skipped count), `data` (the grain iterator of every process) and `config` (JSON).
+step, skipped count), `data` (the grain iterator of every process, a cross-check: resuming
+positions the loader by the step alone) and `config` (JSON).
 Orbax writes under a temporary name and commits with a rename, so an interrupted save is
 never taken as the latest. A state with non-finite parameters is never saved over a good
 one. Restoring takes the target shardings from the abstract state, so a checkpoint saved
@@ -11,6 +12,7 @@ before it restored.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from typing import Any, Callable
@@ -79,21 +81,31 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None, data_index: int | None = None) -> Any:
-        """The state at `step`, laid out as `abstract_state`'s shardings say; positions the
-        data iterator, if given, where it was, or at loader batch `data_index` (by default, when
-        the process count changed, `step`: the loader's order does not depend on it)."""
-        if data_iterator is None:  # evaluation: the state alone
-            return self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
-        has_data = data_index is None and (self.directory / str(step) / "data" /
-                                           f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if has_data:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        if not has_data:
-            grain.experimental.set_next_index(data_iterator, step if data_index is None else data_index)
+        """The state at `step`, laid out as `abstract_state`'s shardings say, and the data
+        iterator, if given, at loader batch `data_index` (default `step`).
+
+        The data position is always this pure function of the step (the loader's order depends
+        on neither the process count nor the workers): one mechanism, whatever changed between
+        runs. The saved grain state is only a cross-check (see _check_data_position)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        if data_iterator is not None:
+            index = step if data_index is None else data_index
+            if data_index is None:
+                self._check_data_position(step, index)
+            grain.experimental.set_next_index(data_iterator, index)
         return restored["state"]
+
+    def _check_data_position(self, step: int, index: int) -> None:
+        """Warns if this process's saved iterator (one without worker processes) was elsewhere:
+        a loader consumed more or less than one batch a step, which would be a bug."""
+        path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        try:
+            saved = json.loads(path.read_text()).get("next_index")
+        except (OSError, ValueError, AttributeError):  # another process count, workers, an old format
+            return
+        if isinstance(saved, int) and saved != index:
+            logging.warning("checkpoint %d: the saved data iterator was at batch %d, the step says %d; resuming at %d",
+                            step, saved, index, index)
 
     def restore_newest(self, abstract_state: Any, data_iterator=None,
                        check: Callable[[dict, int], int | None] | None = None,

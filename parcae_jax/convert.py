@@ -134,12 +134,11 @@ def load_reference(path: str) -> tuple[ModelConfig, dict]:
 
 def _reshape_like_model(cfg: ModelConfig, params: dict) -> dict:
     """Gives the transposed 2-D torch weights our kernels' shapes ([d, H, D], [H, D, d], ...)."""
-    import flax.linen as nn
     import jax
 
-    from parcae_jax.model import build, init_params
+    from parcae_jax.model import param_shapes
 
-    shapes = jax.eval_shape(lambda: nn.unbox(init_params(build(cfg), jax.random.key(0))))
+    shapes = param_shapes(cfg)
     return jax.tree.map(lambda shape, w: np.asarray(w).reshape(shape.shape), shapes, params)
 
 

@@ -21,18 +21,12 @@ import collections
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 
-from parcae_jax.model import build, init_params
+from parcae_jax.model import param_shapes
 from parcae_jax.model.attention import query_chunks
-from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.layout import BlockSpec, block_specs
-
-
-def param_shapes(cfg: ModelConfig) -> Any:
-    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
-    return jax.eval_shape(lambda: nn.unbox(init_params(build(cfg), jax.random.key(0))))
 
 
 def _group(path: tuple[str, ...]) -> str:
@@ -69,6 +63,14 @@ def block_forward_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> floa
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Model FLOPs per trained token at `seq_len` (default cfg.seq_len), docs/design.md §9.
+
+    `flops_per_token` (the MFU numerator) counts a forward and backward (3x the forward) of
+    everything outside the loop and, inside it, the expected n no-gradient iterations (1x)
+    and k gradient ones (3x) at the mean depths; rematerialisation is not model FLOPs and is
+    reported apart (`remat_recompute_flops_per_token`). Also: the forward alone and one
+    iteration's forward. Attention counts the causal half at the chunked width the code runs.
+    """
     T = seq_len or cfg.seq_len
     specs = block_specs(cfg)
     outside = sum(block_forward_flops(s, cfg, T) for s in specs if s.segment != "core")
@@ -87,7 +89,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     out["flops_per_token"] = 3 * outside + iteration * (n + 3 * k)
     out["forward_flops_per_token"] = outside + iteration * cfg.mean_recurrence
     out["forward_flops_per_token_per_iteration"] = iteration
-    out["remat_recompute_flops_per_token"] = iteration * k if cfg.remat_policy != "none" else 0
+    out["remat_recompute_flops_per_token"] = iteration * k if REMAT_POLICIES[cfg.remat_policy] is not None else 0
     return out
 
 

@@ -18,19 +18,24 @@ import optax
 from parcae_jax.loss import token_cross_entropy
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.injection import spectral_radius
-from parcae_jax.model.recurrence import draw_initial_state, sample_depths
+from parcae_jax.model import init_params
+from parcae_jax.model.recurrence import draw_initial_state, draw_loop_inputs
 
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a step reads and writes, and everything a checkpoint holds: a pytree whose
+    shardings train.py declares once (parameters and optimizer moments by logical axes)."""
+
     step: jax.Array  # optimizer steps taken (skipped ones included), int32
     params: Any
     opt_state: Any
     skipped: jax.Array  # steps whose gradient was not finite, int32
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, seq_len: int = 8) -> TrainState:
-    params = nn.unbox(model.init({"params": key}, jnp.zeros((1, seq_len), jnp.int32), recurrence=1)["params"])
+def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """Step 0: fresh parameters (`model.init_params`, unboxed) and optimizer state."""
+    params = nn.unbox(init_params(model, key))
     return TrainState(jnp.int32(0), params, tx.init(params), jnp.int32(0))
 
 
@@ -40,15 +45,17 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def _depths_and_state(cfg: ModelConfig, key: jax.Array, B: int, T: int) -> dict:
-    if cfg.arch == "gpt":
-        return {}
-    n, k = sample_depths(jax.random.fold_in(key, 0), B, cfg)
-    return {"n": n, "k": k, "x0": draw_initial_state(jax.random.fold_in(key, 1), (B, T, cfg.d_rec), cfg)}
-
-
 def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int, microbatches: int = 1,
                     clip_norm: float = 1.0, document_masking: bool = False) -> Callable:
+    """The pure step `(TrainState, batch) -> (TrainState, metrics)` for `jax.jit`.
+
+    `batch` holds `inputs`, `targets` ([B, T] int32; a target < 0 is not a token) and
+    `segment_ids`. The depths and x0 come from fold_in(key(seed), state.step) for the whole
+    global batch; `microbatches` > 1 accumulates token-summed losses and gradients with a
+    `scan`, so the update equals the one-batch update. The gradient is clipped to
+    `clip_norm` (0: off). A step whose loss, gradient, new parameters or optimizer state are
+    not finite changes nothing but `step` and `skipped`. `lrs` names schedules logged per step.
+    """
     cfg: ModelConfig = model.cfg
 
     def loss_sum(params, mb):
@@ -65,7 +72,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         B, T = batch["inputs"].shape
         key = jax.random.fold_in(jax.random.key(seed), state.step)
-        data = {**batch, **_depths_and_state(cfg, key, B, T)}
+        data = {**batch, **(draw_loop_inputs(key, B, T, cfg) if cfg.arch == "parcae" else {})}
         if microbatches == 1:
             (total, (count, norm)), grads = grad_fn(state.params, data)
         else:  # accumulate token-summed losses and gradients over micro-batches

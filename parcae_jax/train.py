@@ -23,7 +23,7 @@ from parcae_jax.data.pipeline import to_global
 from parcae_jax.describe import flops_per_token
 from parcae_jax.metrics import MetricsWriter, ProcessLog, peak_flops, slow_hosts
 from parcae_jax.profile import Profiler
-from parcae_jax.model import build
+from parcae_jax.model import build, init_params
 from parcae_jax.optim import make_optimizer
 from parcae_jax.step import TrainState, init_state, make_eval_step, make_train_step
 from parcae_jax.validate import Run
@@ -39,8 +39,7 @@ class Trainer:
         self.tx, self.lrs = make_optimizer(config.optim, config.train.steps)
         with self.context():
             key = jax.random.key(config.seed)
-            boxed = jax.eval_shape(lambda: self.model.init({"params": key}, jnp.zeros((1, 8), jnp.int32),
-                                                           recurrence=1)["params"])
+            boxed = jax.eval_shape(lambda: init_params(self.model, key))
             self.abstract = jax.eval_shape(lambda: init_state(self.model, self.tx, key))
             params_sh = sharding.param_shardings(boxed, self.mesh)
             rep = sharding.replicated(self.mesh)

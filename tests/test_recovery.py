@@ -6,7 +6,6 @@ run that only skips stops with exit 3."""
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,7 +19,6 @@ from parcae_jax.resume import ResumeRefused, check
 from parcae_jax.step import init_state, make_train_step
 from parcae_jax.train import Trainer, train
 from parcae_jax.validate import validate
-from tests.conftest import ROOT
 from tests.helpers import tiny
 from tests.test_train import losses, run_main, small_config
 
@@ -66,7 +64,6 @@ DAMAGE = {
     "deleted manifest.ocdbt": lambda c: os.remove(next((c / "8" / "state").rglob("manifest.ocdbt"))),
     "garbage _METADATA": lambda c: (c / "8" / "state" / "_METADATA").write_text("{garbage"),
     "missing state item": lambda c: shutil.rmtree(c / "8" / "state"),
-    "garbage iterator JSON": lambda c: (c / "8" / "data" / "process_0-of-1.json").write_text("not json"),
     "garbage config JSON": lambda c: next((c / "8" / "config").glob("*")).write_text("{{"),
     "an empty newer folder": lambda c: (c / "20").mkdir(),
 }
@@ -86,6 +83,20 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes_exa
     assert losses(work) == want  # steps 1..12, bit for bit
     aside = sorted(os.listdir(work / "checkpoints_unreadable"))
     assert [name.split("-")[0] for name in aside] == (["20"] if damage == "an empty newer folder" else ["8"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("iterator", ["not json", '{"next_index": 3}'])
+def test_the_data_position_comes_from_the_step_so_a_damaged_or_wrong_iterator_state_is_harmless(runs, iterator,
+                                                                                               tmp_path):
+    trainer, want, base = runs
+    work = tmp_path / "run"
+    shutil.copytree(base, work)
+    (work / "checkpoints" / "8" / "data" / "process_0-of-1.json").write_text(iterator)
+    config = steady_config(12)
+    train(config, str(work), validate(config), trainer)
+    assert losses(work) == want  # resumed from checkpoint 8 at loader batch 8, bit for bit
+    assert not (work / "checkpoints_unreadable").exists()
 
 
 def test_changes_that_change_the_run_are_refused_in_one_line_and_harmless_ones_pass():

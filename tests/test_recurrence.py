@@ -10,7 +10,7 @@ from parcae_jax.convert import load_reference
 from parcae_jax.loss import mean_cross_entropy, token_cross_entropy
 from parcae_jax.model import build, init_params
 from parcae_jax.model.attention import rope_angles
-from parcae_jax.model.recurrence import CoreStep, draw_initial_state, sample_depths
+from parcae_jax.model.recurrence import CoreStep, draw_initial_state, draw_loop_inputs, sample_depths
 from tests.conftest import FIXTURES
 from tests.helpers import shifted_labels, tiny
 
@@ -126,16 +126,20 @@ def test_fixed_and_per_batch_schemes():
     assert n.tolist() == [0] * 5 and k.tolist() == [3] * 5
 
 
-def test_training_call_samples_depths_and_state_from_explicit_keys(ref):
-    _, model, params, ids, _ = ref
-    rngs = {"depth": jax.random.key(5), "state": jax.random.key(6)}
-    out1, i1 = model.apply({"params": params}, ids, rngs=rngs, mutable=["intermediates"])
-    out2, i2 = model.apply({"params": params}, ids, rngs=rngs, mutable=["intermediates"])
-    np.testing.assert_array_equal(out1, out2)
-    assert i1["intermediates"]["n_steps"][0].shape == (2,)
+def test_loop_inputs_are_a_pure_function_of_the_key_and_the_model_draws_nothing(ref):
+    cfg, model, params, ids, _ = ref
+    B, T = ids.shape
+    a, b = draw_loop_inputs(jax.random.key(5), B, T, cfg), draw_loop_inputs(jax.random.key(5), B, T, cfg)
+    for name in ("n", "k", "x0"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert a["n"].shape == a["k"].shape == (B,) and a["x0"].shape == (B, T, cfg.d_rec)
+    assert not np.array_equal(a["x0"], draw_loop_inputs(jax.random.key(6), B, T, cfg)["x0"])
+    # The same key in two places (train step, by hand) gives the same forward.
+    run = lambda d: model.apply({"params": params}, ids, num_steps=(d["n"], d["k"]), initial_state=d["x0"])  # noqa: E731
+    np.testing.assert_array_equal(run(a), run(b))
     with pytest.raises(ValueError, match="choose the depth"):
-        model.apply({"params": params}, ids, initial_state=np.zeros((2, 64, 64), np.float32))
-    with pytest.raises(ValueError, match="initial state is random"):
+        model.apply({"params": params}, ids, initial_state=a["x0"])
+    with pytest.raises(ValueError, match="is random: pass initial_state"):
         model.apply({"params": params}, ids, recurrence=2)
 
 

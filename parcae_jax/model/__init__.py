@@ -17,7 +17,7 @@ from parcae_jax.model.config import ConfigError, ModelConfig
 from parcae_jax.model.gpt import GPT
 from parcae_jax.model.parcae import Parcae
 
-__all__ = ["ConfigError", "GPT", "ModelConfig", "Parcae", "build", "init_params"]
+__all__ = ["ConfigError", "GPT", "ModelConfig", "Parcae", "build", "init_params", "param_shapes"]
 
 
 def build(model_config: ModelConfig | Mapping[str, Any]) -> nn.Module:
@@ -26,10 +26,13 @@ def build(model_config: ModelConfig | Mapping[str, Any]) -> nn.Module:
     return GPT(cfg) if cfg.arch == "gpt" else Parcae(cfg)
 
 
-def init_params(model: nn.Module, key: jax.Array, batch_size: int = 1, seq_len: int = 8) -> dict:
-    """Fresh parameters (boxed with their logical axis names; `nn.unbox` strips them).
+def init_params(model: nn.Module, key: jax.Array) -> dict:
+    """Fresh parameters, boxed with their logical axis names (`nn.unbox` strips them): the one
+    initialisation every caller uses (training, describe, convert, tests). Under
+    `jax.eval_shape` it allocates nothing. The shapes do not depend on the dummy input's."""
+    return model.init({"params": key}, jnp.zeros((1, 8), jnp.int32), recurrence=1)["params"]
 
-    The shapes do not depend on batch_size or seq_len; small ones keep init cheap.
-    """
-    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
-    return model.init({"params": key}, ids, recurrence=1)["params"]
+
+def param_shapes(cfg: ModelConfig) -> Any:
+    """The unboxed parameter tree as ShapeDtypeStructs (`jax.eval_shape`: nothing is allocated)."""
+    return jax.eval_shape(lambda: nn.unbox(init_params(build(cfg), jax.random.key(0))))

@@ -162,7 +162,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None):
         spec, cfg = self.spec, self.cfg
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.compute_dtype)
         std = math.sqrt(2.0 / (5.0 * spec.width))
         D, H, G = spec.head_dim, spec.n_heads, spec.n_kv_heads
 

@@ -15,8 +15,15 @@ INJECTIONS = ("diagonal", "linear", "add")
 STATE_INITS = ("like-init", "normal", "embed", "zero", "unit")
 SAMPLING_SCHEMES = ("poisson-truncated-full", "fixed")
 SAMPLING_UNITS = ("per-sequence", "per-batch")
-REMAT_POLICIES = ("full", "dots", "dots_no_batch", "none")
-DTYPES = ("float32", "bfloat16", "float16")
+# What one loop iteration keeps for the backward pass: a jax.checkpoint_policies name per
+# choice ("none": no rematerialisation, everything is saved).
+REMAT_POLICIES = {
+    "full": "nothing_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+    "none": None,
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on accelerators, float32 on CPU
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
@@ -28,7 +35,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of a Parcae looped model or of its fixed-depth GPT baseline.
 
-    Defaults are the published 140m Parcae model (docs/design.md §1).
+    Defaults are the published 140m Parcae model (docs/design.md §1). This dataclass is the
+    one place they are defined: `parcae_jax/defaults.py` builds `config.model` from it.
     """
 
     arch: str = "parcae"
@@ -70,8 +78,8 @@ class ModelConfig:
     emb_scale: float = 1.0
     init_orthogonal: bool = True
     # Execution.
-    remat_policy: str = "full"  # per loop iteration
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat_policy: str = "full"  # per loop iteration; see REMAT_POLICIES
+    dtype: str = "auto"  # compute dtype (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     attention_impl: str = "xla"
     # The official config this model was converted from (JSON), so that save_reference can
     # write back the fields parcae_jax does not model. Empty for models made here.
@@ -96,6 +104,11 @@ class ModelConfig:
         return self.n_layers if self.arch == "gpt" else self.n_prelude + self.n_core + self.n_coda
 
     @property
+    def compute_dtype(self) -> str:
+        """`dtype` with "auto" resolved for the backend JAX runs on."""
+        return resolve_dtype(self.dtype)
+
+    @property
     def init_std(self) -> float:
         """scaled-zero std of the main-width modules: sqrt(2 / (5 d))."""
         return math.sqrt(2.0 / (5.0 * self.d_model))
@@ -109,10 +122,8 @@ class ModelConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         values = dict(values)
-        if values.get("dtype") == "auto":  # bfloat16 on accelerators, float32 on CPU
-            import jax
-
-            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        if "dtype" in values:  # a run records the dtype it computes in, not "auto"
+            values["dtype"] = resolve_dtype(values["dtype"])
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"{prefix}.{key} is not a model setting; known: {', '.join(sorted(known))}")
@@ -125,6 +136,15 @@ class ModelConfig:
     def __repr__(self) -> str:  # the provenance JSON is long and rarely interesting
         shown = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "reference_config")
         return f"ModelConfig({shown})"
+
+
+def resolve_dtype(name: str) -> str:
+    """"auto" -> bfloat16 on accelerators, float32 on CPU; any other name unchanged."""
+    if name != "auto":
+        return name
+    import jax  # here, so that configs can be read without initialising a backend
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _coerce(prefix: str, key: str, type_name: str, value: Any) -> Any:

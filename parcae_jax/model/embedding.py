@@ -52,7 +52,7 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, y_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             kernel_DxV = embedding_VxD.T
         else:

@@ -59,12 +59,36 @@ def spectral_radius(params_injection: dict, injection: str, squarings: int = 10)
 
 
 class Injection(nn.Module):
+    """The injection step that opens each loop iteration: the new state from the state x and the
+    prelude output e (docs/design.md §4; "h" there and in the Parcae paper is x here).
+
+    cfg.injection picks the variant:
+
+    - "diagonal" (Parcae, the default): x <- A_bar * x + B_bar e, elementwise over the r state
+      channels, with dt = softplus(dt_bias) [r], A_bar = exp(-dt * exp(A_log)) [r] (a diagonal
+      state matrix, held as its diagonal) and B_bar = dt * B (dt scales B's r columns; computed
+      as dt * (e @ B)). The same dt sets the decay and the input scale. Because dt > 0 and
+      exp(A_log) > 0, every entry of A_bar is in (0, 1), so the spectral radius of the state map
+      max(A_bar) < 1 for any parameter values: the loop is a contraction in x.
+      diagonal_coefficients computes A_bar in float32 without 0 * inf and clips it below 1.0, so
+      the bound holds exactly in float32 too. Parameters (float32): A_log [r] (init 0), dt_bias
+      [r] (init DT_BIAS_INIT: dt = log sqrt(5), A_bar = 1/sqrt(5)), B [d, r] (identity if d == r,
+      else orthogonal). e and B are cast to cfg.compute_dtype for the matmul; A_bar and dt are
+      float32, so the result is float32.
+    - "linear" (Huginn-style): x <- [x, e] @ W, one bias-free Dense named "adapter" with kernel
+      [r + d, r] (state rows first; upstream stores W as [r, r + d]), init truncated normal with
+      std sqrt(2 / (5 d)), computed in cfg.compute_dtype. Nothing bounds W's spectral radius.
+    - "add": x <- x + e; no parameters, needs r == d (config checks it), spectral radius exactly 1.
+
+    Shapes: x_BxTxR [B, T, r = cfg.d_rec], e_BxTxD [B, T, d = cfg.d_model] -> [B, T, r].
+    spectral_radius(params, cfg.injection) gives rho for any of the three, for logging."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxR: jax.Array, e_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.compute_dtype)
         r, d = cfg.d_rec, cfg.d_model
         if cfg.injection == "add":
             return x_BxTxR + e_BxTxD

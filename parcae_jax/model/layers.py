@@ -43,7 +43,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxW: jax.Array) -> jax.Array:
-        dtype = jnp.dtype(self.cfg.dtype)
+        dtype = jnp.dtype(self.cfg.compute_dtype)
         std = math.sqrt(2.0 / (5.0 * self.width))
         h = nn.Dense(self.d_mlp, use_bias=False, dtype=dtype, name="fc",
                      kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal), ("embed", "mlp")))(x_BxTxW)

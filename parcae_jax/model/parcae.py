@@ -12,7 +12,7 @@ from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layers import Block, RMSNorm
 from parcae_jax.model.layout import block_specs
-from parcae_jax.model.recurrence import CoreStep, draw_initial_state, recur, sample_depths
+from parcae_jax.model.recurrence import CoreStep, recur
 
 
 class Parcae(nn.Module):
@@ -21,10 +21,11 @@ class Parcae(nn.Module):
     - `recurrence=R` (int or traced int32): evaluation, R iterations, no sampling; one
       compiled function serves every R;
     - `num_steps=(n, k)` (ints or [B] arrays): n iterations without and k with gradient,
-      k <= mean_backprop_depth (the official `num_steps_pair`);
-    - neither: training, depths drawn from the `depth` RNG stream.
+      k <= mean_backprop_depth (the official `num_steps_pair`); training draws them with
+      `recurrence.draw_loop_inputs`.
 
-    x0 is `initial_state` ([B, T, d_rec]) or drawn from the `state` RNG stream.
+    x0 is `initial_state` ([B, T, d_rec]; zeros may be omitted with state_init='zero').
+    The model draws nothing itself: the same inputs always give the same logits.
     Returns float32 logits [B, T, V]. Sows `prelude_out`, `state` (after the loop),
     `n_steps` and `k_steps` into the `intermediates` collection.
     """
@@ -52,11 +53,10 @@ class Parcae(nn.Module):
         self.sow("intermediates", "prelude_out", e)
 
         if initial_state is None:
-            key = self.make_rng("state") if self.has_rng("state") else None
-            if key is None and self.is_initializing():
-                initial_state = jnp.zeros((B, T, cfg.d_rec), jnp.float32)
-            else:
-                initial_state = draw_initial_state(key, (B, T, cfg.d_rec), cfg)
+            if not (cfg.state_init == "zero" or self.is_initializing()):
+                raise ValueError(f"state_init={cfg.state_init!r} is random: pass initial_state=x0 [B, T, d_rec] "
+                                 "(recurrence.draw_initial_state or draw_loop_inputs draws it)")
+            initial_state = jnp.zeros((B, T, cfg.d_rec), jnp.float32)
         x = jnp.asarray(initial_state, jnp.float32)
         n_B, k_B, grad_steps = self._schedule(B, recurrence, num_steps)
         self.sow("intermediates", "n_steps", n_B)
@@ -69,7 +69,7 @@ class Parcae(nn.Module):
         x = recur(core, x, e, rope_core, core_ves, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
         self.sow("intermediates", "state", x)
 
-        y = nn.Dense(cfg.d_model, use_bias=False, dtype=jnp.dtype(cfg.dtype), name="C",
+        y = nn.Dense(cfg.d_model, use_bias=False, dtype=jnp.dtype(cfg.compute_dtype), name="C",
                      kernel_init=nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal),
                                                               ("state", "embed")))(x)
         for s in (s for s in specs if s.segment == "coda"):
@@ -87,11 +87,8 @@ class Parcae(nn.Module):
         if num_steps is not None:
             n, k = (jnp.broadcast_to(jnp.asarray(v, jnp.int32), (B,)) for v in num_steps)
             return n, k, cfg.mean_backprop_depth
-        if self.is_initializing() and not self.has_rng("depth"):
+        if self.is_initializing():
             return jnp.ones((B,), jnp.int32), jnp.zeros((B,), jnp.int32), 0
-        if not self.has_rng("depth"):
-            raise ValueError("choose the depth: recurrence=R (evaluation), num_steps=(n, k), "
-                             "or rngs={'depth': key} to sample it (training)")
-        n, k = sample_depths(self.make_rng("depth"), B, cfg)
-        return n, k, cfg.mean_backprop_depth
+        raise ValueError("choose the depth: recurrence=R (evaluation) or num_steps=(n, k) (training; "
+                         "recurrence.draw_loop_inputs draws them)")
 

@@ -19,16 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from parcae_jax.model.attention import Rope
-from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.injection import Injection
 from parcae_jax.model.layers import Block
 from parcae_jax.model.layout import block_specs
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def sample_depths(key: jax.Array, batch_size: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -56,7 +50,7 @@ def draw_initial_state(key: jax.Array | None, shape: tuple[int, ...], cfg: Model
     if cfg.state_init == "zero":
         return jnp.zeros(shape, jnp.float32)
     if key is None:
-        raise ValueError("the initial state is random: pass initial_state=x0 or rngs={'state': key} to apply()")
+        raise ValueError(f"state_init={cfg.state_init!r} is random: draw x0 with a key")
     if cfg.state_init == "like-init":
         std = math.sqrt(2.0 / (5.0 * cfg.d_model))
         return std * cfg.emb_scale * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
@@ -66,6 +60,18 @@ def draw_initial_state(key: jax.Array | None, shape: tuple[int, ...], cfg: Model
     if cfg.state_init == "unit":  # torch.std is the unbiased estimate
         return (z - z.mean(-1, keepdims=True)) / (z.std(-1, ddof=1, keepdims=True) + 1e-8)
     return z  # normal
+
+
+def draw_loop_inputs(key: jax.Array, batch_size: int, seq_len: int, cfg: ModelConfig) -> dict[str, jax.Array]:
+    """The random inputs of one training forward, from one key: `n`, `k` ([B] int32, see
+    sample_depths) and `x0` ([B, T, d_rec], see draw_initial_state).
+
+    The model never draws these itself: the caller passes `num_steps=(n, k)` and
+    `initial_state=x0`, so a (seed, step) key fixes them for the whole global batch, whatever
+    the mesh or the micro-batching.
+    """
+    n, k = sample_depths(jax.random.fold_in(key, 0), batch_size, cfg)
+    return {"n": n, "k": k, "x0": draw_initial_state(jax.random.fold_in(key, 1), (batch_size, seq_len, cfg.d_rec), cfg)}
 
 
 class CoreStep(nn.Module):
@@ -159,8 +165,9 @@ def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: tuple, segment_ids_
         x, i = carry
         return (_masked(i < k_B, mdl(x, e_BxTxD, rope, ves, segment_ids_BxT), x), i + 1), None
 
-    if remat_policy != "none":
-        grad_body = nn.remat(grad_body, prevent_cse=False, policy=REMAT_POLICIES[remat_policy])
+    if REMAT_POLICIES[remat_policy] is not None:
+        policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[remat_policy])
+        grad_body = nn.remat(grad_body, prevent_cse=False, policy=policy)
     scan = nn.scan(grad_body, variable_broadcast="params", split_rngs={"params": False}, length=grad_steps)
     (x, _), _ = scan(core, (x, jnp.int32(0)), None)
     return x
