@@ -8,22 +8,28 @@ import sys
 
 import pytest
 
+from parcae_jax import defaults
 from parcae_jax.model import build
 from parcae_jax.model.config import ConfigError, ModelConfig
 from tests.conftest import ROOT
 from tests.helpers import TINY
 
-CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 
 
 def load(name):
-    return importlib.import_module(f"configs.{name}").get_config()
+    return importlib.import_module(f"parcae_jax.configs.{name}").get_config()
 
 
-def test_base_declares_exactly_the_model_fields_and_the_documented_keys():
-    base = load("base")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"reference_config"}
-    assert set(base.model.keys()) == fields
+def test_every_model_default_is_the_dataclass_default_field_by_field_and_value_by_value():
+    base = defaults.get_config()
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(base.model.keys()) == set(fields) - {"reference_config"}
+    for name, value in base.model.items():
+        default = fields[name].default
+        assert value == default and type(value) is type(default), (name, value, default)
+    # The resolved config is the dataclass's own default, whatever the backend resolves "auto" to.
+    assert ModelConfig.from_mapping(base.model) == ModelConfig(dtype=ModelConfig().compute_dtype)
     for key in ("model.mean_recurrence", "model.mean_backprop_depth", "model.sampling_scheme", "model.injection", "seed"):
         node = base
         for part in key.split("."):
@@ -35,7 +41,7 @@ def test_every_config_validates(name):
     config = load(name)
     cfg = ModelConfig.from_mapping(config.model)
     assert cfg.arch == ("gpt" if name.startswith("gpt") else "parcae")
-    assert importlib.import_module(f"configs.{name}").__doc__.count("Command:") == 1
+    assert importlib.import_module(f"parcae_jax.configs.{name}").__doc__.count("Command:") == 1
 
 
 BAD = [
@@ -74,6 +80,9 @@ def run_main(*args):
     (["--config.model.injection=add", "--config.model.d_rec=768", "--config.model.n_rec_heads=6"],
      "injection='add' needs d_rec == d_model"),
     (["--config.model.nheads=5"], "--config.model.nheads: no such config key"),
+    (["--config.model.nheads", "5"],  # the two-token form, with a suggestion
+     "--config.model.nheads: no such config key (did you mean --config.model.n_heads?)"),
+    (["--config.trainz.steps", "5"], "--config.trainz.steps: no such config key (did you mean --config.train.steps?)"),
     (["--config.model.d_model=wide"], "--config.model.d_model=wide"),
     (["--config.model.seq_len=4096"], "model.seq_len=4096 exceeds block_size=2048"),
 ])
@@ -86,3 +95,18 @@ def test_cli_rejects_bad_settings_with_one_line_and_exit_code_2(args, message):
 def test_cli_rejects_a_missing_config_file():
     out = run_main("--config=configs/no_such.py", "--mode=describe")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "configs/no_such.py" in out.stderr
+
+
+@pytest.mark.parametrize("source,arg,message", [
+    ("def get_config(arg=None):\n    raise ValueError(f'no variant {arg!r}')\n", "",
+     "get_config() raised ValueError at line 2: no variant None"),
+    ("def get_config(arg=None):\n    raise ValueError(f'no variant {arg!r}')\n", ":wide",
+     "get_config('wide') raised ValueError at line 2: no variant 'wide'"),
+    ("import no_such_module\n", "", "loading it raised ModuleNotFoundError at line 1"),
+    ("def get_config(arg=None):\n    return None\n", "", "get_config() returned NoneType, not a ConfigDict"),
+])
+def test_cli_rejects_a_config_file_that_fails_in_python_with_one_line(tmp_path, source, arg, message):
+    (tmp_path / "broken.py").write_text(source)
+    out = run_main(f"--config={tmp_path / 'broken.py'}{arg}", "--mode=describe")
+    assert out.returncode == 2
+    assert out.stdout == "" and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr

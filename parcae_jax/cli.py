@@ -1,0 +1,32 @@
+"""Running an absl program as a console script (`parcae-train`, ...) or with `python -m`.
+
+absl's `--help` prints the docstring of `__main__` and its flags, then exits 1; under a console
+script `__main__` is pip's wrapper, so the help would be empty. Here `--help` prints the
+program's docstring and every parcae_jax flag it defines to stdout and exits 0.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+HELP = ("-h", "-help", "--help", "-?", "--helpshort")
+
+
+def run(main: Callable[[list[str]], None], module_name: str, flags_parser: Callable | None = None) -> None:
+    """`app.run(main)` for the program in module `module_name` (pass `__name__`)."""
+    args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    if any(a in HELP for a in args):
+        print(help_text(module_name))
+        sys.exit(0)
+    app.run(main, **({"flags_parser": flags_parser} if flags_parser else {}))
+
+
+def help_text(module_name: str) -> str:
+    """The module's docstring, then the flags defined by parcae_jax modules (absl's own left out)."""
+    doc = (sys.modules[module_name].__doc__ or "").strip()
+    # absl files the flags of `python -m` modules under sys.argv[0], the others under their name.
+    mine = [m for m in flags.FLAGS.flags_by_module_dict() if "parcae_jax" in m or m == sys.argv[0]]
+    return "\n\n".join([doc, *(flags.FLAGS.module_help(m) for m in mine), "--helpfull lists absl's flags too."])
