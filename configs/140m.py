@@ -10,11 +10,11 @@ Expect:   `--mode=describe` reports params_total = 144,323,136 (its GPT baseline
           configs/gpt_140m.py: 143,141,184).
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.parcae(d_model=768, n_heads=6, n_layers_each=2)
+    config = defaults.parcae(d_model=768, n_heads=6, n_layers_each=2)
     config.train.steps = 21362  # 11.2B tokens at 256 x 2048 per step
     return config

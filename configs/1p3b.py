@@ -9,12 +9,12 @@ Expect:   `--mode=describe` reports params_total = 1,338,591,744 (its GPT baseli
           configs/gpt_1p3b.py: 1,333,868,544).
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.parcae(d_model=1536, n_heads=12, n_layers_each=8)
+    config = defaults.parcae(d_model=1536, n_heads=12, n_layers_each=8)
     config.train.steps = 198364  # 104B tokens at 256 x 2048 per step
     config.optim.lr = 0.006  # the official AdamW lr at this size
     return config

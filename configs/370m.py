@@ -10,11 +10,11 @@ Expect:   `--mode=describe` reports params_total = 388,003,328 (its GPT baseline
           configs/gpt_370m.py: 385,903,104).
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.parcae(d_model=1024, n_heads=8, n_layers_each=4)
+    config = defaults.parcae(d_model=1024, n_heads=8, n_layers_each=4)
     config.train.steps = 56457  # 29.6B tokens at 256 x 2048 per step
     return config

@@ -9,12 +9,12 @@ Expect:   `--mode=describe` reports params_total = 776,655,680 (its GPT baseline
           configs/gpt_770m.py: 773,375,040).
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.parcae(d_model=1280, n_heads=10, n_layers_each=6)
+    config = defaults.parcae(d_model=1280, n_heads=10, n_layers_each=6)
     config.train.steps = 117492  # 61.6B tokens at 256 x 2048 per step
     config.optim.lr = 0.006  # the official AdamW lr at this size
     return config

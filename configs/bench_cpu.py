@@ -8,12 +8,12 @@ Hardware: this 2-core CPU machine (the comparison with the official PyTorch code
 Expect:   one JSON object; see README "Performance" for the measured tokens/s.
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.parcae(d_model=256, n_heads=4, n_layers_each=2)
+    config = defaults.parcae(d_model=256, n_heads=4, n_layers_each=2)
     config.data.source = "embedded"
     config.model.update(vocab_size=4096, padding_multiple=64, block_size=256, seq_len=256,
                         mean_recurrence=4, mean_backprop_depth=2, dtype="float32")

@@ -7,11 +7,11 @@ Hardware: a GPU cluster or TPU pod slice. The official run used micro-batches of
 Expect:   `--mode=describe` reports params_total = 143,141,184.
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.gpt(d_model=768, n_heads=6, n_layers=6)
+    config = defaults.gpt(d_model=768, n_heads=6, n_layers=6)
     config.train.steps = 21362  # 11.2B tokens at 256 x 2048 per step
     return config

@@ -7,12 +7,12 @@ Hardware: a GPU cluster or TPU pod slice. The official run used micro-batches of
 Expect:   `--mode=describe` reports params_total = 1,333,868,544.
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.gpt(d_model=1536, n_heads=12, n_layers=24)
+    config = defaults.gpt(d_model=1536, n_heads=12, n_layers=24)
     config.train.steps = 198364  # 104B tokens at 256 x 2048 per step
     config.optim.lr = 0.006  # the official AdamW lr at this size
     return config

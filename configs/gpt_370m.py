@@ -7,11 +7,11 @@ Hardware: a GPU cluster or TPU pod slice. The official run used micro-batches of
 Expect:   `--mode=describe` reports params_total = 385,903,104.
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.gpt(d_model=1024, n_heads=8, n_layers=12)
+    config = defaults.gpt(d_model=1024, n_heads=8, n_layers=12)
     config.train.steps = 56457  # 29.6B tokens at 256 x 2048 per step
     return config

@@ -7,12 +7,12 @@ Hardware: a GPU cluster or TPU pod slice. The official run used micro-batches of
 Expect:   `--mode=describe` reports params_total = 773,375,040.
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.gpt(d_model=1280, n_heads=10, n_layers=18)
+    config = defaults.gpt(d_model=1280, n_heads=10, n_layers=18)
     config.train.steps = 117492  # 61.6B tokens at 256 x 2048 per step
     config.optim.lr = 0.006  # the official AdamW lr at this size
     return config

@@ -9,12 +9,12 @@ Expect:   943,872 parameters (`--mode=describe`); 400 steps in about 6 minutes o
           baseline of ~3.44 (README shows the log).
 """
 
-from configs import base
+from parcae_jax import defaults
 
 
 def get_config(arg: str | None = None):
     del arg
-    config = base.get_config()
+    config = defaults.get_config()
     config.model.update(
         vocab_size=257, padding_multiple=64,  # 256 bytes + end-of-document
         block_size=256, seq_len=256,

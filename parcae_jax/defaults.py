@@ -1,54 +1,36 @@
 """Every configuration key parcae_jax reads, with its default.
 
-Other configs start from `get_config()` here and change what differs; a key that is not
+The configs in configs/ start from `get_config()` here and change what differs; a key that is not
 declared here cannot be set (configs are locked), so a typo in an override fails at once.
-The model defaults are the published 140m Parcae (docs/design.md §1).
+The model defaults are the published 140m Parcae (docs/design.md §1), taken from
+`parcae_jax.model.config.ModelConfig`, where each is defined once.
 """
+
+import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
 
+from parcae_jax.data import prepare
+from parcae_jax.model.config import ModelConfig
+
+INTERNAL_MODEL_FIELDS = ("reference_config",)  # provenance of converted checkpoints, not a setting
+OPTIONAL_TYPES = {"float | None": float, "int | None": int, "str | None": str}
+
 
 def model_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        arch="parcae",  # parcae | gpt
-        vocab_size=32768,
-        padding_multiple=64,  # tables are padded to a multiple of this
-        block_size=2048,  # longest context (RoPE positions)
-        seq_len=2048,  # training sequence length, <= block_size
-        d_model=768,
-        n_heads=6,
-        n_kv_heads=6,  # < n_heads: grouped-query attention in prelude, coda and GPT
-        d_mlp=3072,
-        n_layers=6,  # GPT only
-        n_prelude=2,
-        n_core=2,
-        n_coda=2,
-        d_rec=768,  # recurrent state width
-        d_rec_mlp=3072,
-        n_rec_heads=6,
-        injection="diagonal",  # diagonal | linear | add
-        prelude_norm=True,
-        state_init="like-init",  # like-init | normal | embed | zero | unit
-        mean_recurrence=8,
-        mean_backprop_depth=4,
-        sampling_scheme="poisson-truncated-full",  # poisson-truncated-full | fixed
-        sampling_unit="per-sequence",  # per-sequence | per-batch
-        qk_norm=True,
-        norm_eps=1e-5,
-        rope_base=50000.0,
-        rope_condense_ratio=1.0,
-        value_embeds=True,
-        ve_gate_channels=32,
-        tie_embeddings=True,
-        logit_softcap=config_dict.placeholder(float),  # None: off
-        logit_scale=1.0,
-        emb_scale=1.0,
-        init_orthogonal=True,
-        remat_policy="full",  # per loop iteration: full | dots | dots_no_batch | none
-        dtype="auto",  # compute dtype (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
-        attention_impl="xla",  # xla | cudnn
-    ))
+    """`config.model`: every `ModelConfig` field with its default, read from the dataclass
+    (the one place they are defined, with their comments and choice lists)."""
+    values = {}
+    for field in dataclasses.fields(ModelConfig):
+        if field.name in INTERNAL_MODEL_FIELDS:
+            continue
+        # A None default still needs a type, so that --config.model.logit_softcap=30 parses.
+        values[field.name] = field.default if field.default is not None else config_dict.placeholder(
+            OPTIONAL_TYPES[field.type])
+    return ml_collections.ConfigDict(values)
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -61,7 +43,7 @@ def data_config() -> ml_collections.ConfigDict:
         tfds_split="train",
         tfds_data_dir=config_dict.placeholder(str),
         text_field="text",
-        val_every=200,  # source=tfds: hold out about 1 document in val_every (by a hash of its text)
+        val_every=prepare.VAL_EVERY,  # source=tfds: hold out about 1 document in val_every (by a hash of its text)
         cache_dir=config_dict.placeholder(str),  # prepared embedded/TFDS data; default ~/.cache/parcae_jax
         num_workers=0,  # grain worker processes for the training loader
         read_threads=2,
@@ -160,3 +142,25 @@ def gpt(d_model: int, n_heads: int, n_layers: int) -> ml_collections.ConfigDict:
     config = parcae(d_model, n_heads, n_layers // 3)
     config.model.update(arch="gpt", n_layers=n_layers)
     return config
+
+
+def shipped_config(name: str) -> str | None:
+    """The file of a config shipped with parcae_jax (`tiny`, `1p3b`, `gpt_370m`, ...), or None.
+
+    Installed, configs/ is the package parcae_jax.configs; in a checkout that is not installed
+    (a launcher's synced copy), it is the folder beside the package."""
+    spec = importlib.util.find_spec("parcae_jax.configs")
+    folders = [*(spec.submodule_search_locations or [] if spec else []),
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")]
+    return next((p for p in (os.path.join(f, f"{name}.py") for f in folders) if os.path.isfile(p)), None)
+
+
+def load_shipped(name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a shipped config, loaded from its file as `--config` would."""
+    path = shipped_config(name)
+    if path is None:
+        raise FileNotFoundError(f"no shipped config named {name!r}")
+    spec = importlib.util.spec_from_file_location(f"parcae_jax_shipped_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

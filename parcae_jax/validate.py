@@ -17,6 +17,13 @@ from parcae_jax.sharding import resolve_mesh_shape
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+    """What `validate` resolved from a config, for train/eval/bench to use instead of re-deriving it.
+
+    model: the validated ModelConfig (a dtype given as "auto" resolved); mesh_shape: (data, fsdp,
+    tensor) sizes with any -1 filled in for the device count; eval_recurrences: sorted distinct
+    recurrence counts to evaluate at (default 1, 2, 4 and model.mean_recurrence); tokenizer:
+    the loaded data tokenizer, or None when validate ran with check_data=False."""
+
     model: ModelConfig
     mesh_shape: tuple[int, int, int]
     eval_recurrences: tuple[int, ...]
@@ -43,6 +50,21 @@ def _non_finite(tree: dict, prefix: str = "") -> list[str]:
 
 
 def validate(config, n_devices: int | None = None, process_count: int | None = None, check_data: bool = True) -> Run:
+    """Checks a whole run config before anything is compiled or written; returns the resolved Run.
+
+    In order: every float in the config is finite and fits float32; config.model builds a
+    ModelConfig (unknown keys, bad values and inconsistent shapes fail there); mesh.shape fits
+    `n_devices` (default jax.device_count()) and its data x fsdp size is a multiple of
+    `process_count` (default jax.process_count()); train.* (counts >= 1, batch_size divisible
+    by microbatches, micro-batches by data x fsdp, and by the processes), ckpt.*, optim.* (known
+    optimizer and schedule, rates, betas, warmup, Newton-Schulz steps, Muon dtype), wandb.mode,
+    profile.* and train.eval_recurrences; last, with `check_data`, config.data via
+    dataset.check (source, path or manifest, tokenizer, its vocabulary against
+    model.vocab_size), which loads the tokenizer and may read a gs:// manifest.
+
+    Raises at the first failure, with a one-line message naming the field and the fix:
+    ConfigError for the model, mesh, train, optim, ckpt, wandb and profile settings, DataError
+    (from dataset.check) for config.data."""
     bad = _non_finite(config.to_dict())
     _need(not bad, f"{', '.join(bad)}: must be a finite number (within float32's range)")
     model = ModelConfig.from_mapping(config.model)

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from configs import base
+from parcae_jax import defaults
 from parcae_jax.optim import lr_factor, make_optimizer, muon_labels
 
 COEFFS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -66,7 +66,7 @@ def test_muon_adamw_matches_numpy_for_several_steps(dtype, monkeypatch):
     fused element-wise work in f32 where this NumPy rounds every op; so direction and size only."""
     if dtype == "float32":
         monkeypatch.setattr(sys.modules[__name__], "bf", lambda x: np.asarray(x, np.float32))
-    optim = base.get_config().optim
+    optim = defaults.get_config().optim
     optim.muon_dtype = dtype
     steps_total = 100
     tx, lrs = make_optimizer(optim, steps_total)
@@ -130,7 +130,7 @@ def labels_of(labels, path):
 
 @pytest.mark.parametrize("schedule", ["trapezoid", "cosine", "constant"])
 def test_schedules(schedule):
-    optim = base.get_config().optim
+    optim = defaults.get_config().optim
     optim.update(schedule=schedule, warmup_steps=10, cooldown_fraction=0.5, min_lr_ratio=0.1)
     f = lambda s: float(lr_factor(optim, 100)(s))  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
@@ -143,6 +143,6 @@ def test_schedules(schedule):
 
 
 def test_official_trapezoid_has_no_warmup_and_decays_to_zero():
-    optim = base.get_config().optim
+    optim = defaults.get_config().optim
     f = lambda s: float(lr_factor(optim, 1000)(s))  # noqa: E731
     assert [f(0), f(500), f(750), f(1000)] == pytest.approx([1.0, 1.0, 0.5, 0.0])

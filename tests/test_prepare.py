@@ -175,10 +175,10 @@ def test_bad_inputs_get_one_clear_line(tmp_path):
 
 def test_config_sources_resolve_to_prepared_data(tmp_path):
     """data.source = tfds | prepared | embedded, as the training job resolves them."""
-    from configs import base
+    from parcae_jax import defaults
     from parcae_jax.data import dataset
 
-    data = base.data_config()
+    data = defaults.data_config()
     data.update(source="tfds", tfds_name=make_tfds(tmp_path / "tfds2"), tfds_data_dir=str(tmp_path / "tfds2"),
                 val_every=5, cache_dir=str(tmp_path / "cache"))
     tok = dataset.check(data, model_vocab_size=257)

@@ -20,7 +20,7 @@ PUBLISHED = ["140m", "370m", "770m", "1p3b", "gpt_140m", "gpt_370m", "gpt_770m",
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_config_compiles_its_sharded_step_on_8_devices(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"parcae_jax.configs.{name}").get_config()
     assert jax.device_count() == 8
     out = compile_only(config, validate(config, check_data=False))  # the config's own mesh: (8, 1, 1)
     assert out["mesh_shape"] == [8, 1, 1] and out["device_count"] == 8

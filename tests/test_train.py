@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
+from parcae_jax.configs import tiny
 from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
 from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate

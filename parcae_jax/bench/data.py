@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: preparation MB/s, loader tokens/s, and the tiny model's appetite.
 
-    python -m parcae_jax.data.bench [--out=bench_data.json]
+    python -m parcae_jax.bench.data [--out=bench_data.json]
 
 prints one JSON object: preparation speed on the embedded corpus (~12 MB of text) with
 the byte tokenizer (in process) and with a 32768-token BPE (2 worker processes), loader
@@ -16,7 +16,7 @@ import platform
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch (sequences) for the loader and the step.")
@@ -64,11 +64,11 @@ def bench_loader(seq_len: int, batch: int, n: int) -> dict:
 
 def bench_tiny_step(batch: int) -> dict:
     """Tokens/s of the tiny config's real training step (--mode=bench): what the loader must outrun."""
-    from configs import tiny
     from parcae_jax.bench import bench
+    from parcae_jax.defaults import load_shipped
     from parcae_jax.validate import validate
 
-    config = tiny.get_config()
+    config = load_shipped("tiny")
     config.train.batch_size = batch
     result = bench(config, validate(config, check_data=False))
     return {"tiny_step_tokens_per_sec": result["tokens_per_sec"], "tiny_seq_len": result["seq_len"]}
@@ -91,5 +91,12 @@ def main(argv):
             f.write(text)
 
 
+def run() -> None:
+    """The `parcae-bench-data` command (also `python -m parcae_jax.bench.data`)."""
+    from parcae_jax import cli
+
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

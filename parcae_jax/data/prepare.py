@@ -16,6 +16,7 @@ documents) and produces the same shards an uninterrupted run would.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,64 +30,13 @@ import filelock
 import numpy as np
 
 from parcae_jax.data.readers import DataError
-from parcae_jax.data.staging import sha256_file
+from parcae_jax.data.shards import ShardWriter, complete_shards, describe_split, write_json
 from parcae_jax.data.tokenizer import load_tokenizer
 
 FORMAT = "parcae_jax.tokens.v1"
-RECORD_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: cheap random reads
 SPLITS = ("train", "validation")
-
-
-def atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-
-    atomic_write(path, write)
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.arrayrecord"
-
-
-def complete_shards(output: str, split: str) -> list[str]:
-    """The prefix of shards that were finished (renamed into place, lengths written)."""
-    names = []
-    for i in itertools.count():
-        name = shard_name(split, i)
-        if not (os.path.exists(os.path.join(output, name)) and os.path.exists(os.path.join(output, name + ".lengths.npy"))):
-            return names
-        names.append(name)
-
-
-class _ShardWriter:
-    def __init__(self, output: str, split: str, index: int, dtype):
-        self.output, self.split, self.index, self.dtype = output, split, index, dtype
-        self.writer, self.lengths = None, []
-
-    def add(self, tokens: np.ndarray) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self.writer is None:
-            self.path = os.path.join(self.output, shard_name(self.split, self.index))
-            self.writer = ArrayRecordWriter(self.path + ".tmp", RECORD_OPTIONS)
-        self.writer.write(tokens.astype(self.dtype).tobytes())
-        self.lengths.append(len(tokens))
-
-    def finish(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        atomic_write(self.path + ".lengths.npy", lambda tmp: np.save(open(tmp, "wb"), np.asarray(self.lengths, np.int32)))
-        os.replace(self.path + ".tmp", self.path)  # the shard counts as complete from here on
-        self.writer, self.lengths, self.index = None, [], self.index + 1
-
+DOCS_PER_SHARD = 8192
+VAL_EVERY = 200  # about 1 document in 200 is held out for validation (by a hash of its text)
 
 _WORKER_TOKENIZER = None
 
@@ -131,7 +81,7 @@ def _encoded(batches: Iterator[list], pool, workers: int) -> Iterator[tuple[list
 
 
 def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, eod_token: str | None = None,
-            docs_per_shard: int = 8192, val_every: int = 200, workers: int = 0, description: str = "",
+            docs_per_shard: int = DOCS_PER_SHARD, val_every: int = VAL_EVERY, workers: int = 0, description: str = "",
             progress: bool = True, source: str = "", overwrite: bool = False) -> dict:
     """Writes (or finishes, or finds) a prepared dataset in `output`; returns its manifest.
 
@@ -148,6 +98,15 @@ def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, 
         raise DataError(f"--output={output} exists and is not a directory; choose another path")
     load_tokenizer(tokenizer, eod_token)  # a bad tokenizer is one line before anything is written
     os.makedirs(output, exist_ok=True)
+    with _locked(output):
+        return _prepare(documents, output, tokenizer, eod_token=eod_token, docs_per_shard=docs_per_shard,
+                        val_every=val_every, workers=workers, description=description, progress=progress,
+                        source=source, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def _locked(output: str) -> Iterator[None]:
+    """Holds `output`'s lock file, saying on stderr when it must wait for another process first."""
     lock = filelock.FileLock(os.path.join(output, ".prepare.lock"))
     try:
         lock.acquire(timeout=0)
@@ -155,62 +114,99 @@ def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, 
         print(f"waiting for another process preparing {output}", file=sys.stderr, flush=True)
         lock.acquire()
     try:
-        return _prepare(documents, output, tokenizer, eod_token=eod_token, docs_per_shard=docs_per_shard,
-                        val_every=val_every, workers=workers, description=description, progress=progress,
-                        source=source, overwrite=overwrite)
+        yield
     finally:
         lock.release()
 
 
 def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token: str | None, docs_per_shard: int,
              val_every: int, workers: int, description: str, progress: bool, source: str, overwrite: bool) -> dict:
-    tok = load_tokenizer(tokenizer, eod_token)
-    plan = {"format": FORMAT, "tokenizer": {"spec": tokenizer, "fingerprint": tok.fingerprint,
+    """prepare's work, under the lock: settle the plan, write the missing shards, then the manifest."""
+    plan = _plan(load_tokenizer(tokenizer, eod_token), tokenizer, docs_per_shard, val_every, description, source)
+    os.makedirs(output, exist_ok=True)
+    plan, manifest = _settle_plan(output, plan, overwrite)
+    if manifest is not None:  # finished earlier, or by the process that held the lock before us
+        return manifest
+    _remove_leftovers(output)
+    writers, skip = _resume_writers(output, np.dtype(plan["token_dtype"]))
+    stats = {"documents": 0, "bytes": 0, "tokens": 0}
+    start = _tokenise_into(writers, _unwritten(documents, val_every, skip, stats), stats, docs_per_shard,
+                           tokenizer=tokenizer, eod_token=eod_token, workers=workers, progress=progress)
+    for w in writers.values():
+        w.finish()
+    if stats["documents"] == 0:
+        raise DataError("the input holds no documents (every file is empty)")
+    manifest = _manifest(output, plan, stats, start, val_every)
+    write_json(os.path.join(output, "manifest.json"), manifest)  # last: its presence marks the preparation done
+    return manifest
+
+
+def _plan(tok, tokenizer: str, docs_per_shard: int, val_every: int, description: str, source: str) -> dict:
+    """The settings of this preparation, as plan.json records them (and the manifest repeats them)."""
+    return {"format": FORMAT, "tokenizer": {"spec": tokenizer, "fingerprint": tok.fingerprint,
                                             "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
             "token_dtype": "uint16" if tok.vocab_size <= 2**16 else "uint32",
             "docs_per_shard": docs_per_shard, "val_every": val_every, "description": description, "source": source}
-    os.makedirs(output, exist_ok=True)
-    manifest_path = os.path.join(output, "manifest.json")
-    plan_path = os.path.join(output, "plan.json")
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _settle_plan(output: str, plan: dict, overwrite: bool) -> tuple[dict, dict | None]:
+    """The plan to follow (the recorded one if it matches, else `plan`, recorded now) and the manifest if done."""
+    plan_path, manifest_path = os.path.join(output, "plan.json"), os.path.join(output, "manifest.json")
     if os.path.exists(plan_path):
-        with open(plan_path) as f:
-            old = json.load(f)
-        same = lambda p: (p["tokenizer"]["fingerprint"], p["docs_per_shard"], p["val_every"],  # noqa: E731
-                          p.get("source") or source)  # a plan from before sources were recorded: unknown
-        if same(old) != same(plan) and not overwrite:
-            what = "another input" if same(old)[:3] == same(plan)[:3] else "other settings (tokenizer, shard size or split)"
-            raise DataError(f"{output} holds a preparation of {what}; use another --output, or --overwrite "
-                            "to replace it")
-        if same(old) != same(plan):
-            _remove_preparation(output)
-    if os.path.exists(plan_path):
-        with open(plan_path) as f:
-            plan = json.load(f)
-        if os.path.exists(manifest_path):
-            with open(manifest_path) as f:
-                return json.load(f)
-    else:
+        _check_recorded(output, _read_json(plan_path), plan, overwrite)
+    if not os.path.exists(plan_path):
         write_json(plan_path, plan)
-    for name in os.listdir(output):  # leftovers of an interrupted run
+        return plan, None
+    plan = _read_json(plan_path)  # the recorded plan wins: a resumed run continues what it started
+    return plan, _read_json(manifest_path) if os.path.exists(manifest_path) else None
+
+
+def _check_recorded(output: str, old: dict, plan: dict, overwrite: bool) -> None:
+    """DataError if plan.json (`old`) is of another input or other settings; under `overwrite`, removes it instead."""
+    same = lambda p: (p["tokenizer"]["fingerprint"], p["docs_per_shard"], p["val_every"],  # noqa: E731
+                      p.get("source") or plan["source"])  # a plan from before sources were recorded: unknown
+    if same(old) != same(plan) and not overwrite:
+        what = "another input" if same(old)[:3] == same(plan)[:3] else "other settings (tokenizer, shard size or split)"
+        raise DataError(f"{output} holds a preparation of {what}; use another --output, or --overwrite "
+                        "to replace it")
+    if same(old) != same(plan):
+        _remove_preparation(output)
+
+
+def _remove_leftovers(output: str) -> None:
+    """Deletes the temporary files of an interrupted run (a shard it was writing is redone)."""
+    for name in os.listdir(output):
         if name.endswith(".tmp"):
             os.remove(os.path.join(output, name))
 
-    dtype = np.dtype(plan["token_dtype"])
+
+def _resume_writers(output: str, dtype) -> tuple[dict, dict]:
+    """Per split, a writer starting after the complete shards, and how many documents those hold (to skip)."""
     done = {s: complete_shards(output, s) for s in SPLITS}
     skip = {s: sum(len(np.load(os.path.join(output, n + ".lengths.npy"))) for n in done[s]) for s in SPLITS}
-    writers = {s: _ShardWriter(output, s, len(done[s]), dtype) for s in SPLITS}
+    return {s: ShardWriter(output, s, len(done[s]), dtype) for s in SPLITS}, skip
+
+
+def _unwritten(documents: Iterable[str], val_every: int, skip: dict, stats: dict) -> Iterator[tuple[str, str]]:
+    """(split, text) of non-empty documents not in complete shards (those are read, not tokenised); counts in `stats`."""
     seen = {s: 0 for s in SPLITS}
-    stats = {"documents": 0, "bytes": 0, "tokens": 0}
+    for text in (d for d in documents if d):
+        split = "validation" if is_validation(text, val_every) else "train"
+        seen[split] += 1
+        stats["documents"] += 1
+        if seen[split] > skip[split]:
+            stats["bytes"] += len(text.encode("utf-8"))
+            yield split, text
 
-    def todo() -> Iterator[tuple[str, str]]:
-        for text in (d for d in documents if d):
-            split = "validation" if is_validation(text, val_every) else "train"
-            seen[split] += 1
-            stats["documents"] += 1
-            if seen[split] > skip[split]:
-                stats["bytes"] += len(text.encode("utf-8"))
-                yield split, text
 
+def _tokenise_into(writers: dict, items: Iterator[tuple[str, str]], stats: dict, docs_per_shard: int, *,
+                   tokenizer: str, eod_token: str | None, workers: int, progress: bool) -> float:
+    """Tokenises `items` into their splits' writers (in `workers` processes, or here if 0); returns the start time."""
     from tqdm import tqdm
 
     # On a terminal only (tqdm disable=None), and erased at the end: errors stay one line.
@@ -221,7 +217,7 @@ def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token
     if pool is None:
         _init_worker(tokenizer, eod_token)
     try:
-        for batch, encoded in _encoded(_batches(todo(), 64), pool, workers):
+        for batch, encoded in _encoded(_batches(items, 64), pool, workers):
             for (split, _), ids in zip(batch, encoded):
                 writers[split].add(ids)
                 stats["tokens"] += len(ids)
@@ -234,27 +230,16 @@ def _prepare(documents: Iterable[str], output: str, tokenizer: str, *, eod_token
         bar.close()
         if pool is not None:
             pool.terminate()
-    for w in writers.values():
-        w.finish()
-    if stats["documents"] == 0:
-        raise DataError("the input holds no documents (every file is empty)")
+    return start
 
-    splits = {}
-    for s in SPLITS:
-        shards = []
-        for name in complete_shards(output, s):
-            lengths = np.load(os.path.join(output, name + ".lengths.npy"))
-            shards.append({"path": name, "documents": int(len(lengths)), "tokens": int(lengths.sum()),
-                           "sha256": sha256_file(os.path.join(output, name)),  # checked when staged from GCS
-                           "lengths_sha256": sha256_file(os.path.join(output, name + ".lengths.npy"))})
-        splits[s] = {"shards": shards, "documents": sum(x["documents"] for x in shards),
-                     "tokens": sum(x["tokens"] for x in shards)}
-    manifest = {**plan, "text_bytes_this_run": stats["bytes"], "seconds_this_run": time.perf_counter() - start,
-                "split_rule": f"validation iff int.from_bytes(blake2b(utf8(text), digest_size=8), 'little') % "
-                              f"{val_every} == 0" if val_every else "no validation split",
-                "splits": splits}
-    write_json(manifest_path, manifest)
-    return manifest
+
+def _manifest(output: str, plan: dict, stats: dict, start: float, val_every: int) -> dict:
+    """The manifest of the finished shards: the plan, this run's stats, and each split's shards."""
+    splits = {s: describe_split(output, s) for s in SPLITS}
+    return {**plan, "text_bytes_this_run": stats["bytes"], "seconds_this_run": time.perf_counter() - start,
+            "split_rule": f"validation iff int.from_bytes(blake2b(utf8(text), digest_size=8), 'little') % "
+                          f"{val_every} == 0" if val_every else "no validation split",
+            "splits": splits}
 
 
 def _remove_preparation(output: str) -> None:
@@ -295,9 +280,11 @@ def main(argv: list[str]) -> None:
     print(json.dumps({s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in SPLITS}))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def run() -> None:
+    """The `parcae-prepare` command (also `python -m parcae_jax.data.prepare`)."""
+    from absl import flags
 
+    from parcae_jax import cli
     from parcae_jax.data import readers
 
     readers.define_input_flags()
@@ -305,7 +292,11 @@ if __name__ == "__main__":
     flags.DEFINE_bool("overwrite", False, "Replace a preparation of another input or settings in --output.")
     flags.DEFINE_string("tokenizer", "bytes", "bytes | path to tokenizer.json | path to a SentencePiece .model")
     flags.DEFINE_string("eod_token", None, "End-of-document token, if not <|endoftext|> (or the SentencePiece EOS).")
-    flags.DEFINE_integer("docs_per_shard", 8192, "Documents per shard.")
-    flags.DEFINE_integer("val_every", 200, "Hold out about 1 in val_every documents, by a hash of their text (0: none).")
+    flags.DEFINE_integer("docs_per_shard", DOCS_PER_SHARD, "Documents per shard.")
+    flags.DEFINE_integer("val_every", VAL_EVERY, "Hold out about 1 in val_every documents, by a hash of their text (0: none).")
     flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizer worker processes (0: in this process).")
-    app.run(main)
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

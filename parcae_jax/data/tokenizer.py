@@ -153,13 +153,19 @@ def main(argv: list[str]) -> None:
     print(f"wrote {FLAGS.output}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint}")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def run() -> None:
+    """The `parcae-tokenizer` command (also `python -m parcae_jax.data.tokenizer`)."""
+    from absl import flags
 
+    from parcae_jax import cli
     from parcae_jax.data import readers
 
     readers.define_input_flags()
     flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size, special tokens included.")
     flags.DEFINE_integer("max_documents", 0, "Train on at most this many documents (0: all).")
     flags.DEFINE_string("output", None, "Where to write tokenizer.json.", required=True)
-    app.run(main)
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,53 @@
+"""The package's layering, read from the source with `ast`: `model/` and `data/` import nothing
+above them, so either can be used (and tested) without the trainer."""
+
+import ast
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "parcae_jax"
+# Leaves that data/ may use: modules importing nothing of ours (checked below).
+LEAVES = {"parcae_jax.storage", "parcae_jax.cli"}
+ALLOWED = {"model": {"parcae_jax.model"}, "data": {"parcae_jax.data"} | LEAVES}
+
+
+def our_imports(path) -> list[tuple[int, str]]:
+    """(line, module) of every parcae_jax import in a file, wherever it is (functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}:{node.lineno}: relative import"
+            names = [node.module] if node.module != "parcae_jax" else [f"parcae_jax.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n == "parcae_jax" or n.startswith("parcae_jax.")]
+    return found
+
+
+def within(module: str, allowed: set[str]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_a_lower_layer_imports_nothing_above_it(layer):
+    files = sorted((PACKAGE / layer).rglob("*.py"))
+    assert len(files) >= 5
+    upward = [f"{p.relative_to(ROOT)}:{line} imports {m}" for p in files for line, m in our_imports(p)
+              if not within(m, ALLOWED[layer])]
+    assert not upward, upward
+
+
+def test_the_leaves_below_data_import_nothing_of_ours():
+    for leaf in LEAVES:
+        path = PACKAGE / (leaf.split(".", 1)[1] + ".py")
+        assert our_imports(path) == [], leaf
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from parcae_jax.train import Trainer\nimport parcae_jax.model.config\n")
+    assert [m for _, m in our_imports(bad) if not within(m, ALLOWED["model"])] == ["parcae_jax.train"]
