@@ -2,7 +2,10 @@
 
 Prints one JSON object: tokens_per_sec (median over timed steps after warm-up, each
 synchronised), step_time_s, compile_s, temp_bytes (XLA's memory analysis of the
-compiled step), flops_per_token (describe.py), achieved_flops_per_sec and the device.
+compiled step), flops_per_token (describe.py), achieved_flops_per_sec (model FLOPs) and
+executed_flops_per_sec (plus rematerialisation), and the device. The matmul roofs are timed
+in the same process (roof.py): executed_fraction_of_fp32_roof and _of_bf16_roof are the
+machine-independent efficiency figures.
 
 With `bench.compile_only=True` nothing is allocated: the sharded step is lowered from
 abstract shapes and compiled ahead of time, and the JSON gives XLA's per-device memory
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parcae_jax.bench.roof import measure_roof
 from parcae_jax.checkpoint import abstract_with_shardings
 from parcae_jax.describe import flops_per_token
 from parcae_jax.train import Trainer
@@ -84,11 +88,16 @@ def bench(config, run: Run) -> dict:
             times.append(time.perf_counter() - start)
     step_time = float(np.median(times[config.bench.warmup:]))
     tps = B * T / step_time
-    fpt = flops_per_token(run.model)["flops_per_token"]
+    flops = flops_per_token(run.model)
+    fpt = flops["flops_per_token"]
+    executed = (fpt + flops.get("remat_recompute_flops_per_token", 0)) * tps  # what the machine ran
+    roof = measure_roof()
     return {
         "tokens_per_sec": tps, "step_time_s": step_time, "step_times_s": times[config.bench.warmup:],
         "compile_s": compile_s, "temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
-        "flops_per_token": fpt, "achieved_flops_per_sec": fpt * tps,
+        "flops_per_token": fpt, "achieved_flops_per_sec": fpt * tps, "executed_flops_per_sec": executed, **roof,
+        "executed_fraction_of_fp32_roof": executed / roof["roof_fp32_flops_per_sec"],
+        "executed_fraction_of_bf16_roof": executed / roof["roof_bf16_flops_per_sec"], "dtype": run.model.dtype,
         "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "batch_size": B, "seq_len": T, "mean_recurrence": run.model.mean_recurrence,
         "mean_backprop_depth": run.model.mean_backprop_depth,
