@@ -53,9 +53,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_first_line(e))
     given = _config_values(args)
     if not given:  # the default, added here rather than by DEFINE_config_file (see _CONFIG)
-        args, given = [f"--config={_shipped(_DEFAULT_CONFIG)}", *args], [_shipped(_DEFAULT_CONFIG)]
-    elif given[-1] is not None and _shipped(given[-1]) != given[-1]:  # a shipped config's name
-        args, given[-1] = _with_config(args, _shipped(given[-1])), _shipped(given[-1])
+        given = [_shipped(_DEFAULT_CONFIG)]
+        args = [f"--config={given[-1]}", *args]
+    elif given[-1] is not None and (path := _shipped(given[-1])) != given[-1]:  # a shipped config's name
+        args, given[-1] = _with_config(args, path), path
     if given[-1] is not None:  # absl keeps the last; a bare --config at the end is absl's to report
         config = _load_config(given[-1])
         for arg in args:  # all, even after '--': ml_collections reads every one
