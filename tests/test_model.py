@@ -165,10 +165,17 @@ def test_chunked_causal_attention_matches_numpy(bounded):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def split_projection(x, w, widths):
+    from parcae_jax.model import matmul
+    from parcae_jax.model.attention import split_last
+
+    return split_last(matmul.einsum("btw,wf->btf", x, w, jnp.float32), widths)
+
+
 def test_split_projection_gradients_match_numpy():
-    """The fused q/k/v projection's hand-written backward: dx = dy W^T, dW = x^T dy (dy = the
-    pieces' cotangents side by side), checked against NumPy for an arbitrary upstream."""
-    from parcae_jax.model.attention import split_projection
+    """The fused q/k/v projection's hand-written backward (split_last joins the cotangents):
+    dx = dy W^T, dW = x^T dy (dy = the pieces' cotangents side by side), checked against
+    NumPy for an arbitrary upstream."""
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 6)).astype(np.float32)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parcae_jax.model import matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init, torch_linear_default
 from parcae_jax.model.layout import BlockSpec
@@ -70,18 +71,20 @@ def attention_mask(T: int, segment_ids_BxT: jax.Array | None) -> jax.Array:
 
 
 def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None, impl: str = "xla",
-                          bounded: bool = False):
+                          bounded: bool = False, dtype=jnp.float32):
     """Softmax(q k^T / sqrt(D)) v with a causal mask; query head h reads kv head h // (H/G).
 
     Heads-first, and the softmax denominator applied after the value matmul: XLA:CPU
-    otherwise fuses the normalisation into that matmul and runs it ~3x slower. `bounded`:
+    otherwise fuses the normalisation into that matmul and runs it ~3x slower. Both products
+    run in `dtype` with float32 accumulation (matmul.einsum); the softmax is float32. `bounded`:
     q and k are RMS-normalised, so |q.k| / sqrt(D) <= sqrt(D) and exp cannot overflow; the
     max subtraction (an extra pass over the scores) is then skipped.
     """
     B, T, H, D = q_BxTxHxD.shape
     G = k_BxTxGxD.shape[2]
     if impl == "cudnn" and segment_ids_BxT is None:
-        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q_BxTxHxD.astype(dtype), k_BxTxGxD.astype(dtype), v_BxTxGxD.astype(dtype),
+                                            is_causal=True, implementation="cudnn").astype(jnp.float32)
     q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
     mask = attention_mask(T, segment_ids_BxT)
     # Causal block skipping: query chunk c only reads keys up to its own end (T=256 in two
@@ -92,9 +95,9 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     for i in range(n):
         end = (i + 1) * c
         outs.append(_attend(q[:, i * c:end], k_BxTxGxD[:, :end], v_BxTxGxD[:, :end],
-                            mask[..., i * c:end, :end], bounded))
+                            mask[..., i * c:end, :end], bounded, dtype))
     out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def query_chunks(T: int) -> int:
@@ -103,42 +106,36 @@ def query_chunks(T: int) -> int:
     return n if T % n == 0 else 1
 
 
-def _attend(q_BxTxGxRxD, k_BxSxGxD, v_BxSxGxD, mask, bounded: bool) -> jax.Array:
+def _attend(q_BxTxGxRxD, k_BxSxGxD, v_BxSxGxD, mask, bounded: bool, dtype) -> jax.Array:
     """Heads-first softmax attention of one query chunk; returns [B, G, R, T, D] float32."""
-    s_BxGxRxTxS = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxD, k_BxSxGxD, preferred_element_type=jnp.float32)
+    s_BxGxRxTxS = matmul.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxD, k_BxSxGxD, dtype)
     s_BxGxRxTxS = jnp.where(mask, s_BxGxRxTxS, -jnp.inf)
     if not bounded:
         s_BxGxRxTxS = s_BxGxRxTxS - jax.lax.stop_gradient(jnp.max(s_BxGxRxTxS, axis=-1, keepdims=True))
     p = jnp.exp(s_BxGxRxTxS)
-    out = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(v_BxSxGxD.dtype), v_BxSxGxD, preferred_element_type=jnp.float32)
+    out = matmul.einsum("bgrts,bsgd->bgrtd", p, v_BxSxGxD, dtype)
     return out / jnp.sum(p, axis=-1, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def split_projection(x_BxTxW: jax.Array, w_WxF: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """x @ w cut along its last axis into pieces of `widths` (one matmul for q, k and v).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_last(y: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """y cut along its last axis into pieces of `widths` (q, k and v from one matmul).
 
     The backward joins the pieces' cotangents with one concatenate; autodiff of slicing
     would pad each cotangent to the full width and add them (3 pads, 2 adds: ~2x the traffic).
     """
-    return _split(jnp.einsum("btw,wf->btf", x_BxTxW, w_WxF), widths)
-
-
-def _split(y: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
     return tuple(jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1))
 
 
-def _split_projection_fwd(x, w, widths):
-    return split_projection(x, w, widths), (x, w)
+def _split_last_fwd(y, widths):
+    return split_last(y, widths), None
 
 
-def _split_projection_bwd(widths, res, dys):
-    x, w = res
-    dy_BxTxF = jnp.concatenate(dys, axis=-1)
-    return jnp.einsum("btf,wf->btw", dy_BxTxF, w), jnp.einsum("btw,btf->wf", x, dy_BxTxF)
+def _split_last_bwd(widths, _, dys):
+    return (jnp.concatenate(dys, axis=-1),)
 
 
-split_projection.defvjp(_split_projection_fwd, _split_projection_bwd)
+split_last.defvjp(_split_last_fwd, _split_last_bwd)
 
 
 class _Kernel(nn.Module):
@@ -174,7 +171,7 @@ class Attention(nn.Module):
         perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
         Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D), jnp.asarray(Wk)[..., perm].reshape(W, G * D),
                                 jnp.asarray(Wv).reshape(W, G * D)], axis=1)  # one matmul instead of three
-        q, k, v = split_projection(h_BxTxW.astype(dtype), Wqkv.astype(dtype), (H * D, G * D, G * D))
+        q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
         B, T = q.shape[:2]
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
         if spec.gate:  # created even where no table exists, as the official model does
@@ -182,13 +179,13 @@ class Attention(nn.Module):
             gate_kernel = self.param("ve_gate", nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
                                      (c, G), jnp.float32)
             if ve_BxTxK is not None:
-                gate_BxTxG = 2.0 * jax.nn.sigmoid(h_BxTxW[..., :c] @ gate_kernel.astype(dtype))
-                v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape).astype(dtype)
+                gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))
+                v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cfg.qk_norm:
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        y = dot_product_attention(q, k, v, segment_ids_BxT, cfg.attention_impl, bounded=cfg.qk_norm)
+        y = dot_product_attention(q, k, v, segment_ids_BxT, cfg.attention_impl, bounded=cfg.qk_norm, dtype=dtype)
         Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
-        return jnp.einsum("bthd,hdw->btw", y, jnp.asarray(Wo).astype(dtype))
+        return matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from parcae_jax.model import matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layout import table_widths
@@ -45,7 +46,12 @@ class ValueEmbeds(nn.Module):
 
 
 class LMHead(nn.Module):
-    """float32 logits = (y @ W) * logit_scale, then the optional softcap cap * tanh(z / cap)."""
+    """float32 logits = (y @ W) * logit_scale, then the optional softcap cap * tanh(z / cap).
+
+    A tied head contracts with the [V, d] table directly rather than with its transpose:
+    the table's gradient then comes out of the dot as [V, d]. With a transpose in between,
+    XLA:CPU folds it into a bf16 x bf16 -> f32 dot layout its runtime cannot execute.
+    """
 
     cfg: ModelConfig
 
@@ -53,14 +59,13 @@ class LMHead(nn.Module):
     def __call__(self, y_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.compute_dtype)
-        if cfg.tie_embeddings:
-            kernel_DxV = embedding_VxD.T
+        if cfg.tie_embeddings:  # the [V, d] table itself (class docstring)
+            logits = matmul.einsum("btd,vd->btv", y_BxTxD, embedding_VxD, dtype)
         else:
             kernel_DxV = self.param(
                 "kernel", nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("embed", "vocab")),
                 (cfg.d_model, cfg.padded_vocab_size), jnp.float32)
-        logits = jnp.einsum("btd,dv->btv", y_BxTxD.astype(dtype), kernel_DxV.astype(dtype),
-                            preferred_element_type=jnp.float32)
+            logits = matmul.einsum("btd,dv->btv", y_BxTxD, kernel_DxV, dtype)
         if cfg.logit_scale != 1.0:
             logits = logits * cfg.logit_scale
         if cfg.logit_softcap is not None:

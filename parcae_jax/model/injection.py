@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from parcae_jax.model import matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import DT_BIAS_INIT, identity_or_orthogonal, trunc_normal
 
@@ -73,11 +74,11 @@ class Injection(nn.Module):
       diagonal_coefficients computes A_bar in float32 without 0 * inf and clips it below 1.0, so
       the bound holds exactly in float32 too. Parameters (float32): A_log [r] (init 0), dt_bias
       [r] (init DT_BIAS_INIT: dt = log sqrt(5), A_bar = 1/sqrt(5)), B [d, r] (identity if d == r,
-      else orthogonal). e and B are cast to cfg.compute_dtype for the matmul; A_bar and dt are
-      float32, so the result is float32.
+      else orthogonal). e @ B runs in cfg.compute_dtype with float32 accumulation
+      (matmul.einsum); A_bar and dt are float32, so the result is float32.
     - "linear" (Huginn-style): x <- [x, e] @ W, one bias-free Dense named "adapter" with kernel
       [r + d, r] (state rows first; upstream stores W as [r, r + d]), init truncated normal with
-      std sqrt(2 / (5 d)), computed in cfg.compute_dtype. Nothing bounds W's spectral radius.
+      std sqrt(2 / (5 d)), a matmul in cfg.compute_dtype. Nothing bounds W's spectral radius.
     - "add": x <- x + e; no parameters, needs r == d (config checks it), spectral radius exactly 1.
 
     Shapes: x_BxTxR [B, T, r = cfg.d_rec], e_BxTxD [B, T, d = cfg.d_model] -> [B, T, r].
@@ -94,13 +95,13 @@ class Injection(nn.Module):
             return x_BxTxR + e_BxTxD
         if cfg.injection == "linear":  # the official W is [r, r + d] applied to concat([x, e])
             std = math.sqrt(2.0 / (5.0 * d))
-            return nn.Dense(r, use_bias=False, dtype=dtype, name="adapter",
-                            kernel_init=nn.with_logical_partitioning(trunc_normal(std), ("concat_embed", "state")))(
+            return matmul.Dense(r, dtype=dtype, name="adapter",
+                         kernel_init=nn.with_logical_partitioning(trunc_normal(std), ("concat_embed", "state")))(
                 jnp.concatenate([x_BxTxR, e_BxTxD.astype(x_BxTxR.dtype)], axis=-1))
         A_log = self.param("A_log", nn.with_logical_partitioning(nn.initializers.zeros, ("state",)), (r,), jnp.float32)
         dt_bias = self.param("dt_bias", nn.with_logical_partitioning(nn.initializers.constant(DT_BIAS_INIT), ("state",)),
                              (r,), jnp.float32)
         B = self.param("B", nn.with_logical_partitioning(identity_or_orthogonal, ("embed", "state")), (d, r), jnp.float32)
         decay, dt = diagonal_coefficients(A_log, dt_bias)
-        Be = jnp.einsum("btd,dr->btr", e_BxTxD.astype(dtype), B.astype(dtype))
+        Be = matmul.einsum("btd,dr->btr", e_BxTxD, B, dtype)
         return decay * x_BxTxR + dt * Be

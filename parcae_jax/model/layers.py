@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from parcae_jax.model import matmul
 from parcae_jax.model.attention import Attention, Rope
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init
@@ -45,10 +46,10 @@ class MLP(nn.Module):
     def __call__(self, x_BxTxW: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.compute_dtype)
         std = math.sqrt(2.0 / (5.0 * self.width))
-        h = nn.Dense(self.d_mlp, use_bias=False, dtype=dtype, name="fc",
+        h = matmul.Dense(self.d_mlp, dtype=dtype, name="fc",
                      kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal), ("embed", "mlp")))(x_BxTxW)
         h = nn.with_logical_constraint(relu2(h), ("batch", "length", "mlp"))
-        return nn.Dense(self.width, use_bias=False, dtype=dtype, name="proj",
+        return matmul.Dense(self.width, dtype=dtype, name="proj",
                         kernel_init=nn.with_logical_partitioning(matrix_init(0.0, self.cfg.init_orthogonal), ("mlp", "embed")))(h)
 
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from parcae_jax.model import matmul
 from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
@@ -69,9 +70,9 @@ class Parcae(nn.Module):
         x = recur(core, x, e, rope_core, core_ves, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
         self.sow("intermediates", "state", x)
 
-        y = nn.Dense(cfg.d_model, use_bias=False, dtype=jnp.dtype(cfg.compute_dtype), name="C",
-                     kernel_init=nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal),
-                                                              ("state", "embed")))(x)
+        y = matmul.Dense(cfg.d_model, dtype=cfg.compute_dtype, name="C",
+                  kernel_init=nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal),
+                                                           ("state", "embed")))(x)
         for s in (s for s in specs if s.segment == "coda"):
             y = Block(s, cfg, name=f"coda_{s.index}")(y, rope_main, ve_of(s), segment_ids_BxT)
         y = RMSNorm(cfg.norm_eps, name="ln_f")(y)

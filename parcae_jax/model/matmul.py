@@ -1,0 +1,82 @@
+"""Every matmul of the model: inputs in the compute dtype, float32 accumulation and output,
+forward and backward.
+
+With a 16-bit compute dtype, autodiff of `einsum(..., preferred_element_type=float32)` would
+give backward dots with one float32 operand (the cotangent), which XLA runs as float32 dots:
+the backward pass, two thirds of a step's FLOPs, would gain nothing. The custom VJP below
+casts the cotangent to the compute dtype too, so all three dots of a matmul (y, dx, dw) are
+16-bit x 16-bit -> float32. CPUs with AVX512-BF16 run those at about twice their float32
+rate (README "Performance"); GPUs and TPUs run them on their matrix units. Parameters,
+cotangents and everything between matmuls (norms, softmax, RoPE, the loss) stay float32, and
+the residuals kept for the backward pass are the 16-bit copies (half the bytes).
+
+With float32 it is a plain float32 einsum, exactly the dot XLA would emit otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` computed in `dtype` with float32 accumulation; returns float32.
+
+    `spec` is a two-operand einsum without ellipses in which every index of an operand appears
+    in the other operand or the output (true of every projection and attention product), so
+    that the backward products are einsums too.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
+    return _low_precision(spec, dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
+
+
+def backward_specs(spec: str) -> tuple[str, str]:
+    """The einsums of the two cotangents: (dy, w -> dx) and (x, dy -> dw)."""
+    inputs, out = spec.replace(" ", "").split("->")
+    a, b = inputs.split(",")
+    for name, operand, others in (("x", a, b + out), ("w", b, a + out)):
+        if set(operand) - set(others):
+            raise ValueError(f"einsum {spec!r}: an index of {name} appears nowhere else; sum it out first")
+    return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _low_precision(spec, dtype, x_dtype, w_dtype, x, w):
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _fwd(spec, dtype, x_dtype, w_dtype, x, w):
+    x16, w16 = x.astype(dtype), w.astype(dtype)
+    return jnp.einsum(spec, x16, w16, preferred_element_type=jnp.float32), (x16, w16)
+
+
+def _bwd(spec, dtype, x_dtype, w_dtype, residuals, g):
+    x16, w16 = residuals
+    g16 = g.astype(dtype)
+    dx_spec, dw_spec = backward_specs(spec)
+    dx = jnp.einsum(dx_spec, g16, w16, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(dw_spec, x16, g16, preferred_element_type=jnp.float32)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+_low_precision.defvjp(_fwd, _bwd)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (no bias) through einsum: `dtype` inputs, float32 accumulation
+    and output, float32 kernel named "kernel" as flax's Dense names it."""
+
+    features: int
+    kernel_init: object
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        lead = "ijklmn"[: x.ndim - 1]
+        return einsum(f"{lead}x,xy->{lead}y", x, kernel, self.dtype)
