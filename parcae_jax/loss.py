@@ -1,22 +1,14 @@
-"""Losses as pure functions of logits and targets."""
+"""Losses as pure functions of logits and targets (the per-token cross-entropy lives with
+the model's head, which can also compute it chunk by chunk: model/xent.py)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100  # the official ignore_index: targets < 0 carry no loss
+from parcae_jax.model.xent import IGNORE, token_cross_entropy
 
-
-def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(per-token loss [B, T] float32, mask [B, T] of real targets). Every vocab row,
-    padded ones included, takes part in the softmax, as in the official model."""
-    logits = logits_BxTxV.astype(jnp.float32)
-    mask = targets_BxT >= 0
-    safe = jnp.where(mask, targets_BxT, 0)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, lse - target_logit, 0.0), mask
+__all__ = ["IGNORE", "mean_cross_entropy", "token_cross_entropy"]
 
 
 def mean_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:

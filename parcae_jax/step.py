@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from parcae_jax.loss import token_cross_entropy
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.injection import spectral_radius
 from parcae_jax.model import init_params
@@ -60,9 +59,9 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
 
     def loss_sum(params, mb):
         extra = {"num_steps": (mb["n"], mb["k"]), "initial_state": mb["x0"]} if cfg.arch == "parcae" else {}
-        logits, inter = model.apply({"params": params}, mb["inputs"], mutable=["intermediates"],
-                                    segment_ids_BxT=mb["segment_ids"] if document_masking else None, **extra)
-        loss, mask = token_cross_entropy(logits, mb["targets"])
+        (loss, mask), inter = model.apply({"params": params}, mb["inputs"], mutable=["intermediates"],
+                                          segment_ids_BxT=mb["segment_ids"] if document_masking else None,
+                                          targets_BxT=mb["targets"], **extra)
         state = inter.get("intermediates", {}).get("state")  # GPT sows nothing
         state_norm = jnp.mean(jnp.linalg.norm(state[0], axis=-1)) if state else jnp.float32(0)
         return loss.sum(), (mask.sum(), state_norm)
@@ -124,9 +123,8 @@ def make_eval_step(model: nn.Module, *, seed: int, document_masking: bool = Fals
         if cfg.arch == "parcae":
             x0 = draw_initial_state(jax.random.fold_in(jax.random.key(seed), -1 % 2**31), (B, T, cfg.d_rec), cfg)
             extra = {"recurrence": recurrence, "initial_state": x0}
-        logits = model.apply({"params": params}, batch["inputs"],
-                             segment_ids_BxT=batch["segment_ids"] if document_masking else None, **extra)
-        loss, mask = token_cross_entropy(logits, batch["targets"])
+        loss, mask = model.apply({"params": params}, batch["inputs"], targets_BxT=batch["targets"],
+                                 segment_ids_BxT=batch["segment_ids"] if document_masking else None, **extra)
         return loss.sum(), mask.sum()
 
     return eval_step

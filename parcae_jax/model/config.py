@@ -79,6 +79,7 @@ class ModelConfig:
     init_orthogonal: bool = True
     # Execution.
     remat_policy: str = "full"  # per loop iteration; see REMAT_POLICIES
+    loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
     dtype: str = "auto"  # compute dtype (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     attention_impl: str = "xla"
     # The official config this model was converted from (JSON), so that save_reference can
@@ -198,6 +199,7 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
     need(cfg.logit_softcap is None or cfg.logit_softcap > 0,
          f"logit_softcap={cfg.logit_softcap} must be > 0, or None to disable it")
     need(cfg.logit_scale > 0 and cfg.emb_scale > 0, "logit_scale and emb_scale must be > 0")
+    need(cfg.loss_chunk >= 0, f"loss_chunk={cfg.loss_chunk} must be >= 0 (0: no chunking)")
     need(cfg.ve_gate_channels >= 1, f"ve_gate_channels={cfg.ve_gate_channels} must be >= 1")
     if cfg.arch == "gpt":
         need(cfg.n_layers >= 1, f"n_layers={cfg.n_layers} must be >= 1")

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from parcae_jax.model import matmul
+from parcae_jax.model import matmul, xent
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layout import table_widths
@@ -48,6 +48,10 @@ class ValueEmbeds(nn.Module):
 class LMHead(nn.Module):
     """float32 logits = (y @ W) * logit_scale, then the optional softcap cap * tanh(z / cap).
 
+    With `targets_BxT` it returns the per-token cross-entropy and its mask instead
+    (xent.py), computed `cfg.loss_chunk` positions at a time when that is > 0, so that the
+    [B, T, V] logits are never held whole.
+
     A tied head contracts with the [V, d] table directly rather than with its transpose:
     the table's gradient then comes out of the dot as [V, d]. With a transpose in between,
     XLA:CPU folds it into a bf16 x bf16 -> f32 dot layout its runtime cannot execute.
@@ -56,18 +60,25 @@ class LMHead(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, y_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
+    def __call__(self, y_BxTxD: jax.Array, embedding_VxD: jax.Array, targets_BxT: jax.Array | None = None):
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.compute_dtype)
-        if cfg.tie_embeddings:  # the [V, d] table itself (class docstring)
-            logits = matmul.einsum("btd,vd->btv", y_BxTxD, embedding_VxD, dtype)
+        if cfg.tie_embeddings:
+            spec, kernel = "btd,vd->btv", embedding_VxD
         else:
-            kernel_DxV = self.param(
+            spec, kernel = "btd,dv->btv", self.param(
                 "kernel", nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("embed", "vocab")),
                 (cfg.d_model, cfg.padded_vocab_size), jnp.float32)
-            logits = matmul.einsum("btd,dv->btv", y_BxTxD, kernel_DxV, dtype)
-        if cfg.logit_scale != 1.0:
-            logits = logits * cfg.logit_scale
-        if cfg.logit_softcap is not None:
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+        def logits_fn(y):
+            logits = matmul.einsum(spec, y, kernel, cfg.compute_dtype)
+            if cfg.logit_scale != 1.0:
+                logits = logits * cfg.logit_scale
+            if cfg.logit_softcap is not None:
+                logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+            return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+        if targets_BxT is None:
+            return logits_fn(y_BxTxD)
+        if cfg.loss_chunk:
+            return xent.chunked_token_cross_entropy(y_BxTxD, logits_fn, targets_BxT, cfg.loss_chunk)
+        return xent.token_cross_entropy(logits_fn(y_BxTxD), targets_BxT)

@@ -14,7 +14,8 @@ from parcae_jax.model.layout import block_specs
 
 class GPT(nn.Module):
     """Embedding -> n_layers blocks -> ln_f -> head. Takes Parcae's call signature and
-    ignores `recurrence`, `initial_state` and `num_steps`. Returns float32 logits [B, T, V].
+    ignores `recurrence`, `initial_state` and `num_steps`. Returns float32 logits [B, T, V]
+    (or, given `targets_BxT`, the per-token loss and mask as Parcae does).
 
     Unlike the official GPT, whose eval path skips `logit_scale` and whose training
     head skips the softcap, both are applied here as configured (published configs use
@@ -25,7 +26,7 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
-                 segment_ids_BxT=None, positions=None):
+                 segment_ids_BxT=None, positions=None, targets_BxT=None):
         del recurrence, initial_state, num_steps
         cfg = self.cfg
         T = input_ids_BxT.shape[1]
@@ -37,4 +38,4 @@ class GPT(nn.Module):
         for s in specs:
             h = Block(s, cfg, name=f"block_{s.index}")(h, rope, ves[s.table] if s.applies_ve else None, segment_ids_BxT)
         h = RMSNorm(cfg.norm_eps, name="ln_f")(h)
-        return LMHead(cfg, name="lm_head")(h, table)
+        return LMHead(cfg, name="lm_head")(h, table, targets_BxT)

@@ -27,7 +27,8 @@ class Parcae(nn.Module):
 
     x0 is `initial_state` ([B, T, d_rec]; zeros may be omitted with state_init='zero').
     The model draws nothing itself: the same inputs always give the same logits.
-    Returns float32 logits [B, T, V]. Sows `prelude_out`, `state` (after the loop),
+    Returns float32 logits [B, T, V], or with `targets_BxT` the per-token cross-entropy and
+    its mask ([B, T] each; chunked by cfg.loss_chunk, see LMHead). Sows `prelude_out`, `state` (after the loop),
     `n_steps` and `k_steps` into the `intermediates` collection.
     """
 
@@ -35,7 +36,7 @@ class Parcae(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
-                 segment_ids_BxT=None, positions=None):
+                 segment_ids_BxT=None, positions=None, targets_BxT=None):
         cfg = self.cfg
         B, T = input_ids_BxT.shape
         specs = block_specs(cfg)
@@ -76,7 +77,7 @@ class Parcae(nn.Module):
         for s in (s for s in specs if s.segment == "coda"):
             y = Block(s, cfg, name=f"coda_{s.index}")(y, rope_main, ve_of(s), segment_ids_BxT)
         y = RMSNorm(cfg.norm_eps, name="ln_f")(y)
-        return LMHead(cfg, name="lm_head")(y, table)
+        return LMHead(cfg, name="lm_head")(y, table, targets_BxT)
 
     def _schedule(self, B: int, recurrence, num_steps):
         cfg = self.cfg

@@ -1,0 +1,79 @@
+"""Chunked cross-entropy (model/xent.py): equal to the full one in value and gradient, and the
+[B, T, V] logits are really gone from the compiled step (XLA's memory analysis)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parcae_jax import model as M
+from parcae_jax.model.xent import IGNORE, chunked_token_cross_entropy, token_cross_entropy
+from parcae_jax.model.recurrence import draw_loop_inputs
+from tests.helpers import tiny
+
+
+def _head(W_DxV, cap=None):
+    def logits_fn(y):
+        z = jnp.einsum("btd,dv->btv", y, W_DxV) * 1.5
+        return z if cap is None else cap * jnp.tanh(z / cap)
+    return logits_fn
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 23), chunk=st.integers(1, 9), cap=st.sampled_from([None, 3.0]), seed=st.integers(0, 99))
+def test_chunked_equals_full_in_value_and_gradient(T, chunk, cap, seed):
+    rng = np.random.default_rng(seed)
+    B, D, V = 2, 8, 13
+    y = rng.normal(size=(B, T, D)).astype(np.float32)
+    W = rng.normal(size=(D, V)).astype(np.float32)
+    t = rng.integers(0, V, (B, T)).astype(np.int32)
+    t[rng.random((B, T)) < 0.2] = IGNORE
+
+    def total(fn, y, W):
+        loss, mask = fn(y, W)
+        return loss.sum(), (loss, mask)
+
+    full = lambda y, W: token_cross_entropy(_head(W, cap)(y), t)  # noqa: E731
+    chunked = lambda y, W: chunked_token_cross_entropy(y, _head(W, cap), t, chunk)  # noqa: E731
+    (_, (l1, m1)), g1 = jax.value_and_grad(lambda y, W: total(full, y, W), (0, 1), has_aux=True)(y, W)
+    (_, (l2, m2)), g2 = jax.value_and_grad(lambda y, W: total(chunked, y, W), (0, 1), has_aux=True)(y, W)
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grad(cfg, B=2):
+    model = M.build(cfg)
+    params = nn.unbox(M.init_params(model, jax.random.key(0)))
+    ids = jax.random.randint(jax.random.key(1), (B, cfg.seq_len + 1), 0, cfg.vocab_size)
+    li = draw_loop_inputs(jax.random.key(2), B, cfg.seq_len, cfg)
+
+    def loss(p):
+        l, m = model.apply({"params": p}, ids[:, :-1], num_steps=(li["n"], li["k"]), initial_state=li["x0"],
+                           targets_BxT=ids[:, 1:])
+        return l.sum() / m.sum()
+
+    return jax.jit(jax.value_and_grad(loss)), params
+
+
+def test_model_loss_is_the_same_chunked_or_not_and_the_logits_are_never_whole():
+    """The model's training loss and gradient with loss_chunk=16 equal the unchunked ones; the
+    compiled gradient's temporaries shrink by at least the [B, T, V] float32 logits less the
+    one chunk it still holds (a vocabulary large enough that the logits dominate)."""
+    base = tiny(vocab_size=8192, seq_len=64, block_size=64)
+    results, temp = {}, {}
+    for chunk in (0, 16):
+        fn, params = _loss_and_grad(base.replace(loss_chunk=chunk))
+        results[chunk] = fn(params)
+        temp[chunk] = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+    (l0, g0), (l1, g1) = results[0], results[16]
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    logits_bytes = 2 * 64 * base.padded_vocab_size * 4
+    assert temp[0] - temp[16] >= logits_bytes * (1 - 16 / 64), (temp, logits_bytes)
