@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parcae_jax.model import matmul
+from parcae_jax.model import attention_kernels, matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init, torch_linear_default
 from parcae_jax.model.layout import BlockSpec
@@ -74,7 +74,12 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
                           bounded: bool = False, dtype=jnp.float32):
     """Softmax(q k^T / sqrt(D)) v with a causal mask; query head h reads kv head h // (H/G).
 
-    Heads-first, and the softmax denominator applied after the value matmul: XLA:CPU
+    q [B,T,H,D], k/v [B,T,G,D] float32; tokens attend only within their document when
+    `segment_ids_BxT` is given. Returns float32 [B,T,H,D]. `impl` is model.attention_impl:
+    "cudnn" and "splash" run the fused kernels of attention_kernels.py, "auto" picks one for
+    the backend at trace time, "xla" (and the fallback of "auto") is the path below.
+
+    XLA path: heads-first, and the softmax denominator applied after the value matmul: XLA:CPU
     otherwise fuses the normalisation into that matmul and runs it ~3x slower. Both products
     run in `dtype` with float32 accumulation (matmul.einsum); the softmax is float32. `bounded`:
     q and k are RMS-normalised, so |q.k| / sqrt(D) <= sqrt(D) and exp cannot overflow; the
@@ -82,9 +87,14 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     """
     B, T, H, D = q_BxTxHxD.shape
     G = k_BxTxGxD.shape[2]
-    if impl == "cudnn" and segment_ids_BxT is None:
-        return jax.nn.dot_product_attention(q_BxTxHxD.astype(dtype), k_BxTxGxD.astype(dtype), v_BxTxGxD.astype(dtype),
-                                            is_causal=True, implementation="cudnn").astype(jnp.float32)
+    impl = attention_kernels.resolve_impl(impl, dtype, D, T, segment_ids_BxT is not None)
+    emulate = attention_kernels.emulating()  # tests on CPU: the same wrappers, runnable anywhere
+    if impl == "cudnn":
+        return attention_kernels.cudnn_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype,
+                                                 implementation="xla" if emulate else "cudnn")
+    if impl == "splash":
+        return attention_kernels.splash_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype,
+                                                  interpret=emulate)
     q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
     mask = attention_mask(T, segment_ids_BxT)
     # Causal block skipping: query chunk c only reads keys up to its own end (T=256 in two
@@ -186,6 +196,8 @@ class Attention(nn.Module):
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        y = dot_product_attention(q, k, v, segment_ids_BxT, cfg.attention_impl, bounded=cfg.qk_norm, dtype=dtype)
+        # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
+        impl = "xla" if self.is_initializing() else cfg.attention_impl
+        y = dot_product_attention(q, k, v, segment_ids_BxT, impl, bounded=cfg.qk_norm, dtype=dtype)
         Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
         return matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)

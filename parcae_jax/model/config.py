@@ -24,7 +24,9 @@ REMAT_POLICIES = {
     "none": None,
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on accelerators, float32 on CPU
-ATTENTION_IMPLS = ("xla", "cudnn")
+# xla: the portable path (default); cudnn: flash attention on NVIDIA GPUs; splash: Pallas kernel
+# on TPUs; auto: cudnn on GPU, splash on TPU, xla elsewhere (model/attention_kernels.py).
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 
 
 class ConfigError(ValueError):
