@@ -79,6 +79,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     if cfg.arch == "gpt":
         out["flops_per_token"] = 3 * outside
         out["forward_flops_per_token"] = outside
+        out["remat_recompute_flops_per_token"] = _block_recompute(cfg, T)
         return out
     r, d = cfg.d_rec, cfg.d_model
     outside += 2 * r * d  # C
@@ -89,8 +90,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     out["flops_per_token"] = 3 * outside + iteration * (n + 3 * k)
     out["forward_flops_per_token"] = outside + iteration * cfg.mean_recurrence
     out["forward_flops_per_token_per_iteration"] = iteration
-    out["remat_recompute_flops_per_token"] = iteration * k if REMAT_POLICIES[cfg.remat_policy] is not None else 0
+    out["remat_recompute_flops_per_token"] = (iteration * k if REMAT_POLICIES[cfg.remat_policy] is not None else 0) \
+        + _block_recompute(cfg, T)
     return out
+
+
+def _block_recompute(cfg: ModelConfig, T: int) -> float:
+    """The forward of every prelude, coda or GPT block again in the backward under block_remat
+    (an upper bound for the dots policies, which keep the matmul outputs)."""
+    if REMAT_POLICIES[cfg.block_remat] is None:
+        return 0
+    return sum(block_forward_flops(s, cfg, T) for s in block_specs(cfg) if s.segment != "core")
 
 
 def describe(cfg: ModelConfig) -> dict[str, Any]:

@@ -15,8 +15,9 @@ INJECTIONS = ("diagonal", "linear", "add")
 STATE_INITS = ("like-init", "normal", "embed", "zero", "unit")
 SAMPLING_SCHEMES = ("poisson-truncated-full", "fixed")
 SAMPLING_UNITS = ("per-sequence", "per-batch")
-# What one loop iteration keeps for the backward pass: a jax.checkpoint_policies name per
-# choice ("none": no rematerialisation, everything is saved).
+# What one loop iteration (remat_policy) or one block outside the loop (block_remat) keeps for
+# the backward pass: a jax.checkpoint_policies name per choice ("none": no rematerialisation,
+# everything is saved).
 REMAT_POLICIES = {
     "full": "nothing_saveable",
     "dots": "checkpoint_dots",
@@ -81,6 +82,7 @@ class ModelConfig:
     init_orthogonal: bool = True
     # Execution.
     remat_policy: str = "full"  # per loop iteration; see REMAT_POLICIES
+    block_remat: str = "none"  # per prelude, coda and GPT block; see REMAT_POLICIES
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
     dtype: str = "auto"  # compute dtype (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     attention_impl: str = "xla"
@@ -183,6 +185,7 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         ("sampling_scheme", SAMPLING_SCHEMES),
         ("sampling_unit", SAMPLING_UNITS),
         ("remat_policy", REMAT_POLICIES),
+        ("block_remat", REMAT_POLICIES),
         ("dtype", DTYPES),
         ("attention_impl", ATTENTION_IMPLS),
     ):

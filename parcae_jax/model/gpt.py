@@ -8,7 +8,7 @@ import numpy as np
 from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
-from parcae_jax.model.layers import Block, RMSNorm
+from parcae_jax.model.layers import RMSNorm, block_class
 from parcae_jax.model.layout import block_specs
 
 
@@ -31,11 +31,12 @@ class GPT(nn.Module):
         cfg = self.cfg
         T = input_ids_BxT.shape[1]
         specs = block_specs(cfg)
+        block = block_class(cfg)
         positions = np.arange(T) if positions is None else positions
         rope = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
         h, table = TokenEmbed(cfg, name="embed")(input_ids_BxT)
         ves = ValueEmbeds(cfg, name="value_embeds")(input_ids_BxT, tuple(s.table for s in specs if s.applies_ve))
         for s in specs:
-            h = Block(s, cfg, name=f"block_{s.index}")(h, rope, ves[s.table] if s.applies_ve else None, segment_ids_BxT)
+            h = block(s, cfg, name=f"block_{s.index}")(h, rope, ves[s.table] if s.applies_ve else None, segment_ids_BxT)
         h = RMSNorm(cfg.norm_eps, name="ln_f")(h)
         return LMHead(cfg, name="lm_head")(h, table, targets_BxT)

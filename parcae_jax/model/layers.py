@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from parcae_jax.model import matmul
 from parcae_jax.model.attention import Attention, Rope
-from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layout import BlockSpec
 
@@ -68,3 +68,13 @@ class Block(nn.Module):
             RMSNorm(eps, name="norm_1")(x_BxTxW), rope, ve_BxTxK, segment_ids_BxT)
         x_BxTxW = x_BxTxW + MLP(self.spec.width, self.spec.d_mlp, self.cfg, name="mlp")(RMSNorm(eps, name="norm_2")(x_BxTxW))
         return nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
+
+
+def block_class(cfg: ModelConfig) -> type[Block]:
+    """Block, rematerialised under cfg.block_remat's policy unless that is "none": the
+    backward pass then recomputes what the policy did not save, in exchange for not holding
+    each block's activations. Parameter names are unchanged (a checkpoint restores either way)."""
+    policy = REMAT_POLICIES[cfg.block_remat]
+    if policy is None:
+        return Block
+    return nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy))

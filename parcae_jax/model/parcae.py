@@ -11,7 +11,7 @@ from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
 from parcae_jax.model.init import matrix_init
-from parcae_jax.model.layers import Block, RMSNorm
+from parcae_jax.model.layers import RMSNorm, block_class
 from parcae_jax.model.layout import block_specs
 from parcae_jax.model.recurrence import CoreStep, recur
 
@@ -40,6 +40,7 @@ class Parcae(nn.Module):
         cfg = self.cfg
         B, T = input_ids_BxT.shape
         specs = block_specs(cfg)
+        block = block_class(cfg)
         positions = np.arange(T) if positions is None else positions
         rope_main = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
         rope_core = rope_main if cfg.rec_head_dim == cfg.head_dim else rope_angles(
@@ -50,7 +51,7 @@ class Parcae(nn.Module):
         ve_of = lambda s: ves[s.table] if s.applies_ve else None  # noqa: E731
 
         for s in (s for s in specs if s.segment == "prelude"):
-            h = Block(s, cfg, name=f"prelude_{s.index}")(h, rope_main, ve_of(s), segment_ids_BxT)
+            h = block(s, cfg, name=f"prelude_{s.index}")(h, rope_main, ve_of(s), segment_ids_BxT)
         e = RMSNorm(cfg.norm_eps, name="ln_prelude")(h) if cfg.prelude_norm else h
         self.sow("intermediates", "prelude_out", e)
 
@@ -75,7 +76,7 @@ class Parcae(nn.Module):
                   kernel_init=nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal),
                                                            ("state", "embed")))(x)
         for s in (s for s in specs if s.segment == "coda"):
-            y = Block(s, cfg, name=f"coda_{s.index}")(y, rope_main, ve_of(s), segment_ids_BxT)
+            y = block(s, cfg, name=f"coda_{s.index}")(y, rope_main, ve_of(s), segment_ids_BxT)
         y = RMSNorm(cfg.norm_eps, name="ln_f")(y)
         return LMHead(cfg, name="lm_head")(y, table, targets_BxT)
 
