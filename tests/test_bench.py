@@ -30,3 +30,36 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs():
     for kind in ("fp32", "bf16"):
         assert out[f"roof_{kind}_flops_per_sec"] > 0
         assert math.isclose(out[f"executed_fraction_of_{kind}_roof"], executed / out[f"roof_{kind}_flops_per_sec"])
+
+
+def test_published_peaks_name_the_chip_or_nothing():
+    assert roof.published_bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert roof.published_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert roof.published_bf16_peak("TPU v5 lite") == 197e12
+    assert roof.published_bf16_peak("TPU v5p") == 459e12
+    assert roof.published_bf16_peak("cpu") is None
+
+
+def test_accelerator_check_runs_end_to_end_at_toy_shapes(tmp_path):
+    """launch/bench_accelerator.sh --smoke: the same commands as on a GPU, at toy shapes; one
+    JSON line per model, appended to $OUT; on CPU there is no published peak or allocator."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on the accelerator
+    env.update(OUT=str(tmp_path / "out.jsonl"), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(repo / "launch/bench_accelerator.sh"), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["config"] for x in lines] == ["140m", "370m"]
+    for x in lines:
+        assert x["tokens_per_sec"] > 0 and x["compile_s"] > 0 and x["dtype"] == "bfloat16"
+        assert x["mfu"] is None and x["peak_bytes_in_use"] is None
+    bad = subprocess.run(["bash", str(repo / "launch/bench_accelerator.sh"), "--fast"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr

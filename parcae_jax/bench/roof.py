@@ -17,6 +17,19 @@ import jax.numpy as jnp
 # Square GEMM sizes: large enough to reach the roof, small enough to take about a second.
 SIZES = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
+# Published dense bf16 peak FLOP/s per chip, for MFU: (substring of jax's device_kind, peak).
+# First match wins, so the more specific names come first.
+PUBLISHED_BF16_PEAKS = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L4", 121e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v4", 275e12),
+)
+
+
+def published_bf16_peak(device_kind: str) -> float | None:
+    """The vendor's dense bf16 FLOP/s for one chip of this kind; None if unknown (CPUs)."""
+    return next((peak for name, peak in PUBLISHED_BF16_PEAKS if name.lower() in device_kind.lower()), None)
+
 
 def gemm_flops_per_sec(dtype, n: int, repeats: int = 5, device=None) -> float:
     """Best-of-`repeats` FLOP/s of an [n, n] @ [n, n] product in `dtype`, accumulated in float32."""

@@ -5,7 +5,9 @@ synchronised), step_time_s, compile_s, temp_bytes (XLA's memory analysis of the
 compiled step), flops_per_token (describe.py), achieved_flops_per_sec (model FLOPs) and
 executed_flops_per_sec (plus rematerialisation), and the device. The matmul roofs are timed
 in the same process (roof.py): executed_fraction_of_fp32_roof and _of_bf16_roof are the
-machine-independent efficiency figures.
+machine-independent efficiency figures. On accelerators also `mfu` / `mfu_executed` (model
+and executed FLOPs over the vendor's dense bf16 peak, roof.PUBLISHED_BF16_PEAKS) and
+`peak_bytes_in_use` (the device allocator's high-water mark over compile and steps).
 
 With `bench.compile_only=True` nothing is allocated: the sharded step is lowered from
 abstract shapes and compiled ahead of time, and the JSON gives XLA's per-device memory
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parcae_jax.bench.roof import measure_roof
+from parcae_jax.bench.roof import measure_roof, published_bf16_peak
 from parcae_jax.checkpoint import abstract_with_shardings
 from parcae_jax.describe import flops_per_token
 from parcae_jax.train import Trainer
@@ -92,12 +94,18 @@ def bench(config, run: Run) -> dict:
     fpt = flops["flops_per_token"]
     executed = (fpt + flops.get("remat_recompute_flops_per_token", 0)) * tps  # what the machine ran
     roof = measure_roof()
+    peak = published_bf16_peak(jax.devices()[0].device_kind)
+    peak = peak * jax.device_count() if peak else None
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     return {
         "tokens_per_sec": tps, "step_time_s": step_time, "step_times_s": times[config.bench.warmup:],
         "compile_s": compile_s, "temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
         "flops_per_token": fpt, "achieved_flops_per_sec": fpt * tps, "executed_flops_per_sec": executed, **roof,
         "executed_fraction_of_fp32_roof": executed / roof["roof_fp32_flops_per_sec"],
-        "executed_fraction_of_bf16_roof": executed / roof["roof_bf16_flops_per_sec"], "dtype": run.model.dtype,
+        "executed_fraction_of_bf16_roof": executed / roof["roof_bf16_flops_per_sec"],
+        # MFU against the vendor's dense bf16 peak (accelerators): model FLOPs, and executed ones
+        "mfu": fpt * tps / peak if peak else None, "mfu_executed": executed / peak if peak else None,
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "dtype": run.model.dtype,
         "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "batch_size": B, "seq_len": T, "mean_recurrence": run.model.mean_recurrence,
         "mean_backprop_depth": run.model.mean_backprop_depth,

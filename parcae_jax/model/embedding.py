@@ -79,6 +79,6 @@ class LMHead(nn.Module):
 
         if targets_BxT is None:
             return logits_fn(y_BxTxD)
-        if cfg.loss_chunk:
+        if 0 < cfg.loss_chunk < y_BxTxD.shape[1]:
             return xent.chunked_token_cross_entropy(y_BxTxD, logits_fn, targets_BxT, cfg.loss_chunk)
         return xent.token_cross_entropy(logits_fn(y_BxTxD), targets_BxT)
