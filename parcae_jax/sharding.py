@@ -26,6 +26,7 @@ RULES = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("kv", "tensor"),
+    ("kv", "fsdp"),  # value-embedding tables [vocab, kv]: vocab took tensor; without this, FSDP replicates them
     ("embed", "fsdp"),
     ("state", "fsdp"),
     ("concat_embed", "fsdp"),
