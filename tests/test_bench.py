@@ -63,3 +63,28 @@ def test_accelerator_check_runs_end_to_end_at_toy_shapes(tmp_path):
     bad = subprocess.run(["bash", str(repo / "launch/bench_accelerator.sh"), "--fast"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_compile_only_estimate_equals_the_real_compiled_steps_temp_bytes():
+    """The memory table's numbers come from compile_only (abstract shapes, cheap compile
+    options); for a 2-layer model on a 1x4x2 mesh they equal XLA's analysis of the step
+    compiled for real arrays, as the training loop compiles it."""
+    import jax
+
+    from parcae_jax.bench.step import compile_only
+    from parcae_jax.train import Trainer
+    from tests.test_train import batch
+
+    config = small_config()
+    config.model.update(n_prelude=1, n_core=1, n_coda=1, loss_chunk=16)
+    config.mesh.shape = (1, 4, 2)
+    config.bench.compile_only = True
+    run = validate(config, check_data=False)
+    estimate = compile_only(config, run)
+    trainer = Trainer(config, run)
+    with trainer.context():
+        state = trainer.fresh_state()
+        real = trainer.train_step.lower(state, batch(trainer, T=run.model.seq_len)).compile().memory_analysis()
+    assert estimate["device_count"] == jax.device_count() == 8
+    assert estimate["temp_bytes"] == real.temp_size_in_bytes
+    assert estimate["argument_bytes"] == real.argument_size_in_bytes
