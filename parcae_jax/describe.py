@@ -25,6 +25,7 @@ import jax
 
 from parcae_jax.model import param_shapes
 from parcae_jax.model.attention import query_chunks
+from parcae_jax.model.attention_kernels import resolve_impl, splash_block
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.layout import BlockSpec, block_specs
 
@@ -48,10 +49,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
-    """Average number of keys a query's scores and values are computed for."""
-    if cfg.attention_impl == "cudnn":
+    """Average number of keys a query's scores and values are computed for, by the attention
+    this backend runs ("auto" resolved here): cuDNN skips every masked key (T/2), splash and
+    the XLA path skip whole blocks above the diagonal (T(n+1)/2n for n blocks)."""
+    impl = cfg.attention_impl
+    if impl == "auto":
+        impl = resolve_impl("auto", cfg.compute_dtype, cfg.head_dim, seq_len, False)
+    if impl == "cudnn":
         return seq_len / 2
-    n = query_chunks(seq_len)
+    n = seq_len // (splash_block(seq_len) or seq_len) if impl == "splash" else query_chunks(seq_len)
     return seq_len * (n + 1) / (2 * n)
 
 

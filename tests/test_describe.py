@@ -89,3 +89,15 @@ def test_flops_match_the_traced_matmuls(arch, T):
     assert got["flops_per_token"] == 3 * counted["outside"] + counted["loop"] * (n + 3 * k)
     assert got["forward_flops_per_token"] == counted["outside"] + 5 * counted["loop"]
     assert np.isclose(got["remat_recompute_flops_per_token"], k * counted["loop"])
+
+
+def test_keys_per_query_follows_the_attention_that_runs():
+    from parcae_jax.describe import keys_per_query
+    from parcae_jax.model.config import ModelConfig
+
+    cfg = ModelConfig(seq_len=2048)
+    assert keys_per_query(cfg.replace(attention_impl="cudnn"), 2048) == 1024
+    assert keys_per_query(cfg.replace(attention_impl="splash"), 2048) == 2048 * 5 / 8  # 4 tiles of 512
+    xla = keys_per_query(cfg.replace(attention_impl="xla"), 2048)
+    assert xla == 2048 * 9 / 16  # 8 query chunks
+    assert keys_per_query(cfg.replace(attention_impl="auto"), 2048) == xla  # auto is xla on CPU
