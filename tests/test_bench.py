@@ -88,3 +88,26 @@ def test_compile_only_estimate_equals_the_real_compiled_steps_temp_bytes():
     assert estimate["device_count"] == jax.device_count() == 8
     assert estimate["temp_bytes"] == real.temp_size_in_bytes
     assert estimate["argument_bytes"] == real.argument_size_in_bytes
+
+
+def test_memory_table_compiles_each_point_once_and_prints_the_table(tmp_path):
+    """One point (the tiny config on the 8xH100 layout) through the real subprocess path; the
+    second run finds it in the JSON and compiles nothing."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "table.json"
+    cmd = [sys.executable, "-m", "parcae_jax.bench.memory_table", "--targets=8xH100", "--configs=tiny",
+           f"--output={out}"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (point,) = json.loads(out.read_text())
+    assert point["device_count"] == 8 and point["mesh"] == [1, 8, 1] and point["microbatches"] == 4
+    assert point["per_device_batch"] == 32 and point["temp_bytes"] > 0
+    assert "| tiny | 8xH100 | (1, 8, 1) | 32 (4) |" in first.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(out.read_text()) == [point]
+    assert not any(line.startswith("{") for line in again.stdout.splitlines())  # nothing recompiled
+    bad = subprocess.run([*cmd[:3], "--targets=v9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown --targets" in bad.stderr
