@@ -1,5 +1,7 @@
 """Small configs and tools shared by the tests."""
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from parcae_jax.model.config import ModelConfig
@@ -23,3 +25,27 @@ def get(tree, path):
     for p in path:
         tree = tree[p]
     return tree
+
+
+def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0):
+    """(jitted value_and_grad of the mean training loss, params) for a model of `cfg` on random
+    tokens, with loop inputs drawn as training draws them. `perturb` adds that much noise to
+    every weight (the zero-initialised output projections otherwise make blocks identities)."""
+    from parcae_jax import model as M
+    from parcae_jax.model.recurrence import draw_loop_inputs
+
+    model = M.build(cfg)
+    params = nn.unbox(M.init_params(model, jax.random.key(0)))
+    if perturb:
+        params = jax.tree.map(lambda p: p + perturb * jax.random.normal(jax.random.key(3), p.shape), params)
+    ids = jax.random.randint(jax.random.key(1), (B, cfg.seq_len + 1), 0, cfg.vocab_size)
+    extra = {}
+    if cfg.arch == "parcae":
+        li = draw_loop_inputs(jax.random.key(2), B, cfg.seq_len, cfg)
+        extra = {"num_steps": (li["n"], li["k"]), "initial_state": li["x0"]}
+
+    def loss(p):
+        losses, mask = model.apply({"params": p}, ids[:, :-1], targets_BxT=ids[:, 1:], **extra)
+        return losses.sum() / mask.sum()
+
+    return jax.jit(jax.value_and_grad(loss)), params

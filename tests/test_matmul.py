@@ -18,6 +18,7 @@ import pytest
 from parcae_jax import model as M
 from parcae_jax.model import matmul
 from parcae_jax.model.recurrence import draw_loop_inputs
+from tests.helpers import loss_and_grad
 
 
 def bf16_round(a) -> np.ndarray:
@@ -96,24 +97,12 @@ def test_bench_step_gradient_in_bf16_is_within_two_percent_of_float32():
     norm (0.8% measured at the bench's batch 8 x 256) and no tensor's gradient by more than 5%
     (1.6% measured)."""
     from parcae_jax.defaults import load_shipped
-    from parcae_jax.loss import mean_cross_entropy
 
     base = M.ModelConfig.from_mapping(load_shipped("bench_cpu").model).replace(seq_len=128)
-    B, T = 2, base.seq_len
-    ids = jax.random.randint(jax.random.key(2), (B, T + 1), 0, base.vocab_size)
     grads = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = base.replace(dtype=dtype)
-        model = M.build(cfg)
-        params = nn.unbox(M.init_params(model, jax.random.key(0)))
-        params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(3), p.shape), params)
-        li = draw_loop_inputs(jax.random.key(1), B, T, cfg)
-
-        def loss(p):
-            logits = model.apply({"params": p}, ids[:, :-1], num_steps=(li["n"], li["k"]), initial_state=li["x0"])
-            return mean_cross_entropy(logits, ids[:, 1:])
-
-        grads[dtype] = jax.jit(jax.grad(loss))(params)
+        fn, params = loss_and_grad(base.replace(dtype=dtype), B=2, perturb=0.01)
+        grads[dtype] = fn(params)[1]
     flat32, flat16 = (jax.tree.leaves(grads[d]) for d in ("float32", "bfloat16"))
     a = jnp.concatenate([g.ravel() for g in flat32])
     b = jnp.concatenate([g.ravel() for g in flat16])

@@ -5,33 +5,17 @@ activations."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from parcae_jax import model as M
 from parcae_jax.describe import flops_per_token
-from parcae_jax.model.recurrence import draw_loop_inputs
-from tests.helpers import tiny
+from tests.helpers import loss_and_grad, tiny
 
 
 def _grad_fn(cfg, B=2):
-    model = M.build(cfg)
-    params = nn.unbox(M.init_params(model, jax.random.key(0)))
-    # perturb the zero-initialised output projections, or every block is the identity
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), params)
-    ids = jax.random.randint(jax.random.key(1), (B, cfg.seq_len + 1), 0, cfg.vocab_size)
-    extra = {}
-    if cfg.arch == "parcae":
-        li = draw_loop_inputs(jax.random.key(2), B, cfg.seq_len, cfg)
-        extra = {"num_steps": (li["n"], li["k"]), "initial_state": li["x0"]}
-
-    def loss(p):
-        l, m = model.apply({"params": p}, ids[:, :-1], targets_BxT=ids[:, 1:], **extra)
-        return l.sum() / m.sum()
-
-    return jax.jit(jax.value_and_grad(loss)), params
+    return loss_and_grad(cfg, B, perturb=0.02)
 
 
 @pytest.mark.parametrize("arch", ["parcae", "gpt"])

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parcae_jax import model as M
 from parcae_jax.model.xent import IGNORE, chunked_token_cross_entropy, token_cross_entropy
-from parcae_jax.model.recurrence import draw_loop_inputs
-from tests.helpers import tiny
+from tests.helpers import loss_and_grad, tiny
 
 
 def _head(W_DxV, cap=None):
@@ -47,20 +44,6 @@ def test_chunked_equals_full_in_value_and_gradient(T, chunk, cap, seed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _loss_and_grad(cfg, B=2):
-    model = M.build(cfg)
-    params = nn.unbox(M.init_params(model, jax.random.key(0)))
-    ids = jax.random.randint(jax.random.key(1), (B, cfg.seq_len + 1), 0, cfg.vocab_size)
-    li = draw_loop_inputs(jax.random.key(2), B, cfg.seq_len, cfg)
-
-    def loss(p):
-        l, m = model.apply({"params": p}, ids[:, :-1], num_steps=(li["n"], li["k"]), initial_state=li["x0"],
-                           targets_BxT=ids[:, 1:])
-        return l.sum() / m.sum()
-
-    return jax.jit(jax.value_and_grad(loss)), params
-
-
 def test_model_loss_is_the_same_chunked_or_not_and_the_logits_are_never_whole():
     """The model's training loss and gradient with loss_chunk=16 equal the unchunked ones; the
     compiled gradient's temporaries shrink by at least the [B, T, V] float32 logits less the
@@ -68,7 +51,7 @@ def test_model_loss_is_the_same_chunked_or_not_and_the_logits_are_never_whole():
     base = tiny(vocab_size=8192, seq_len=64, block_size=64)
     results, temp = {}, {}
     for chunk in (0, 16):
-        fn, params = _loss_and_grad(base.replace(loss_chunk=chunk))
+        fn, params = loss_and_grad(base.replace(loss_chunk=chunk))
         results[chunk] = fn(params)
         temp[chunk] = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
     (l0, g0), (l1, g1) = results[0], results[16]

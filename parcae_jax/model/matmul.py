@@ -47,7 +47,7 @@ def backward_specs(spec: str) -> tuple[str, str]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _low_precision(spec, dtype, x_dtype, w_dtype, x, w):
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _fwd(spec, dtype, x_dtype, w_dtype, x, w)[0]
 
 
 def _fwd(spec, dtype, x_dtype, w_dtype, x, w):
