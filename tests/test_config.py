@@ -110,3 +110,20 @@ def test_cli_rejects_a_config_file_that_fails_in_python_with_one_line(tmp_path, 
     out = run_main(f"--config={tmp_path / 'broken.py'}{arg}", "--mode=describe")
     assert out.returncode == 2
     assert out.stdout == "" and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_dtype_fast_is_bf16_exactly_where_the_cpu_has_bf16_dot_instructions(tmp_path):
+    from parcae_jax.model.config import cpu_has_bf16_dots, resolve_dtype
+
+    flags = "fpu vme sse2 avx2 avx512f avx512bw avx512_vnni"
+    for extra, expected in (("", False), (" avx512_bf16", True), (" amx_bf16 amx_tile", True)):
+        info = tmp_path / f"cpuinfo{len(extra)}"
+        info.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}{extra}\n\n")
+        assert cpu_has_bf16_dots(str(info)) is expected, extra
+    assert cpu_has_bf16_dots(str(tmp_path / "missing")) is False  # macOS: no /proc/cpuinfo
+    # on this machine (CPU backend): "fast" follows the flags, "auto" stays float32, and a run
+    # records the resolved dtype
+    fast = "bfloat16" if cpu_has_bf16_dots() else "float32"
+    assert (resolve_dtype("fast"), resolve_dtype("auto"), resolve_dtype("float16")) == (fast, "float32", "float16")
+    assert ModelConfig.from_mapping({**TINY, "dtype": "fast"}).dtype == fast
+    assert load("tiny").model.dtype == load("bench_cpu").model.dtype == "fast"

@@ -19,8 +19,10 @@ from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate
 from tests.conftest import ROOT
 
+# float32 compute (the tiny config says "fast": bf16 on CPUs with BF16 instructions), so that
+# the equivalence checks below are about sharding and accumulation, not bf16 roundings.
 SMALL = dict(d_model=32, n_heads=2, n_kv_heads=2, d_mlp=64, d_rec=32, d_rec_mlp=64, n_rec_heads=2,
-             block_size=32, seq_len=32, mean_recurrence=3, mean_backprop_depth=2)
+             block_size=32, seq_len=32, mean_recurrence=3, mean_backprop_depth=2, dtype="float32")
 
 
 def small_config(**train):

@@ -7,6 +7,7 @@ Field names are ours; `parcae_jax/convert.py` maps them to the official config f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -24,7 +25,10 @@ REMAT_POLICIES = {
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
     "none": None,
 }
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on accelerators, float32 on CPU
+# auto: bfloat16 on accelerators, float32 on CPU (exact and the same on every CPU).
+# fast: bfloat16 wherever its matmuls beat float32: accelerators and x86 CPUs with BF16 dot
+# instructions (AVX512-BF16 or AMX-BF16); float32 on other CPUs (resolve_dtype).
+DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
 # xla: the portable path (default); cudnn: flash attention on NVIDIA GPUs; splash: Pallas kernel
 # on TPUs; auto: cudnn on GPU, splash on TPU, xla elsewhere (model/attention_kernels.py).
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
@@ -84,7 +88,7 @@ class ModelConfig:
     remat_policy: str = "full"  # per loop iteration; see REMAT_POLICIES
     block_remat: str = "none"  # per prelude, coda and GPT block; see REMAT_POLICIES
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
-    dtype: str = "auto"  # compute dtype (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
+    dtype: str = "auto"  # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     attention_impl: str = "xla"
     # The official config this model was converted from (JSON), so that save_reference can
     # write back the fields parcae_jax does not model. Empty for models made here.
@@ -110,7 +114,7 @@ class ModelConfig:
 
     @property
     def compute_dtype(self) -> str:
-        """`dtype` with "auto" resolved for the backend JAX runs on."""
+        """`dtype` with "auto" / "fast" resolved for the machine JAX runs on."""
         return resolve_dtype(self.dtype)
 
     @property
@@ -127,7 +131,7 @@ class ModelConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         values = dict(values)
-        if "dtype" in values:  # a run records the dtype it computes in, not "auto"
+        if "dtype" in values:  # a run records the dtype it computes in, not "auto" / "fast"
             values["dtype"] = resolve_dtype(values["dtype"])
         for key, value in values.items():
             if key not in known:
@@ -144,12 +148,34 @@ class ModelConfig:
 
 
 def resolve_dtype(name: str) -> str:
-    """"auto" -> bfloat16 on accelerators, float32 on CPU; any other name unchanged."""
-    if name != "auto":
+    """"auto" -> bfloat16 on accelerators, float32 on CPU; "fast" -> bfloat16 on accelerators
+    and on CPUs with BF16 dot instructions, else float32; any other name unchanged."""
+    if name not in ("auto", "fast"):
         return name
     import jax  # here, so that configs can be read without initialising a backend
 
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if jax.default_backend() != "cpu":
+        return "bfloat16"
+    return "bfloat16" if name == "fast" and cpu_has_bf16_dots() else "float32"
+
+
+_BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names; XLA:CPU's bf16 dots use them
+
+
+@functools.cache
+def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86 CPU has BF16 dot-product instructions (Zen 4 and later, Cooper Lake,
+    Sapphire Rapids and later), where bf16 x bf16 -> f32 matmuls run at up to twice the
+    float32 rate. False where /proc/cpuinfo is missing (macOS) or names neither flag (Arm: a
+    BF16 extension exists, but its speed under XLA:CPU is unmeasured here)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in _BF16_DOT_FLAGS)
+    except OSError:
+        pass
+    return False
 
 
 def _coerce(prefix: str, key: str, type_name: str, value: Any) -> Any:
