@@ -123,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup=3,
         steps=10,
         compile_only=False,  # lower and compile the sharded step from abstract shapes; report memory, run nothing
+        breakdown_steps=0,  # >0: trace that many more steps and report where the time went (XLA:CPU)
     ))
     return config
 

@@ -4,6 +4,7 @@ import itertools
 import math
 
 import jax.numpy as jnp
+import pytest
 
 from parcae_jax.bench import bench
 from parcae_jax.bench import roof
@@ -18,9 +19,11 @@ def test_a_roof_is_2n3_flops_over_the_best_time(monkeypatch):
     assert roof.gemm_flops_per_sec(jnp.bfloat16, 64, repeats=3) == 2 * 64**3 / 0.5
 
 
-def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs():
+def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_time_went():
     config = small_config()
-    config.bench.update(warmup=1, steps=2)
+    config.optim.name = "adamw"  # Muon's orthogonalisation adds matmuls that describe does not count
+    config.model.sampling_scheme = "fixed"  # every step runs the mean depth, as describe counts
+    config.bench.update(warmup=1, steps=2, breakdown_steps=2)
     run = validate(config, check_data=False)
     out = bench(config, run)
     flops = flops_per_token(run.model)
@@ -30,6 +33,16 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs():
     for kind in ("fp32", "bf16"):
         assert out[f"roof_{kind}_flops_per_sec"] > 0
         assert math.isclose(out[f"executed_fraction_of_{kind}_roof"], executed / out[f"roof_{kind}_flops_per_sec"])
+    # The trace's matmuls, their FLOPs read off the compiled HLO's dot shapes, are the ones
+    # describe counts by formula (model plus recomputation), independently.
+    b = out["breakdown"]
+    per_step = executed / out["tokens_per_sec"] * config.train.batch_size * run.model.seq_len
+    assert b["kinds"]["matmul"]["gflop_per_step"] * 1e9 == pytest.approx(per_step, rel=0.05)
+    assert {"matmul", "elementwise", "collective"} <= set(b["kinds"])  # 8 fake devices: the gradient all-reduce
+    assert b["unattributed_ms_per_step"] < 0.01 * b["thread_ms_per_step"]
+    assert math.isclose(sum(k["share"] for k in b["kinds"].values()), 1.0)
+    assert 0 < b["busy_ms_per_step"] <= b["thread_ms_per_step"] * 1.0001
+    assert b["top_ops"] and all(op["kind"] in b["kinds"] for op in b["top_ops"])
 
 
 def test_published_peaks_name_the_chip_or_nothing():

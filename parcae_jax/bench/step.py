@@ -7,7 +7,9 @@ executed_flops_per_sec (plus rematerialisation), and the device. The matmul roof
 in the same process (roof.py): executed_fraction_of_fp32_roof and _of_bf16_roof are the
 machine-independent efficiency figures. On accelerators also `mfu` / `mfu_executed` (model
 and executed FLOPs over the vendor's dense bf16 peak, roof.PUBLISHED_BF16_PEAKS) and
-`peak_bytes_in_use` (the device allocator's high-water mark over compile and steps).
+`peak_bytes_in_use` (the device allocator's high-water mark over compile and steps). With
+`bench.breakdown_steps=N`, N more steps are traced and `breakdown` says where their time
+went (matmuls with their GFLOP/s, element-wise work, reductions, layout copies; breakdown.py).
 
 With `bench.compile_only=True` nothing is allocated: the sharded step is lowered from
 abstract shapes and compiled ahead of time, and the JSON gives XLA's per-device memory
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parcae_jax.bench.breakdown import breakdown
 from parcae_jax.bench.roof import measure_roof, published_bf16_peak
 from parcae_jax.checkpoint import abstract_with_shardings
 from parcae_jax.describe import flops_per_token
@@ -88,6 +91,13 @@ def bench(config, run: Run) -> dict:
             state, metrics = compiled(state, b)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - start)
+        traced = {}
+        if config.bench.breakdown_steps:  # after the timed steps, so the trace costs them nothing
+            def step():
+                nonlocal state
+                state, metrics = compiled(state, batch())
+                jax.block_until_ready(metrics["loss"])
+            traced = {"breakdown": breakdown(compiled, step, config.bench.breakdown_steps)}
     step_time = float(np.median(times[config.bench.warmup:]))
     tps = B * T / step_time
     flops = flops_per_token(run.model)
@@ -108,5 +118,5 @@ def bench(config, run: Run) -> dict:
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "dtype": run.model.dtype,
         "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "batch_size": B, "seq_len": T, "mean_recurrence": run.model.mean_recurrence,
-        "mean_backprop_depth": run.model.mean_backprop_depth,
+        "mean_backprop_depth": run.model.mean_backprop_depth, **traced,
     }
