@@ -1,7 +1,8 @@
 """Weights and configs to and from the official PyTorch format.
 
-A reference directory holds `model.safetensors` (official state_dict keys, torch `[out,
-in]` weights, a tied head stored once) and `config.json` (official config fields, at top
+A reference directory holds the weights (official state_dict keys, torch `[out, in]`
+weights, a tied head stored once) as `model.safetensors`, `pytorch_model.bin` or `model.pt`,
+or shards of either (weight_files.py), and `config.json` (official config fields, at top
 level or under `config`). `load_reference` gives `(ModelConfig, params)`; `save_reference`
 writes the same format back, loadable by the official `from_pretrained`.
 
@@ -24,6 +25,7 @@ from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.layout import block_specs
 from parcae_jax.reference_config import (FRESH_DEFAULTS, PARCAE_FRESH_DEFAULTS, ConversionError, config_from_reference,
                                          config_to_reference)
+from parcae_jax.weight_files import open_weights, weight_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,35 +99,40 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def load_reference(path: str) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params as a nested dict of float32 numpy arrays) from an official directory."""
-    from safetensors.numpy import load_file
-
-    for name in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise ConversionError(f"{path}: missing {name} (expected an official checkpoint directory)")
+    """(ModelConfig, params as a nested dict of float32 numpy arrays) from an official folder:
+    config.json plus safetensors, a PyTorch pickle (read without torch) or shards of either."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConversionError(f"{path}: missing config.json (expected an official checkpoint directory)")
     fields = _read_config(path)
     try:
         cfg = config_from_reference(fields)
     except (KeyError, TypeError, ValueError) as e:  # ConfigError (a ValueError) names the field already
         raise ConversionError(f"{path}/config.json: {e if not isinstance(e, KeyError) else f'no field {e}'}") from None
     cfg = dataclasses.replace(cfg, reference_config=json.dumps(fields, sort_keys=True))
-    try:
-        tensors = load_file(os.path.join(path, "model.safetensors"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
-        raise ConversionError(f"{path}/model.safetensors: not a readable safetensors file ({e})") from None
-    if "freqs_cis" in tensors and tensors["freqs_cis"].shape == rope_table(cfg).shape:
-        if np.max(np.abs(tensors["freqs_cis"] - rope_table(cfg))) > 1e-4:
+    tensors = open_weights(path)
+    source = weight_file(path)
+    from parcae_jax.model import param_shapes
+
+    shapes = param_shapes(cfg)
+    if "freqs_cis" in tensors:
+        freqs = tensors.pop("freqs_cis")()
+        if freqs.shape == rope_table(cfg).shape and np.max(np.abs(freqs - rope_table(cfg))) > 1e-4:
             raise ConversionError(f"{path}: freqs_cis does not match rope_base={cfg.rope_base}; unsupported RoPE table")
     params: dict = {}
     for entry in key_map(cfg):
         if entry.key not in tensors:
-            raise ConversionError(f"{path}: model.safetensors lacks {entry.key}")
-        w = np.asarray(tensors.pop(entry.key), np.float32)
+            raise ConversionError(f"{path}: {source} lacks {entry.key}; does config.json describe these weights?")
+        w = np.array(tensors.pop(entry.key)(), np.float32)  # one tensor at a time, copied out of the file
+        want = shapes
+        for p in entry.path:
+            want = want[p]
+        if w.size != math.prod(want.shape) or (not entry.linear and w.shape != tuple(want.shape)):
+            raise ConversionError(f"{path}: {entry.key} is {list(w.shape)} in {source}, but config.json gives a "
+                                  f"model whose {'/'.join(entry.path)} is {list(want.shape)}")
         node = params
         for p in entry.path[:-1]:
             node = node.setdefault(p, {})
         node[entry.path[-1]] = w.T if entry.linear else w
-    tensors.pop("freqs_cis", None)
     tensors.pop("lm_head.weight", None)  # tied: the same tensor as wte
     if tensors:
         raise ConversionError(f"{path}: unexpected tensors {sorted(tensors)[:5]}")
