@@ -8,6 +8,7 @@ writes the same format back, loadable by the official `from_pretrained`.
 
     python -m parcae_jax.convert --reference=DIR                 # print the mapped config
     python -m parcae_jax.convert --reference=DIR --out=OUT_DIR   # read, then write back
+    python -m parcae_jax.convert export --workdir=RUN [--step=N] --output=DIR   # a run, out (transfer.py)
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def save_reference(path: str, model_config: ModelConfig, params: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m parcae_jax.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="official checkpoint directory to read")
     parser.add_argument("--out", help="write the weights back in the official format to this directory")
@@ -193,6 +197,25 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     summary = {k: v for k, v in cfg.to_dict().items() if k != "reference_config"}
     print(json.dumps({"model": summary, "written": args.out}, indent=1))
+
+
+def _export(argv: list[str]) -> None:
+    """`convert export --workdir=RUN [--step=N] --output=DIR` (transfer.py)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m parcae_jax.convert export",
+                                     description="Write a checkpoint of a run as config.json + model.safetensors.")
+    parser.add_argument("--workdir", required=True, help="the training run (local or gs://)")
+    parser.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
+    parser.add_argument("--output", required=True, help="a new or empty directory")
+    args = parser.parse_args(argv)
+    from parcae_jax.transfer import export_run  # the orbax side, only for this subcommand
+
+    try:
+        print(json.dumps(export_run(args.workdir, args.output, args.step)))
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
