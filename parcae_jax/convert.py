@@ -9,6 +9,7 @@ writes the same format back, loadable by the official `from_pretrained`.
     python -m parcae_jax.convert --reference=DIR                 # print the mapped config
     python -m parcae_jax.convert --reference=DIR --out=OUT_DIR   # read, then write back
     python -m parcae_jax.convert export --workdir=RUN [--step=N] --output=DIR   # a run, out (transfer.py)
+    python -m parcae_jax.convert import --reference=DIR --config=CONFIG --workdir=RUN   # weights in, as step 0
 """
 
 from __future__ import annotations
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return _export(argv[1:])
+    if argv[:1] == ["import"]:  # needs the run's config and its overrides: main's flags
+        from parcae_jax import main as entry
+
+        sys.argv = [sys.argv[0], "--mode=import", *argv[1:]]
+        return entry.run()
     parser = argparse.ArgumentParser(prog="python -m parcae_jax.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="official checkpoint directory to read")
     parser.add_argument("--out", help="write the weights back in the official format to this directory")

@@ -1,4 +1,4 @@
-"""Entry point: flags -> a validated config -> one mode (train | eval | describe | bench).
+"""Entry point: flags -> a validated config -> one mode (train | eval | describe | bench | import).
 
     python -m parcae_jax.main --config=configs/tiny.py --workdir=DIR            # train (the default mode)
     python -m parcae_jax.main --config=configs/1p3b.py --mode=describe
@@ -26,7 +26,8 @@ _DEFAULT_CONFIG = "tiny"  # a shipped config (see _shipped)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]) or a shipped "
                                           "config's name (tiny, 1p3b, ...); default tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "describe", "bench"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "describe", "bench", "import"], "What to do.")
+_REFERENCE = flags.DEFINE_string("reference", None, "--mode=import: an official checkpoint folder to start the run from.")
 
 
 def fail(message: str) -> NoReturn:
@@ -199,10 +200,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parcae_jax.data.readers import DataError
     from parcae_jax.distributed import DistributedError
     from parcae_jax.model.config import ConfigError
+    from parcae_jax.reference_config import ConversionError
     from parcae_jax.resume import ResumeRefused
     from parcae_jax.storage import StorageError
 
-    return ConfigError, DataError, StorageError, DistributedError, ResumeRefused, CheckpointError
+    return ConfigError, DataError, StorageError, DistributedError, ResumeRefused, CheckpointError, ConversionError
 
 
 def main(argv: list[str]) -> None:
@@ -234,8 +236,10 @@ def _main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}; settings go in flags such as --config.model.d_model=256")
     config = load_config()
     mode = _MODE.value
-    if mode in ("train", "eval") and not _WORKDIR.value:
+    if mode in ("train", "eval", "import") and not _WORKDIR.value:
         fail(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
+    if (mode == "import") != bool(_REFERENCE.value):
+        fail("--reference=DIR goes with --mode=import (python -m parcae_jax.convert import ...), and it needs one")
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
     if mode != "describe":
         if distributed.wanted(config.dist) and not supervise.is_child():
@@ -245,7 +249,7 @@ def _main(argv: list[str]) -> None:
         supervise.set_phase("connecting")
         distributed.maybe_initialize(config.dist)
         supervise.set_phase("running")
-    run = validate(config, check_data=mode in ("train", "eval"))
+    run = validate(config, check_data=mode in ("train", "eval", "import"))
     if mode == "train":
         make_dir(_WORKDIR.value)  # after validation (bad input writes nothing), before compiling
     if mode != "describe":
@@ -260,6 +264,10 @@ def _main(argv: list[str]) -> None:
         from parcae_jax.bench import bench
 
         print(json.dumps(bench(config, run)))
+    elif mode == "import":
+        from parcae_jax.transfer import import_reference
+
+        print(json.dumps(import_reference(config, _WORKDIR.value, run, _REFERENCE.value)))
     elif mode == "eval":
         from parcae_jax.train import evaluate_checkpoint
 

@@ -1,4 +1,5 @@
-"""Trained runs out to the official format: `python -m parcae_jax.convert export`.
+"""Trained runs out to the official format (`convert export`), and official weights in as the
+first checkpoint of a run (`convert import`).
 
     python -m parcae_jax.convert export --workdir=RUN [--step=N] --output=DIR
 
@@ -8,6 +9,15 @@ DIR/model.safetensors in the official layout (convert.save_reference), which the
 `from_pretrained` and our `load_reference` both read. DIR must not hold a checkpoint
 already, and is written under a temporary name and renamed, so a failed export leaves
 nothing half-written.
+
+    python -m parcae_jax.convert import --reference=DIR --config=CONFIG --workdir=RUN [--config.a.b=v ...]
+
+(the same as `python -m parcae_jax.main --mode=import ...`) writes checkpoint 0 of RUN: the
+parameters of DIR, a fresh optimizer state, the data loader at its start, and CONFIG as the
+run's config; `python -m parcae_jax.main --config=CONFIG --workdir=RUN` (same overrides) then
+resumes from it: fine-tuning or continued pretraining. CONFIG's model must compute what DIR's
+weights compute: every model field but the training and execution ones (FREE_FIELDS) must
+agree, and a mismatch is one line naming the fields and their values.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import orbax.checkpoint as ocp
 from parcae_jax import model as M
 from parcae_jax import storage
 from parcae_jax.checkpoint import Checkpointer
-from parcae_jax.convert import save_reference
+from parcae_jax.convert import load_reference, save_reference
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.reference_config import ConversionError
 
@@ -71,4 +81,46 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"step": step, "output": output, "arch": cfg.arch,
+            "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+
+
+# Model fields that change how a model is trained or run, not what its weights compute.
+FREE_FIELDS = frozenset({"seq_len", "state_init", "mean_recurrence", "mean_backprop_depth", "sampling_scheme",
+                         "sampling_unit", "init_orthogonal", "remat_policy", "block_remat", "loss_chunk", "dtype",
+                         "attention_impl", "reference_config"})
+
+
+def import_reference(config, workdir: str, run, reference: str) -> dict:
+    """Checkpoint 0 of a new run `workdir` (config, validated as `run`) holding `reference`'s weights."""
+    from parcae_jax.data import dataset
+    from parcae_jax.train import Trainer
+
+    ref_cfg, params = load_reference(reference)
+    ours = run.model.to_dict()
+    differ = [f"{k}={v!r} (config has {ours[k]!r})" for k, v in ref_cfg.to_dict().items()
+              if k not in FREE_FIELDS and v != ours[k]]
+    if differ:
+        raise ConversionError(f"{reference} does not fit this config: the weights have {', '.join(differ[:6])}; "
+                              "pass those as --config.model.* overrides (here and when training)")
+    directory = storage.resolve(workdir) / "checkpoints"
+    if directory.exists() and any(directory.iterdir()):
+        raise ConversionError(f"{directory} already holds checkpoints; import into a new --workdir (nothing was changed)")
+    trainer = Trainer(config, run)
+    train_split, _ = dataset.open_splits(config.data, run.tokenizer, progress=jax.process_index() == 0)
+    loader = dataset.train_loader(train_split, config.data, run.model.seq_len, config.train.batch_size, config.seed,
+                                  jax.process_index(), jax.process_count())
+    data_iter = iter(loader)
+    with trainer.context():
+        placed = jax.device_put(params, trainer.state_sharding.params)
+        opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding.opt_state)(placed)
+        state = trainer.fresh_state().replace(params=placed, opt_state=opt_state)
+    ckpt = Checkpointer(storage.make_dir(workdir) / "checkpoints", config.ckpt.keep, async_save=False)
+    try:
+        if not ckpt.save(0, state, data_iter, config.to_dict(), wait=True):
+            raise ConversionError(f"{reference}: its parameters are not finite; nothing was written")
+    finally:
+        ckpt.close()
+        if hasattr(data_iter, "close"):
+            data_iter.close()
+    return {"workdir": workdir, "step": 0, "reference": reference,
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}

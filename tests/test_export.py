@@ -60,3 +60,30 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run, tmp_path):
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
     assert (taken / "model.safetensors").read_bytes() == b"precious"
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
+    from tests.test_train import SMALL, losses
+
+    exported = tmp_path / "exported"
+    assert export(f"--workdir={run}", f"--output={exported}").returncode == 0
+    flags = ["--config=configs/tiny.py", *[f"--config.model.{k}={v}" for k, v in SMALL.items()],
+             "--config.train.steps=1", "--config.train.batch_size=8", "--config.train.log_every=1",
+             "--config.train.eval_every=0", "--config.optim.muon_dtype=float32"]
+    new = tmp_path / "finetune"
+    cli = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                    timeout=300)
+    out = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={new}", *flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    step, _, params = restore_params(str(new), 0)
+    jax.tree.map(np.testing.assert_array_equal, params, load_reference(str(exported))[1])
+    trained = cli("parcae_jax.main", f"--workdir={new}", *flags)
+    assert trained.returncode == 0 and "resumed from checkpoint 0" in trained.stderr, trained.stderr[-2000:]
+    # the first step starts from the imported weights: below the loss of step 1 from scratch
+    assert losses(new)[1] < losses(run)[1]
+    again = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={new}", *flags)
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr and again.stderr.count("\n") == 1
+    wrong = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={tmp_path / 'w'}", *flags,
+                "--config.model.d_mlp=128")
+    assert wrong.returncode == 2 and "d_mlp=64 (config has 128)" in wrong.stderr, wrong.stderr
+    assert not (tmp_path / "w").exists()
