@@ -42,7 +42,10 @@ class ValueEmbeds(nn.Module):
         tables = {k: self.param(k, nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "kv")),
                                 (V, w), jnp.float32)
                   for k, w in table_widths(self.cfg).items()}
-        return {k: jnp.take(tables[k], ids_BxT, axis=0) for k in keys}
+        # Laid out like activations (batch over data and fsdp): the lookup would otherwise keep
+        # the table's kv-over-fsdp layout and the partitioner gather the whole batch to fit it.
+        return {k: nn.with_logical_constraint(jnp.take(tables[k], ids_BxT, axis=0), ("batch", "length", "kv"))
+                for k in keys}
 
 
 class LMHead(nn.Module):

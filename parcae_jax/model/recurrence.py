@@ -71,7 +71,10 @@ def draw_loop_inputs(key: jax.Array, batch_size: int, seq_len: int, cfg: ModelCo
     the mesh or the micro-batching.
     """
     n, k = sample_depths(jax.random.fold_in(key, 0), batch_size, cfg)
-    return {"n": n, "k": k, "x0": draw_initial_state(jax.random.fold_in(key, 1), (batch_size, seq_len, cfg.d_rec), cfg)}
+    x0 = draw_initial_state(jax.random.fold_in(key, 1), (batch_size, seq_len, cfg.d_rec), cfg)
+    # Sharded like the batch: with partitionable threefry each device then draws only its own
+    # rows, instead of every device drawing (and holding) the whole global batch's x0.
+    return {"n": n, "k": k, "x0": nn.with_logical_constraint(x0, ("batch", "length", "embed"))}
 
 
 class CoreStep(nn.Module):
@@ -122,9 +125,8 @@ def _nograd_compacted(core, x, e, rope, ves, seg, n_B, groups: int):
     b = B // groups
     sizes = sorted({m for m in (b, 3 * b // 4, b // 2, 3 * b // 8, b // 4, b // 8) if m >= 1}, reverse=True)
     order = jnp.argsort(-n_B.reshape(groups, b), axis=1, stable=True)
-    perm = (jnp.arange(groups)[:, None] * b + order).reshape(B)
-    take = lambda a: None if a is None else a[perm]  # noqa: E731
-    e, seg, n = take(e), take(seg), n_B[perm]
+    take = lambda a: None if a is None else _within_shards(a, order)  # noqa: E731
+    e, seg, n = take(e), take(seg), take(n_B)
     ves = tuple(take(v) for v in ves)
     n_max = jnp.max(n)
 
@@ -149,7 +151,17 @@ def _nograd_compacted(core, x, e, rope, ves, seg, n_B, groups: int):
                              broadcast_variables="params", split_rngs={"params": False})[0]
 
     x = nn.map_variables(loop, "params", trans_in_fn=_stop_gradient_tree, mutable=False)(core, take(x))
-    return x[jnp.argsort(perm)]
+    return _within_shards(x, jnp.argsort(order, axis=1))
+
+
+def _within_shards(a: jax.Array, order_Gxb: jax.Array) -> jax.Array:
+    """a [B, ...] with the rows of each of the G shards (b = B/G rows each) reordered by that
+    shard's row of `order_Gxb`. A gather batched over the shard axis: the partitioner keeps
+    every shard on its device, where `a[global permutation]` would all-gather the whole batch
+    onto every device (the global batch's activations on each chip of a pod)."""
+    G, b = order_Gxb.shape
+    index = order_Gxb.reshape(G, b, *([1] * (a.ndim - 1)))
+    return jnp.take_along_axis(a.reshape(G, b, *a.shape[1:]), index, axis=1).reshape(a.shape)
 
 
 def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: tuple, segment_ids_BxT,
