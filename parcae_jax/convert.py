@@ -124,13 +124,14 @@ def load_reference(path: str) -> tuple[ModelConfig, dict]:
     for entry in key_map(cfg):
         if entry.key not in tensors:
             raise ConversionError(f"{path}: {source} lacks {entry.key}; does config.json describe these weights?")
-        w = np.array(tensors.pop(entry.key)(), np.float32)  # one tensor at a time, copied out of the file
+        view = tensors.pop(entry.key)()  # a view into the file until copied below
         want = shapes
         for p in entry.path:
             want = want[p]
-        if w.size != math.prod(want.shape) or (not entry.linear and w.shape != tuple(want.shape)):
-            raise ConversionError(f"{path}: {entry.key} is {list(w.shape)} in {source}, but config.json gives a "
+        if view.size != math.prod(want.shape) or (not entry.linear and view.shape != tuple(want.shape)):
+            raise ConversionError(f"{path}: {entry.key} is {list(view.shape)} in {source}, but config.json gives a "
                                   f"model whose {'/'.join(entry.path)} is {list(want.shape)}")
+        w = np.array(view, np.float32)  # one tensor at a time, checked before it is copied
         node = params
         for p in entry.path[:-1]:
             node = node.setdefault(p, {})

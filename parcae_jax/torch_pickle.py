@@ -32,6 +32,10 @@ class UnsafeCheckpoint(ValueError):
     """The file is not a plain state dict of tensors (or not a torch zip archive)."""
 
 
+MAX_PICKLE_BYTES = 256 << 20  # the pickle holds names and shapes only; tensors are in the storages
+MAX_DEPTH = 8  # nesting of dicts: {"model": state_dict} is 2
+
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
@@ -39,27 +43,71 @@ _STORAGE_DTYPES = {
 }
 
 
-class _StorageType:
-    """What the pickle's `torch.FloatStorage` (etc.) resolves to: only its element type."""
+class _Sealed:
+    """Base of what find_class hands out: no attribute can be set and BUILD is refused, so a
+    pickle cannot reconfigure these objects (say, a storage type's dtype) for itself or for
+    the next file read in this process."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise UnsafeCheckpoint("the pickle tries to modify a tensor constructor")
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpoint("the pickle tries to modify a tensor constructor")
+
+
+class _StorageType(_Sealed):
+    """What `torch.FloatStorage` (etc.) resolves to: only its element type."""
+
+    __slots__ = ("dtype",)
 
     def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
+        object.__setattr__(self, "dtype", np.dtype(dtype))
+
+
+class _Storage(_Sealed):
+    """A storage as persistent_load returns it: a 1-D array of the archive's bytes. Only
+    _rebuild_tensor takes it, so a tensor is always a view of a real storage, never of
+    another tensor (whose shape may claim more elements than memory holds)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        object.__setattr__(self, "array", array)
+
+
+class _Function(_Sealed):
+    """An allowed torch function, mapped to ours; sealed like the rest."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """torch._utils._rebuild_tensor_v2: a strided view of `storage`, bounds checked."""
     del requires_grad, backward_hooks, metadata
     ints = lambda xs: isinstance(xs, tuple) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
-    if not isinstance(storage, np.ndarray) or type(offset) is not int or not ints(size) or not ints(stride) \
-            or len(size) != len(stride) or offset < 0:
+    if not isinstance(storage, _Storage) or type(offset) is not int or not ints(size) or not ints(stride) \
+            or len(size) != len(stride):
         raise UnsafeCheckpoint("a tensor record is malformed")
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if last >= storage.size:
-        raise UnsafeCheckpoint(f"a tensor reaches element {last} of a storage of {storage.size}")
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:] if all(size) else storage[:0], size,
+    array = storage.array
+    elements = 1
+    for n in size:
+        elements *= n
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if elements else offset - 1
+    if last >= array.size:
+        raise UnsafeCheckpoint(f"a tensor reaches element {last} of a storage of {array.size}")
+    if elements > array.size:  # an expanded (stride-0) view: never in a state dict, and a copy could be huge
+        raise UnsafeCheckpoint(f"a tensor of {elements} elements views a storage of {array.size}")
+    item = array.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(array[offset:] if elements else array[:0], size,
                                            [s * item for s in stride], writeable=False)
-    return view
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -70,12 +118,15 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
-_ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
-}
+def _allowed(module: str, name: str):
+    """A fresh object for each allowed global (nothing shared between files), else None."""
+    if (module, name) == ("collections", "OrderedDict"):
+        return collections.OrderedDict  # a built-in type: its attributes cannot be set
+    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
+        return _Function(_rebuild_tensor if name == "_rebuild_tensor_v2" else _rebuild_parameter)
+    if module == "torch" and name in _STORAGE_DTYPES:
+        return _StorageType(_STORAGE_DTYPES[name])
+    return None
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -84,17 +135,18 @@ class _StateDictUnpickler(pickle.Unpickler):
         self._storages = storages
 
     def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED[(module, name)]
-        except (KeyError, TypeError):
+        found = _allowed(module, name) if isinstance(module, str) and isinstance(name, str) else None
+        if found is None:
             raise UnsafeCheckpoint(f"refused to load {module}.{name}: only a state dict of tensors is read, "
-                                   "and this pickle names something else (it could run code)") from None
+                                   "and this pickle names something else (it could run code)")
+        return found
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and type(pid[4]) is int):
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and type(pid[4]) is int
+                and pid[4] >= 0):
             raise UnsafeCheckpoint(f"unknown persistent id {str(pid)[:80]}")
-        return self._storages(pid[2], pid[1].dtype, pid[4])
+        return _Storage(self._storages(pid[2], pid[1].dtype, pid[4]))
 
 
 def _member_offset(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
@@ -131,12 +183,15 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             dtype = np.dtype(dtype).newbyteorder(order) if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
             if info.file_size < numel * dtype.itemsize:
                 raise UnsafeCheckpoint(f"storage {key!r} holds {info.file_size} bytes, fewer than {numel} elements")
-            if info.compress_type == zipfile.ZIP_STORED:
-                start = _member_offset(archive, info)
-                return whole[start:start + numel * dtype.itemsize].view(dtype)
-            return np.frombuffer(archive.read(info), dtype, count=numel)
+            if info.compress_type != zipfile.ZIP_STORED:  # torch stores storages; inflating could be unbounded
+                raise UnsafeCheckpoint(f"storage {key!r} is compressed; torch.save writes storages uncompressed")
+            start = _member_offset(archive, info)
+            return whole[start:start + numel * dtype.itemsize].view(dtype)
 
-        data = io.BytesIO(archive.read(pickles[0]))
+        info = archive.getinfo(pickles[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise UnsafeCheckpoint(f"data.pkl is {info.file_size} bytes; a state dict's is far smaller")
+        data = io.BytesIO(archive.read(info))
         try:
             obj = _StateDictUnpickler(data, storage).load()
         except UnsafeCheckpoint:
@@ -146,16 +201,22 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return _flatten(obj)
 
 
-def _flatten(obj, prefix: str = "") -> dict[str, np.ndarray]:
-    """{key: tensor}; nested dicts (e.g. {"model": state_dict}) give dotted keys."""
+def _flatten(obj, prefix: str = "", seen: set | None = None) -> dict[str, np.ndarray]:
+    """{key: tensor}; nested dicts (e.g. {"model": state_dict}) give dotted keys. A dict met
+    twice (shared or self-referencing through the pickle's memo) or nested too deep is refused:
+    either could expand a small file into an enormous key set."""
+    seen = set() if seen is None else seen
     if not isinstance(obj, dict):
         raise UnsafeCheckpoint(f"expected a dict of tensors, found {type(obj).__name__}")
+    if id(obj) in seen or prefix.count(".") >= MAX_DEPTH:
+        raise UnsafeCheckpoint(f"{prefix or 'the top-level dict'} is shared or nested too deep")
+    seen.add(id(obj))
     out = {}
     for key, value in obj.items():
         if not isinstance(key, str):
             raise UnsafeCheckpoint(f"a key is {type(key).__name__}, not a name")
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(_flatten(value, f"{prefix}{key}.", seen))
         elif isinstance(value, np.ndarray):
             out[prefix + key] = value
         else:

@@ -52,7 +52,8 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
         if step is None:
             step = steps[-1]
         elif step not in steps:
-            raise ConversionError(f"{directory}: no checkpoint at step {step}; saved steps: {steps}")
+            shown = steps if len(steps) <= 6 else [*steps[:3], "...", *steps[-3:]]
+            raise ConversionError(f"{directory}: no checkpoint at step {step}; saved steps: {shown}")
         cfg = ModelConfig.from_mapping(ckpt.saved_config(step)["model"])
         abstract = jax.eval_shape(lambda: nn.unbox(M.init_params(M.build(cfg), jax.random.key(0))))
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -66,8 +67,10 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
 
 def export_run(workdir: str, output: str, step: int | None = None) -> dict:
     """Writes checkpoint `step` (default: the newest) of `workdir` to `output` in the official format."""
-    if os.path.exists(output) and os.listdir(output):
-        raise ConversionError(f"{output} exists and is not empty; choose a new --output (nothing was overwritten)")
+    if storage.is_remote(output):
+        raise ConversionError(f"--output={output}: export writes a local folder; copy it to the bucket afterwards")
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ConversionError(f"{output} exists and is not an empty folder; choose a new --output (nothing was overwritten)")
     step, cfg, params = restore_params(workdir, step)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
@@ -85,7 +88,7 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict:
 
 
 # Model fields that change how a model is trained or run, not what its weights compute.
-FREE_FIELDS = frozenset({"seq_len", "state_init", "mean_recurrence", "mean_backprop_depth", "sampling_scheme",
+FREE_FIELDS = frozenset({"seq_len", "mean_recurrence", "mean_backprop_depth", "sampling_scheme",
                          "sampling_unit", "init_orthogonal", "remat_policy", "block_remat", "loss_chunk", "dtype",
                          "attention_impl", "reference_config"})
 
@@ -95,6 +98,9 @@ def import_reference(config, workdir: str, run, reference: str) -> dict:
     from parcae_jax.data import dataset
     from parcae_jax.train import Trainer
 
+    directory = storage.resolve(workdir) / "checkpoints"
+    if directory.exists() and any(directory.iterdir()):  # before reading gigabytes of weights
+        raise ConversionError(f"{directory} already holds checkpoints; import into a new --workdir (nothing was changed)")
     ref_cfg, params = load_reference(reference)
     ours = run.model.to_dict()
     differ = [f"{k}={v!r} (config has {ours[k]!r})" for k, v in ref_cfg.to_dict().items()
@@ -102,9 +108,6 @@ def import_reference(config, workdir: str, run, reference: str) -> dict:
     if differ:
         raise ConversionError(f"{reference} does not fit this config: the weights have {', '.join(differ[:6])}; "
                               "pass those as --config.model.* overrides (here and when training)")
-    directory = storage.resolve(workdir) / "checkpoints"
-    if directory.exists() and any(directory.iterdir()):
-        raise ConversionError(f"{directory} already holds checkpoints; import into a new --workdir (nothing was changed)")
     trainer = Trainer(config, run)
     train_split, _ = dataset.open_splits(config.data, run.tokenizer, progress=jax.process_index() == 0)
     loader = dataset.train_loader(train_split, config.data, run.model.seq_len, config.train.batch_size, config.seed,

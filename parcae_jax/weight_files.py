@@ -75,6 +75,9 @@ def open_weights(path: str) -> Tensors:
             files = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ConversionError(f"{path}/{name}: not a shard index with a weight_map ({e})") from None
+        outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
+        if outside:
+            raise ConversionError(f"{path}/{name}: shard names must be files of the folder, not {outside[:3]}")
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise ConversionError(f"{path}/{name}: names shards that are not there: {missing[:3]}")

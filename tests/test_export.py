@@ -53,12 +53,15 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "model.safetensors").write_bytes(b"precious")
-    for args, message in (([f"--workdir={run}", f"--output={taken}"], "exists and is not empty"),
+    (tmp_path / "a_file").write_text("precious")
+    for args, message in (([f"--workdir={run}", f"--output={taken}"], "exists and is not an empty folder"),
+                          ([f"--workdir={run}", f"--output={tmp_path / 'a_file'}"], "exists and is not an empty folder"),
+                          ([f"--workdir={run}", "--output=gs://bucket/out"], "export writes a local folder"),
                           ([f"--workdir={run}", "--step=3", f"--output={tmp_path / 'x'}"], "no checkpoint at step 3"),
                           ([f"--workdir={tmp_path / 'nowhere'}", f"--output={tmp_path / 'y'}"], "no checkpoints")):
         out = export(*args)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
-    assert (taken / "model.safetensors").read_bytes() == b"precious"
+    assert (taken / "model.safetensors").read_bytes() == b"precious" and (tmp_path / "a_file").read_text() == "precious"
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "nowhere").exists()
 
 

@@ -141,3 +141,49 @@ def test_bad_folders_fail_with_one_line(tmp_path):
     folder = _folder_with(tmp_path, "parcae_pt", change=wider)
     with pytest.raises(ConversionError, match=r"mlp\.fc\.weight is \[\d+, \d+\] in model\.pt, but config\.json"):
         load_reference(str(folder))
+
+
+def _crafted(path, opcodes: bytes, storages: dict[str, bytes] | None = None, compress=zipfile.ZIP_STORED):
+    """An archive whose data.pkl is the given raw pickle opcodes."""
+    with zipfile.ZipFile(path, "w", compress) as z:
+        z.writestr("archive/data.pkl", opcodes)
+        for key, data in (storages or {}).items():
+            z.writestr(f"archive/data/{key}", data)
+
+
+def _u(text: str) -> bytes:  # BINUNICODE
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+def _tensor(storage: bytes, size: int, stride: int) -> bytes:
+    """Opcodes of _rebuild_tensor_v2(storage, 0, (size,), (stride,)), `storage` already on the stack."""
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n" + b"(" + storage + b"K\x00" + b"J" + size.to_bytes(4, "little")
+            + b"\x85" + b"J" + stride.to_bytes(4, "little", signed=True) + b"\x85" + b"tR")
+
+
+STORAGE = b"(" + _u("storage") + b"ctorch\nFloatStorage\n" + _u("0") + _u("cpu") + b"K\x01tQ"  # 1 float
+
+
+def test_hostile_tensor_records_are_refused_before_any_memory_is_touched(tmp_path):
+    one = np.float32(1.5).tobytes()
+    cases = {  # name: (data.pkl, compression, expected message)
+        # a tensor whose storage is another tensor: with a stride-0 inner view claiming 2**20
+        # elements of a 1-element storage, as_strided would walk 4 MB past the mapping
+        "view of a view": (b"\x80\x02}" + _u("w") + _tensor(_tensor(STORAGE, 1, 1), 1, 1) + b"s.",
+                           zipfile.ZIP_STORED, "malformed"),
+        "expanded": (b"\x80\x02}" + _u("w") + _tensor(STORAGE, 2**20, 0) + b"s.", zipfile.ZIP_STORED,
+                     "views a storage of 1"),
+        "compressed storage": (b"\x80\x02}" + _u("w") + _tensor(STORAGE, 1, 1) + b"s.", zipfile.ZIP_DEFLATED,
+                               "is compressed"),
+        # BUILD on what find_class returned: would turn every later FloatStorage into float16
+        "poisoning": (b"\x80\x02ctorch\nFloatStorage\n}" + _u("dtype") + _u("f2") + b"sb0}.", zipfile.ZIP_STORED,
+                      "modify a tensor constructor"),
+        "self-reference": (b"\x80\x02}q\x00" + _u("a") + b"h\x00s.", zipfile.ZIP_STORED, "shared or nested"),
+    }
+    for name, (opcodes, compress, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        _crafted(path, opcodes, {"0": one}, compress)
+        with pytest.raises(UnsafeCheckpoint, match=message):
+            read_state_dict(str(path))
+    fixture = read_state_dict(str(TORCH / "parcae_pt" / "model.pt"))  # nothing leaked into later reads
+    assert {t.dtype for t in fixture.values()} == {np.dtype(np.float32)}
