@@ -14,6 +14,12 @@ before anything is called.
 
 Storages are memory-mapped from the archive, so a tensor is a read-only NumPy view into the
 file: reading a 5 GB checkpoint costs no memory until a tensor is copied.
+
+What a hostile file could still try with the admitted names is refused too: a tensor must
+view a storage (never another tensor) within its bounds and with no more elements than the
+storage (no expanded views); the objects find_class hands out are fresh and sealed (BUILD
+cannot retype a storage for later reads); storages must be stored uncompressed, as torch
+writes them, and the pickle small; a dict met twice or nested deeply is refused.
 """
 
 from __future__ import annotations
