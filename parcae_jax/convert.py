@@ -27,7 +27,7 @@ from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.layout import block_specs
 from parcae_jax.reference_config import (FRESH_DEFAULTS, PARCAE_FRESH_DEFAULTS, ConversionError, config_from_reference,
                                          config_to_reference)
-from parcae_jax.weight_files import open_weights, weight_file
+from parcae_jax.weight_files import open_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,7 @@ def load_reference(path: str) -> tuple[ModelConfig, dict]:
     except (KeyError, TypeError, ValueError) as e:  # ConfigError (a ValueError) names the field already
         raise ConversionError(f"{path}/config.json: {e if not isinstance(e, KeyError) else f'no field {e}'}") from None
     cfg = dataclasses.replace(cfg, reference_config=json.dumps(fields, sort_keys=True))
-    tensors = open_weights(path)
-    source = weight_file(path)
+    source, tensors = open_weights(path)
     from parcae_jax.model import param_shapes
 
     shapes = param_shapes(cfg)

@@ -26,8 +26,8 @@ import os
 import shutil
 import tempfile
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -37,6 +37,7 @@ from parcae_jax.checkpoint import Checkpointer
 from parcae_jax.convert import load_reference, save_reference
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.reference_config import ConversionError
+from parcae_jax.step import TrainState
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelConfig, dict]:
@@ -55,7 +56,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
             shown = steps if len(steps) <= 6 else [*steps[:3], "...", *steps[-3:]]
             raise ConversionError(f"{directory}: no checkpoint at step {step}; saved steps: {shown}")
         cfg = ModelConfig.from_mapping(ckpt.saved_config(step)["model"])
-        abstract = jax.eval_shape(lambda: nn.unbox(M.init_params(M.build(cfg), jax.random.key(0))))
+        abstract = M.param_shapes(cfg)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=one, dtype=a.dtype), abstract)
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -63,6 +64,10 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
     finally:
         ckpt.close()
     return step, cfg, jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def _count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def export_run(workdir: str, output: str, step: int | None = None) -> dict:
@@ -84,7 +89,7 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"step": step, "output": output, "arch": cfg.arch,
-            "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+            "params": _count(params)}
 
 
 # Model fields that change how a model is trained or run, not what its weights compute.
@@ -113,10 +118,10 @@ def import_reference(config, workdir: str, run, reference: str) -> dict:
     loader = dataset.train_loader(train_split, config.data, run.model.seq_len, config.train.batch_size, config.seed,
                                   jax.process_index(), jax.process_count())
     data_iter = iter(loader)
-    with trainer.context():
+    with trainer.context():  # step 0 as init_state builds it, from these parameters instead of random ones
         placed = jax.device_put(params, trainer.state_sharding.params)
-        opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding.opt_state)(placed)
-        state = trainer.fresh_state().replace(params=placed, opt_state=opt_state)
+        state = jax.jit(lambda p: TrainState(jnp.int32(0), p, trainer.tx.init(p), jnp.int32(0)),
+                        out_shardings=trainer.state_sharding)(placed)
     ckpt = Checkpointer(storage.make_dir(workdir) / "checkpoints", config.ckpt.keep, async_save=False)
     try:
         if not ckpt.save(0, state, data_iter, config.to_dict(), wait=True):
@@ -126,4 +131,4 @@ def import_reference(config, workdir: str, run, reference: str) -> dict:
         if hasattr(data_iter, "close"):
             data_iter.close()
     return {"workdir": workdir, "step": 0, "reference": reference,
-            "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+            "params": _count(params)}

@@ -64,8 +64,8 @@ def _read_one(path: str) -> Tensors:
     return {k: (lambda v=v: v) for k, v in tensors.items()}
 
 
-def open_weights(path: str) -> Tensors:
-    """Official key -> a function reading that tensor, for every tensor of the folder's weights."""
+def open_weights(path: str) -> tuple[str, Tensors]:
+    """(the weight file found, official key -> a function reading that tensor) for the folder."""
     name = weight_file(path)
     files = [name]
     if name.endswith(".index.json"):
@@ -88,4 +88,4 @@ def open_weights(path: str) -> Tensors:
             if key in tensors:
                 raise ConversionError(f"{path}: {key} appears twice (in {file} and before)")
             tensors[key] = read
-    return tensors
+    return name, tensors
