@@ -1,5 +1,6 @@
 """The package's layering, read from the source with `ast`: `model/` and `data/` import nothing
-above them, so either can be used (and tested) without the trainer."""
+above them, so either can be used (and tested) without the trainer; `infer/` builds on
+`model/` only (loading checkpoints is the caller's: generate.py, evaluate.py)."""
 
 import ast
 
@@ -10,7 +11,8 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "parcae_jax"
 # Leaves that data/ may use: modules importing nothing of ours (checked below).
 LEAVES = {"parcae_jax.storage", "parcae_jax.cli"}
-ALLOWED = {"model": {"parcae_jax.model"}, "data": {"parcae_jax.data"} | LEAVES}
+ALLOWED = {"model": {"parcae_jax.model"}, "data": {"parcae_jax.data"} | LEAVES,
+           "infer": {"parcae_jax.model", "parcae_jax.infer"}}
 
 
 def our_imports(path) -> list[tuple[int, str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,30 @@ from parcae_jax.model.init import matrix_init, torch_linear_default
 from parcae_jax.model.layout import BlockSpec
 
 Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [T or BxT, 1, D/2] float32
+
+
+class CacheView(NamedTuple):
+    """The key/value cache one attention call reads and writes (generation only).
+
+    k, v: [N, B, S, G, D], N slots stacked; `slot` (int or traced int32) picks this layer
+    application's; the call writes its T new keys at positions start .. start + T - 1 and
+    attends over the whole slot under `mask` [B, 1, 1, T, S] (cache_mask)."""
+
+    k: jax.Array
+    v: jax.Array
+    slot: jax.Array | int
+    start: jax.Array | int
+    mask: jax.Array
+
+
+def cache_mask(start, T: int, S: int, pad_B: jax.Array) -> jax.Array:
+    """[B, 1, 1, T, S]: query start + t reads keys up to itself and from its row's first real
+    token on (rows are left-padded by pad_B). A padding query also reads itself, so that no
+    softmax row is empty (an empty one gives NaN, and 0 * NaN would leak into real rows)."""
+    s = jnp.arange(S)[None, None, :]
+    q = (start + jnp.arange(T))[None, :, None]
+    mask = (s <= q) & ((s >= pad_B[:, None, None]) | (s == q))
+    return mask[:, None, None]
 
 
 def rope_angles(positions, head_dim: int, base: float, condense_ratio: float) -> Rope:
@@ -167,7 +192,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None):
+    def __call__(self, h_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None, cache: CacheView | None = None):
+        """The output [B, T, W]; with a `cache`, (output, (k, v)) with this call's keys written."""
         spec, cfg = self.spec, self.cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         std = math.sqrt(2.0 / (5.0 * spec.width))
@@ -196,8 +222,15 @@ class Attention(nn.Module):
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
+        out = lambda y: matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)  # noqa: E731
+        if cache is not None:
+            ks, vs = (jax.lax.dynamic_update_slice(c, a[None].astype(c.dtype), (cache.slot, 0, cache.start, 0, 0))
+                      for c, a in ((cache.k, k), (cache.v, v)))
+            k_all, v_all = (jax.lax.dynamic_index_in_dim(c, cache.slot, 0, keepdims=False) for c in (ks, vs))
+            qg = (q * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
+            y = _attend(qg, k_all, v_all, cache.mask, cfg.qk_norm, dtype)
+            return out(y.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)), (ks, vs)
         # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
         impl = "xla" if self.is_initializing() else cfg.attention_impl
-        y = dot_product_attention(q, k, v, segment_ids_BxT, impl, bounded=cfg.qk_norm, dtype=dtype)
-        Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
-        return matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)
+        return out(dot_product_attention(q, k, v, segment_ids_BxT, impl, bounded=cfg.qk_norm, dtype=dtype))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from parcae_jax.model import matmul
-from parcae_jax.model.attention import Attention, Rope
+from parcae_jax.model.attention import Attention, CacheView, Rope
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layout import BlockSpec
@@ -61,13 +61,17 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None):
+    def __call__(self, x_BxTxW, rope: Rope, ve_BxTxK=None, segment_ids_BxT=None, cache: CacheView | None = None):
+        """The new residual stream; with a `cache` (generation), (stream, updated (k, v) slots)."""
         eps = self.cfg.norm_eps
         x_BxTxW = nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
-        x_BxTxW = x_BxTxW + Attention(self.spec, self.cfg, name="attn")(
-            RMSNorm(eps, name="norm_1")(x_BxTxW), rope, ve_BxTxK, segment_ids_BxT)
+        a = Attention(self.spec, self.cfg, name="attn")(RMSNorm(eps, name="norm_1")(x_BxTxW), rope, ve_BxTxK,
+                                                         segment_ids_BxT, cache)
+        a, kv = a if cache is not None else (a, None)
+        x_BxTxW = x_BxTxW + a
         x_BxTxW = x_BxTxW + MLP(self.spec.width, self.spec.d_mlp, self.cfg, name="mlp")(RMSNorm(eps, name="norm_2")(x_BxTxW))
-        return nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
+        x_BxTxW = nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
+        return x_BxTxW if cache is None else (x_BxTxW, kv)
 
 
 def block_class(cfg: ModelConfig) -> type[Block]:

@@ -1,0 +1,142 @@
+"""Batched generation: a jitted prefill over the prompts, then a jitted one-token step.
+
+    gen = Generator(cfg, params, recurrence=8)
+    out = gen.generate([[1, 2, 3], [4, 5]], max_new_tokens=32, sampling=Sampling(0.8, top_p=0.95))
+    out.tokens  # the new tokens of each prompt, up to (not including) a stop token
+
+Prompts are left-padded to a common length rounded up to PROMPT_BUCKET and the cache holds
+that plus max_new_tokens rounded up to CACHE_BUCKET, so prompts of similar lengths reuse one
+compiled prefill and one compiled step. Each Parcae token gets a fresh initial state x0 from
+the seed (the official generation draws a new one per call), or the caller's `x0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parcae_jax.infer import decode
+from parcae_jax.infer.sampling import Sampling, next_token
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.recurrence import draw_initial_state
+
+PROMPT_BUCKET = 16
+CACHE_BUCKET = 64
+
+
+class GenerationError(ValueError):
+    """A request the model cannot serve (one line, names the fix)."""
+
+
+@dataclasses.dataclass
+class Output:
+    tokens: list[list[int]]  # new tokens per prompt, stop token excluded
+    stopped: list[bool]  # the row ended on a stop token
+    mean_depth: float  # iterations per generated token (Parcae; the recurrence unless exits fire)
+    step_logits: np.ndarray | None = None  # [B, N, V]: the logits each new token was chosen from
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Generator:
+    """Generation from one model at one recurrence and cache strategy (infer/decode.Plan)."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, *, recurrence: int | None = None, strategy: str = "full",
+                 exit_rule: str = "none", exit_threshold: float = 0.0):
+        self.cfg, self.params = cfg, params
+        self.recurrence = cfg.mean_recurrence if recurrence is None else recurrence
+        self._plan = functools.partial(decode.Plan, cfg, self.recurrence, strategy,
+                                       exit_rule=exit_rule, exit_threshold=exit_threshold)
+        self._plan(max_len=1)  # checks strategy, exit rule and recurrence now, before any compile
+
+    def check(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """Raises GenerationError for a request the model cannot serve."""
+        if not prompt_lengths or min(prompt_lengths) < 1:
+            raise GenerationError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest, limit = max(prompt_lengths), self.cfg.block_size
+        if longest + max_new_tokens > limit:
+            raise GenerationError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                                  f"block size {limit}; shorten the prompt or lower max_new_tokens")
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: tuple[int, ...] = (), seed: int = 0, x0: np.ndarray | None = None,
+                 return_logits: bool = False) -> Output:
+        """New tokens for every prompt. x0 [B, >= P + N, d_rec] overrides the drawn initial
+        states, indexed by cache position (P the padded prompt length); used by parity tests."""
+        self.check([len(p) for p in prompts], max_new_tokens)
+        V = self.cfg.vocab_size
+        if any(not 0 <= t < V for p in prompts for t in p):
+            raise GenerationError(f"a prompt token is outside the vocabulary [0, {V})")
+        B, P = len(prompts), _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+        if x0 is not None:
+            P = max(len(p) for p in prompts)  # the caller's states are indexed by the unpadded positions
+        plan = self._plan(max_len=_round_up(P + max_new_tokens, CACHE_BUCKET))
+        pad = np.array([P - len(p) for p in prompts], np.int32)
+        ids = np.zeros((B, P), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, pad[b]:] = p
+        key_x0, key_sample = jax.random.split(jax.random.key(seed))
+        if plan.is_gpt:
+            x0_all = jnp.zeros((B, plan.max_len, 1), jnp.float32)
+        elif x0 is not None:
+            x0_all = jnp.zeros((B, plan.max_len, self.cfg.d_rec), jnp.float32).at[:, :x0.shape[1]].set(x0[:, :plan.max_len])
+        else:
+            x0_all = draw_initial_state(key_x0, (B, plan.max_len, self.cfg.d_rec), self.cfg)
+        prefill, step = _compiled(plan, sampling)
+
+        tok, cache, logits = prefill(self.params, jnp.asarray(ids), jnp.asarray(pad), x0_all, key_sample)
+        out, logs, depths = [np.asarray(tok)], [np.asarray(logits)] if return_logits else [], []
+        done = np.isin(out[0], stop_ids)
+        for i in range(1, max_new_tokens):
+            if done.all():
+                break
+            tok, cache, logits, depth = step(self.params, cache, tok, x0_all, jax.random.fold_in(key_sample, i))
+            out.append(np.asarray(tok))
+            depths.append(np.asarray(depth)[~done])
+            if return_logits:
+                logs.append(np.asarray(logits))
+            done |= np.isin(out[-1], stop_ids)
+        return self._output(np.stack(out, 1), stop_ids, depths, np.stack(logs, 1) if return_logits else None)
+
+    def _output(self, toks_BxN: np.ndarray, stop_ids, depths, logits) -> Output:
+        tokens, stopped = [], []
+        for row in toks_BxN.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+            tokens.append(row if cut is None else row[:cut])
+            stopped.append(cut is not None)
+        if self.cfg.arch == "gpt":
+            mean_depth = 0.0
+        else:  # the prompt's last position runs every iteration; decode steps may exit earlier
+            n_first = toks_BxN.shape[0]
+            all_depths = np.concatenate([np.full(n_first, self.recurrence)] + depths)
+            mean_depth = float(all_depths.mean())
+        return Output(tokens, stopped, mean_depth, logits)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(plan: decode.Plan, sampling: Sampling):
+    """The jitted prefill and step of one plan (cached: a second call with the same shapes
+    reuses them). The step donates the cache, so XLA updates it in place."""
+
+    def prefill(params, ids_BxP, pad_B, x0_all, key):
+        P = ids_BxP.shape[1]
+        cache = decode.init_cache(plan, pad_B)
+        logits, cache, _ = decode.forward(plan, params, ids_BxP, cache, x0_all[:, :P])
+        last = logits[:, -1]
+        return next_token(last, key, sampling), cache, last
+
+    def step(params, cache, tok_B, x0_all, key):
+        x0 = jax.lax.dynamic_slice_in_dim(x0_all, cache.length, 1, axis=1)
+        logits, cache, depth = decode.forward(plan, params, tok_B[:, None], cache, x0)
+        last = logits[:, -1]
+        return next_token(last, key, sampling), cache, last, depth
+
+    return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
