@@ -42,6 +42,27 @@ from parcae_jax.step import TrainState
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelConfig, dict]:
     """(step, the run's ModelConfig, params as float32 NumPy) of one checkpoint of `workdir`."""
+    step, saved, params = restore_run(workdir, step)
+    return step, ModelConfig.from_mapping(saved["model"]), params
+
+
+def load_model(checkpoint: str, step: int | None = None) -> tuple[ModelConfig, dict, str | None]:
+    """(config, params, tokenizer spec or None) of an official folder (config.json beside the
+    weights; its tokenizer.json if it has one) or of a training run (its --step, default the
+    newest; the run's own tokenizer): what generation and evaluation read."""
+    if not storage.is_remote(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")):
+        cfg, params = load_reference(checkpoint)
+        tok = os.path.join(checkpoint, "tokenizer.json")
+        return cfg, params, tok if os.path.isfile(tok) else None
+    if not storage.is_remote(checkpoint) and not os.path.isdir(checkpoint):
+        raise ConversionError(f"--checkpoint={checkpoint}: no such folder; pass a training run's --workdir "
+                              "or an official folder holding config.json")
+    _, saved, params = restore_run(checkpoint, step)
+    return ModelConfig.from_mapping(saved["model"]), params, saved.get("data", {}).get("tokenizer")
+
+
+def restore_run(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, the run's saved config as a dict, params as float32 NumPy) of one checkpoint."""
     directory = storage.resolve(workdir) / "checkpoints"
     if not directory.exists():  # and create nothing in a misspelled workdir
         raise ConversionError(f"{directory}: no checkpoints; is --workdir a training run?")
@@ -55,7 +76,8 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
         elif step not in steps:
             shown = steps if len(steps) <= 6 else [*steps[:3], "...", *steps[-3:]]
             raise ConversionError(f"{directory}: no checkpoint at step {step}; saved steps: {shown}")
-        cfg = ModelConfig.from_mapping(ckpt.saved_config(step)["model"])
+        saved = ckpt.saved_config(step)
+        cfg = ModelConfig.from_mapping(saved["model"])
         abstract = M.param_shapes(cfg)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=one, dtype=a.dtype), abstract)
@@ -63,7 +85,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
             item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
     finally:
         ckpt.close()
-    return step, cfg, jax.tree.map(np.asarray, restored["state"]["params"])
+    return step, saved, jax.tree.map(np.asarray, restored["state"]["params"])
 
 
 def _count(params) -> int:

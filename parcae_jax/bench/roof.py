@@ -55,3 +55,17 @@ def measure_roof(n: int | None = None) -> dict:
     return {"roof_gemm_size": n,
             "roof_fp32_flops_per_sec": scale * gemm_flops_per_sec(jnp.float32, n),
             "roof_bf16_flops_per_sec": scale * gemm_flops_per_sec(jnp.bfloat16, n)}
+
+
+def memory_bytes_per_sec(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Best-of-`repeats` bytes/s of reading and writing an `n_bytes` float32 array once
+    (y = x + 1): the roof of work bound by memory traffic, such as decoding."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    add = jax.jit(lambda a: a + 1.0)
+    add(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        add(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n_bytes / best

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ class Output:
     stopped: list[bool]  # the row ended on a stop token
     mean_depth: float  # iterations per generated token (Parcae; the recurrence unless exits fire)
     step_logits: np.ndarray | None = None  # [B, N, V]: the logits each new token was chosen from
+    prefill_s: float = 0.0  # wall time of the prompt's forward (and the first token)
+    decode_s: float = 0.0  # wall time of the one-token steps after it
+    decode_steps: int = 0
 
 
 def _round_up(n: int, m: int) -> int:
@@ -92,19 +96,27 @@ class Generator:
             x0_all = draw_initial_state(key_x0, (B, plan.max_len, self.cfg.d_rec), self.cfg)
         prefill, step = _compiled(plan, sampling)
 
+        t0 = time.perf_counter()
         tok, cache, logits = prefill(self.params, jnp.asarray(ids), jnp.asarray(pad), x0_all, key_sample)
         out, logs, depths = [np.asarray(tok)], [np.asarray(logits)] if return_logits else [], []
+        t1 = time.perf_counter()
         done = np.isin(out[0], stop_ids)
         for i in range(1, max_new_tokens):
             if done.all():
                 break
-            tok, cache, logits, depth = step(self.params, cache, tok, x0_all, jax.random.fold_in(key_sample, i))
-            out.append(np.asarray(tok))
-            depths.append(np.asarray(depth)[~done])
+            tok, cache, logits, depth = step(self.params, cache, tok, x0_all, key_sample, np.int32(i))
+            out.append(tok)  # left on the device: reading it back only when a stop token may end a row
+            depths.append((depth, done.copy()))
             if return_logits:
-                logs.append(np.asarray(logits))
-            done |= np.isin(out[-1], stop_ids)
-        return self._output(np.stack(out, 1), stop_ids, depths, np.stack(logs, 1) if return_logits else None)
+                logs.append(logits)
+            if stop_ids:
+                done |= np.isin(np.asarray(tok), stop_ids)
+        out = [np.asarray(t) for t in out]
+        depths = [np.asarray(d)[~was_done] for d, was_done in depths]
+        logs = [np.asarray(x) for x in logs]
+        result = self._output(np.stack(out, 1), stop_ids, depths, np.stack(logs, 1) if return_logits else None)
+        result.prefill_s, result.decode_s, result.decode_steps = t1 - t0, time.perf_counter() - t1, len(out) - 1
+        return result
 
     def _output(self, toks_BxN: np.ndarray, stop_ids, depths, logits) -> Output:
         tokens, stopped = [], []
@@ -133,10 +145,10 @@ def _compiled(plan: decode.Plan, sampling: Sampling):
         last = logits[:, -1]
         return next_token(last, key, sampling), cache, last
 
-    def step(params, cache, tok_B, x0_all, key):
+    def step(params, cache, tok_B, x0_all, key, i):
         x0 = jax.lax.dynamic_slice_in_dim(x0_all, cache.length, 1, axis=1)
         logits, cache, depth = decode.forward(plan, params, tok_B[:, None], cache, x0)
         last = logits[:, -1]
-        return next_token(last, key, sampling), cache, last, depth
+        return next_token(last, jax.random.fold_in(key, i), sampling), cache, last, depth
 
     return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))

@@ -23,15 +23,17 @@ Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [T or BxT, 1, D/2] float3
 
 
 class CacheView(NamedTuple):
-    """The key/value cache one attention call reads and writes (generation only).
+    """The key/value cache slot one attention call reads and writes (generation only).
 
-    k, v: [N, B, S, G, D], N slots stacked; `slot` (int or traced int32) picks this layer
-    application's; the call writes its T new keys at positions start .. start + T - 1 and
-    attends over the whole slot under `mask` [B, 1, 1, T, S] (cache_mask)."""
+    k, v: [B * G, S, D]: batch and kv heads merged, before positions. The attention products
+    then read the slot as it is stored and written, one batch dimension and no size-1 one:
+    any reshape of the written slot (a size-1 batch dimension dropped included) made XLA:CPU
+    duplicate the in-place write and copy the whole slot twice per layer. The call writes its
+    T new keys at positions start .. start + T - 1 and attends over the whole slot under
+    `mask` [B, 1, 1, T, S] (cache_mask)."""
 
     k: jax.Array
     v: jax.Array
-    slot: jax.Array | int
     start: jax.Array | int
     mask: jax.Array
 
@@ -135,6 +137,28 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
+def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype):
+    """Writes k and v into the cache slot, then attends over it: ([B, T, H, D], the slot's (k, v)).
+
+    The keys are all S positions of the slot, masked (static shapes: one compiled decode step
+    serves every position), so a decode step reads the whole slot once, as it must."""
+    B, T, H, D = q_BxTxHxD.shape
+    G = k_BxTxGxD.shape[2]
+    k_all, v_all = (jax.lax.dynamic_update_slice(
+        c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
+        for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
+    S, R = k_all.shape[1], H // G
+    q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, R, D).transpose(0, 2, 3, 1, 4).reshape(B * G, R * T, D)
+    s_NxQxS = matmul.einsum("nqd,nsd->nqs", q, k_all, dtype)
+    s_BxGxRxTxS = jnp.where(cache.mask, s_NxQxS.reshape(B, G, R, T, S), -jnp.inf)
+    if not bounded:
+        s_BxGxRxTxS = s_BxGxRxTxS - jnp.max(s_BxGxRxTxS, axis=-1, keepdims=True)
+    p = jnp.exp(s_BxGxRxTxS)
+    y = matmul.einsum("nqs,nsd->nqd", p.reshape(B * G, R * T, S), v_all, dtype)
+    y = y.reshape(B, G, R, T, D) / jnp.sum(p, axis=-1, keepdims=True)
+    return y.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D), (k_all, v_all)
+
+
 def query_chunks(T: int) -> int:
     """About 128 queries per chunk, at most 8 chunks, dividing T."""
     n = max(1, min(8, T // 128))
@@ -205,11 +229,15 @@ class Attention(nn.Module):
         Wk = _Kernel((W, G, D), init, ("embed", "kv_heads", "head_dim"), name="k")()
         Wv = _Kernel((W, G, D), init, ("embed", "kv_heads", "head_dim"), name="v")()
         perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
-        Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D), jnp.asarray(Wk)[..., perm].reshape(W, G * D),
-                                jnp.asarray(Wv).reshape(W, G * D)], axis=1)  # one matmul instead of three
-        q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
-        B, T = q.shape[:2]
-        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
+        B, T = h_BxTxW.shape[:2]
+        if cache is None:  # one matmul instead of three; its weight is rebuilt per call, amortised over B x T tokens
+            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D), jnp.asarray(Wk)[..., perm].reshape(W, G * D),
+                                    jnp.asarray(Wv).reshape(W, G * D)], axis=1)
+            q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
+            q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
+        else:  # generation: a few tokens per call, so read the weights as stored and permute the outputs
+            q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
+            q, k = q[..., perm], k[..., perm]
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
             gate_kernel = self.param("ve_gate", nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
@@ -225,12 +253,8 @@ class Attention(nn.Module):
         Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
         out = lambda y: matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)  # noqa: E731
         if cache is not None:
-            ks, vs = (jax.lax.dynamic_update_slice(c, a[None].astype(c.dtype), (cache.slot, 0, cache.start, 0, 0))
-                      for c, a in ((cache.k, k), (cache.v, v)))
-            k_all, v_all = (jax.lax.dynamic_index_in_dim(c, cache.slot, 0, keepdims=False) for c in (ks, vs))
-            qg = (q * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
-            y = _attend(qg, k_all, v_all, cache.mask, cfg.qk_norm, dtype)
-            return out(y.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)), (ks, vs)
+            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype)
+            return out(y), kv
         # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
         impl = "xla" if self.is_initializing() else cfg.attention_impl
         return out(dot_product_attention(q, k, v, segment_ids_BxT, impl, bounded=cfg.qk_norm, dtype=dtype))

@@ -1,0 +1,127 @@
+"""Generate text from a trained run or an official checkpoint, or benchmark decoding.
+
+    python -m parcae_jax.generate --checkpoint=RUN_OR_FOLDER --prompt="Once upon a time" \\
+        [--prompt=...] [--max_new_tokens=64] [--temperature=0.8 --top_k=50 --top_p=0.95] \\
+        [--recurrence=8] [--cache_strategy=compress-s2] [--exit_rule=kl --exit_threshold=1e-3] \\
+        [--seed=0] [--stop_ids=0,...] [--json]
+
+--checkpoint: a training run's workdir (newest checkpoint, or --step; its tokenizer) or a
+folder in the official layout (config.json + model.safetensors / pytorch_model.bin / model.pt;
+tokenizer.json beside them, else pass --tokenizer). Prompts are batched; generation stops at
+the tokenizer's end-of-document token unless --stop_ids says otherwise. --temperature=0 is
+greedy. Prints each completion (or, with --json, one JSON object: completions, token ids,
+mean recurrence depth, tokens/s).
+
+    python -m parcae_jax.generate --bench [--bench_config=bench_cpu] [--bench_dtype=float32]
+
+prints one JSON object: decode tokens/s at batch 1 and 8 after prompts of 64 and 1024 tokens
+(bench/decode.py). Bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import flags
+
+from parcae_jax import cli
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir or an official checkpoint folder.")
+_STEP = flags.DEFINE_integer("step", None, "Which checkpoint of a run (default: the newest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "bytes, a tokenizer.json or a SentencePiece .model "
+                                 "(default: the run's, or the folder's tokenizer.json).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample within the smallest set holding this probability mass.")
+_STOP = flags.DEFINE_list("stop_ids", None, "Token ids that end a completion (default: the end-of-document id).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds the sampling and each token's initial recurrent state.")
+_RECURRENCE = flags.DEFINE_integer("recurrence", None, "Loop iterations per token (default: mean_recurrence).")
+_STRATEGY = flags.DEFINE_string("cache_strategy", "full", "full, or a sharing strategy: compress-firstK, "
+                                "compress-lastK, compress-strideK, compress-sK, compress-rK, compress-boundaries, "
+                                "compress-anchor.")
+_EXIT = flags.DEFINE_enum("exit_rule", "none", ["none", "delta", "kl"], "Adaptive per-token exit rule.")
+_EXIT_THRESHOLD = flags.DEFINE_float("exit_threshold", 0.0, "delta: relative state change; kl: nats.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the completions.")
+_BENCH = flags.DEFINE_bool("bench", False, "Benchmark decoding (bench/decode.py) instead.")
+_BENCH_CONFIG = flags.DEFINE_string("bench_config", "bench_cpu", "--bench: a shipped config's name.")
+_BENCH_DTYPE = flags.DEFINE_string("bench_dtype", None, "--bench: model.dtype override (float32, bfloat16, fast).")
+_BENCH_PROMPTS = flags.DEFINE_list("bench_prompt_lens", ["64", "1024"], "--bench: prompt lengths.")
+_BENCH_BATCHES = flags.DEFINE_list("bench_batches", ["1", "8"], "--bench: batch sizes.")
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _bench() -> None:
+    from parcae_jax.bench.decode import bench_decode
+    from parcae_jax.defaults import load_shipped, shipped_config
+    from parcae_jax.model.config import ModelConfig
+
+    if shipped_config(_BENCH_CONFIG.value) is None:
+        fail(f"--bench_config={_BENCH_CONFIG.value}: not a shipped config (tiny, bench_cpu, 140m, ...)")
+    config = load_shipped(_BENCH_CONFIG.value)
+    if _BENCH_DTYPE.value:
+        config.model.dtype = _BENCH_DTYPE.value
+    cfg = ModelConfig.from_mapping(config.model)
+    try:
+        lens, batches = [int(v) for v in _BENCH_PROMPTS.value], [int(v) for v in _BENCH_BATCHES.value]
+    except ValueError:
+        fail("--bench_prompt_lens and --bench_batches take comma-separated integers")
+    print(json.dumps(bench_decode(cfg, lens, batches, recurrence=_RECURRENCE.value), indent=1))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; prompts go in --prompt=...")
+    if _BENCH.value:
+        return _bench()
+    from parcae_jax.data.readers import DataError
+    from parcae_jax.data.tokenizer import load_tokenizer
+    from parcae_jax.infer.generator import GenerationError, Generator
+    from parcae_jax.infer.sampling import Sampling
+    from parcae_jax.model.config import ConfigError
+    from parcae_jax.reference_config import ConversionError
+    from parcae_jax.transfer import load_model
+
+    if not _CHECKPOINT.value:
+        fail("pass --checkpoint=RUN_OR_FOLDER (a training run's workdir or an official checkpoint folder)")
+    if not _PROMPT.value:
+        fail("pass at least one --prompt=TEXT")
+    try:
+        sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+        cfg, params, tok_spec = load_model(_CHECKPOINT.value, _STEP.value)
+        tok_spec = _TOKENIZER.value or tok_spec
+        if tok_spec is None:
+            fail(f"{_CHECKPOINT.value} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
+        tokenizer = load_tokenizer(tok_spec)
+        stop = tuple(int(s) for s in _STOP.value) if _STOP.value is not None else (tokenizer.eod_id,)
+        gen = Generator(cfg, params, recurrence=_RECURRENCE.value, strategy=_STRATEGY.value,
+                        exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value)
+        prompts = [tokenizer.encode(p).tolist() for p in _PROMPT.value]
+        t0 = time.perf_counter()
+        out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=_SEED.value)
+        seconds = time.perf_counter() - t0
+    except (ConversionError, ConfigError, DataError, GenerationError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    texts = [tokenizer.decode(t) for t in out.tokens]
+    if _JSON.value:
+        print(json.dumps({"completions": texts, "tokens": out.tokens, "stopped": out.stopped,
+                          "mean_depth": out.mean_depth, "recurrence": gen.recurrence, "seconds": seconds,
+                          "tokens_per_s": sum(map(len, out.tokens)) / seconds}))
+    else:
+        for prompt, text in zip(_PROMPT.value, texts):
+            print(prompt + text)
+
+
+def run() -> None:
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()
