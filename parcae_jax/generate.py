@@ -12,7 +12,7 @@ the tokenizer's end-of-document token unless --stop_ids says otherwise. --temper
 greedy. Prints each completion (or, with --json, one JSON object: completions, token ids,
 mean recurrence depth, tokens/s).
 
-    python -m parcae_jax.generate --bench [--bench_config=bench_cpu] [--bench_dtype=float32]
+    python -m parcae_jax.generate --bench [--bench_config=bench_cpu] [--dtype=bfloat16]
 
 prints one JSON object: decode tokens/s at batch 1 and 8 after prompts of 64 and 1024 tokens
 (bench/decode.py). Bad input is one line on stderr and exit code 2.
@@ -45,10 +45,11 @@ _STRATEGY = flags.DEFINE_string("cache_strategy", "full", "full, or a sharing st
                                 "compress-anchor.")
 _EXIT = flags.DEFINE_enum("exit_rule", "none", ["none", "delta", "kl"], "Adaptive per-token exit rule.")
 _EXIT_THRESHOLD = flags.DEFINE_float("exit_threshold", 0.0, "delta: relative state change; kl: nats.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (float32, bfloat16, fast, ...); default: the "
+                             "checkpoint's on accelerators, float32 on CPU.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the completions.")
 _BENCH = flags.DEFINE_bool("bench", False, "Benchmark decoding (bench/decode.py) instead.")
 _BENCH_CONFIG = flags.DEFINE_string("bench_config", "bench_cpu", "--bench: a shipped config's name.")
-_BENCH_DTYPE = flags.DEFINE_string("bench_dtype", None, "--bench: model.dtype override (float32, bfloat16, fast).")
 _BENCH_PROMPTS = flags.DEFINE_list("bench_prompt_lens", ["64", "1024"], "--bench: prompt lengths.")
 _BENCH_BATCHES = flags.DEFINE_list("bench_batches", ["1", "8"], "--bench: batch sizes.")
 
@@ -66,14 +67,16 @@ def _bench() -> None:
     if shipped_config(_BENCH_CONFIG.value) is None:
         fail(f"--bench_config={_BENCH_CONFIG.value}: not a shipped config (tiny, bench_cpu, 140m, ...)")
     config = load_shipped(_BENCH_CONFIG.value)
-    if _BENCH_DTYPE.value:
-        config.model.dtype = _BENCH_DTYPE.value
     cfg = ModelConfig.from_mapping(config.model)
     try:
         lens, batches = [int(v) for v in _BENCH_PROMPTS.value], [int(v) for v in _BENCH_BATCHES.value]
     except ValueError:
         fail("--bench_prompt_lens and --bench_batches take comma-separated integers")
-    print(json.dumps(bench_decode(cfg, lens, batches, recurrence=_RECURRENCE.value), indent=1))
+    try:
+        result = bench_decode(cfg, lens, batches, recurrence=_RECURRENCE.value, dtype=_DTYPE.value)
+    except ValueError as e:  # a bad --dtype or --recurrence (ConfigError is one)
+        fail(str(e).splitlines()[0])
+    print(json.dumps(result, indent=1))
 
 
 def main(argv: list[str]) -> None:
@@ -102,7 +105,7 @@ def main(argv: list[str]) -> None:
         tokenizer = load_tokenizer(tok_spec)
         stop = tuple(int(s) for s in _STOP.value) if _STOP.value is not None else (tokenizer.eod_id,)
         gen = Generator(cfg, params, recurrence=_RECURRENCE.value, strategy=_STRATEGY.value,
-                        exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value)
+                        exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value, dtype=_DTYPE.value)
         prompts = [tokenizer.encode(p).tolist() for p in _PROMPT.value]
         t0 = time.perf_counter()
         out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=_SEED.value)

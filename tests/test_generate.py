@@ -203,3 +203,45 @@ def test_sampling_draws_from_the_tempered_distribution():
     want /= want.sum()
     got = np.bincount(draws, minlength=4) / len(draws)
     np.testing.assert_allclose(got, want, atol=0.015)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "parcae_jax.generate", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_the_command_line_generates_what_the_api_does(parcae):
+    import json
+
+    cfg, params = parcae
+    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", "--prompt=def f(x):", "--prompt=import",
+                "--max_new_tokens=6", "--recurrence=2", "--temperature=0.7", "--top_k=20", "--seed=5", "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    prompts = [list("def f(x):".encode()), list(b"import")]
+    want = Generator(cfg, params, recurrence=2).generate(prompts, 6, Sampling(0.7, 20), stop_ids=(256,), seed=5)
+    assert got["tokens"] == want.tokens and got["mean_depth"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt=" + "x" * 60], "a prompt of 60 tokens plus 64 new tokens exceeds the model's block size 64"),
+    (["--prompt=a", "--cache_strategy=compress-q2"], "cache strategy 'compress-q2' is unknown"),
+    (["--prompt=a", "--top_p=0"], "top_p must be in (0, 1]"),
+    (["--prompt=a", "--recurrence=0"], "recurrence must be >= 1"),
+    ([], "pass at least one --prompt"),
+])
+def test_bad_generation_requests_are_one_line_and_exit_2(args, message):
+    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", *args)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("error: ") and message in last, done.stderr
+    assert len([line for line in done.stderr.splitlines() if line.startswith("error")]) == 1
+
+
+def test_a_folder_without_a_tokenizer_needs_one_named():
+    done = _cli(f"--checkpoint={PARCAE}", "--prompt=a")
+    assert done.returncode == 2 and "names no tokenizer; pass --tokenizer" in done.stderr

@@ -1,6 +1,6 @@
 """Decode benchmark: tokens/s of one-token steps over the cache, by batch and prompt length.
 
-    python -m parcae_jax.generate --bench [--bench_config=bench_cpu] [--bench_dtype=float32]
+    python -m parcae_jax.generate --bench [--bench_config=bench_cpu] [--dtype=bfloat16]
 
 builds the config's model with random weights (generation speed does not depend on their
 values), and for every prompt length and batch generates `new_tokens` greedy tokens: once to
@@ -20,6 +20,7 @@ import platform
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from parcae_jax.describe import block_forward_flops
@@ -51,7 +52,7 @@ def decode_bytes(cfg: ModelConfig, recurrence: int, cache_len: int, batch: int) 
     unique = sum(block_forward_flops(s, cfg, 0) / 2 for s in block_specs(cfg)) + cfg.d_model * cfg.padded_vocab_size
     if cfg.arch != "gpt":
         unique += 2 * cfg.d_rec * cfg.d_model
-    item = 2 if cfg.compute_dtype == "bfloat16" else 4
+    item = np.dtype(jnp.dtype(cfg.compute_dtype)).itemsize
     cache = sum((recurrence if s.segment == "core" else 1) * 2 * batch * s.n_kv_heads * cache_len * s.head_dim * item
                 for s in block_specs(cfg))
     return {"weights": 4 * unique, "cache": cache}
@@ -66,15 +67,17 @@ def _cpu_name() -> str:
 
 
 def bench_decode(cfg: ModelConfig, prompt_lens=(64, 1024), batches=(1, 8), new_tokens: int = 32,
-                 recurrence: int | None = None, repeats: int = 3) -> dict:
-    """One JSON-ready dict: the points, the roofs and the machine."""
+                 recurrence: int | None = None, repeats: int = 3, dtype: str | None = None) -> dict:
+    """One JSON-ready dict: the points, the roofs and the machine. dtype: as Generator's
+    (default float32 on CPU, the config's on accelerators)."""
     from parcae_jax.bench.roof import measure_roof, memory_bytes_per_sec
 
     longest = max(prompt_lens) + new_tokens
     cfg = cfg.replace(block_size=max(cfg.block_size, longest))  # the rope has no table to outgrow
     params = jax.jit(lambda k: nn.unbox(init_params(build(cfg), k)))(jax.random.key(0))
     R = cfg.mean_recurrence if recurrence is None else recurrence
-    gen = Generator(cfg, params, recurrence=R)
+    gen = Generator(cfg, params, recurrence=R, dtype=dtype)
+    cfg = gen.cfg
     rng = np.random.default_rng(0)
     points = []
     for P in prompt_lens:

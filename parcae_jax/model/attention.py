@@ -81,6 +81,17 @@ def apply_rope(x_BxTxHxD: jax.Array, rope: Rope) -> jax.Array:
     return out.astype(x_BxTxHxD.dtype)
 
 
+def apply_rope_interleaved(x_BxTxHxD: jax.Array, rope: Rope) -> jax.Array:
+    """apply_rope for channels in the official order, pairs (2m, 2m+1): what generation uses,
+    whose few tokens per call make permuting the weights (training's way) the larger cost.
+    Scores and qk-norm do not depend on the channel order, so the two agree to rounding."""
+    cos, sin = rope
+    x = x_BxTxHxD.astype(jnp.float32).reshape(*x_BxTxHxD.shape[:-1], -1, 2)
+    a, b = x[..., 0], x[..., 1]
+    out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x_BxTxHxD.shape)
+    return out.astype(x_BxTxHxD.dtype)
+
+
 def qk_norm(x: jax.Array) -> jax.Array:
     """RMS norm over D with no weight and eps = machine epsilon of x's dtype (torch's rms_norm default)."""
     eps = jnp.finfo(x.dtype).eps
@@ -235,9 +246,8 @@ class Attention(nn.Module):
                                     jnp.asarray(Wv).reshape(W, G * D)], axis=1)
             q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
             q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
-        else:  # generation: a few tokens per call, so read the weights as stored and permute the outputs
+        else:  # generation: a few tokens per call, so the weights are read as stored (official channel order)
             q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
-            q, k = q[..., perm], k[..., perm]
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
             gate_kernel = self.param("ve_gate", nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
@@ -245,7 +255,8 @@ class Attention(nn.Module):
             if ve_BxTxK is not None:
                 gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))
                 v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        rotate = apply_rope if cache is None else apply_rope_interleaved
+        q, k = rotate(q, rope), rotate(k, rope)
         if cfg.qk_norm:
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
