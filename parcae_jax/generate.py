@@ -21,42 +21,30 @@ prints one JSON object: decode tokens/s at batch 1 and 8 after prompts of 64 and
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import flags
 
 from parcae_jax import cli
+from parcae_jax.model_flags import DTYPE, SEED, fail, load
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir or an official checkpoint folder.")
-_STEP = flags.DEFINE_integer("step", None, "Which checkpoint of a run (default: the newest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "bytes, a tokenizer.json or a SentencePiece .model "
-                                 "(default: the run's, or the folder's tokenizer.json).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample within the smallest set holding this probability mass.")
 _STOP = flags.DEFINE_list("stop_ids", None, "Token ids that end a completion (default: the end-of-document id).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seeds the sampling and each token's initial recurrent state.")
 _RECURRENCE = flags.DEFINE_integer("recurrence", None, "Loop iterations per token (default: mean_recurrence).")
 _STRATEGY = flags.DEFINE_string("cache_strategy", "full", "full, or a sharing strategy: compress-firstK, "
                                 "compress-lastK, compress-strideK, compress-sK, compress-rK, compress-boundaries, "
                                 "compress-anchor.")
 _EXIT = flags.DEFINE_enum("exit_rule", "none", ["none", "delta", "kl"], "Adaptive per-token exit rule.")
 _EXIT_THRESHOLD = flags.DEFINE_float("exit_threshold", 0.0, "delta: relative state change; kl: nats.")
-_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (float32, bfloat16, fast, ...); default: the "
-                             "checkpoint's on accelerators, float32 on CPU.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the completions.")
 _BENCH = flags.DEFINE_bool("bench", False, "Benchmark decoding (bench/decode.py) instead.")
 _BENCH_CONFIG = flags.DEFINE_string("bench_config", "bench_cpu", "--bench: a shipped config's name.")
 _BENCH_PROMPTS = flags.DEFINE_list("bench_prompt_lens", ["64", "1024"], "--bench: prompt lengths.")
 _BENCH_BATCHES = flags.DEFINE_list("bench_batches", ["1", "8"], "--bench: batch sizes.")
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _bench() -> None:
@@ -73,7 +61,7 @@ def _bench() -> None:
     except ValueError:
         fail("--bench_prompt_lens and --bench_batches take comma-separated integers")
     try:
-        result = bench_decode(cfg, lens, batches, recurrence=_RECURRENCE.value, dtype=_DTYPE.value)
+        result = bench_decode(cfg, lens, batches, recurrence=_RECURRENCE.value, dtype=DTYPE.value)
     except ValueError as e:  # a bad --dtype or --recurrence (ConfigError is one)
         fail(str(e).splitlines()[0])
     print(json.dumps(result, indent=1))
@@ -84,33 +72,22 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}; prompts go in --prompt=...")
     if _BENCH.value:
         return _bench()
-    from parcae_jax.data.readers import DataError
-    from parcae_jax.data.tokenizer import load_tokenizer
     from parcae_jax.infer.generator import GenerationError, Generator
     from parcae_jax.infer.sampling import Sampling
-    from parcae_jax.model.config import ConfigError
-    from parcae_jax.reference_config import ConversionError
-    from parcae_jax.transfer import load_model
 
-    if not _CHECKPOINT.value:
-        fail("pass --checkpoint=RUN_OR_FOLDER (a training run's workdir or an official checkpoint folder)")
     if not _PROMPT.value:
         fail("pass at least one --prompt=TEXT")
     try:
         sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-        cfg, params, tok_spec = load_model(_CHECKPOINT.value, _STEP.value)
-        tok_spec = _TOKENIZER.value or tok_spec
-        if tok_spec is None:
-            fail(f"{_CHECKPOINT.value} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
-        tokenizer = load_tokenizer(tok_spec)
+        cfg, params, tokenizer = load()
         stop = tuple(int(s) for s in _STOP.value) if _STOP.value is not None else (tokenizer.eod_id,)
         gen = Generator(cfg, params, recurrence=_RECURRENCE.value, strategy=_STRATEGY.value,
-                        exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value, dtype=_DTYPE.value)
+                        exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value, dtype=cfg.dtype)
         prompts = [tokenizer.encode(p).tolist() for p in _PROMPT.value]
         t0 = time.perf_counter()
-        out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=_SEED.value)
+        out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=SEED.value)
         seconds = time.perf_counter() - t0
-    except (ConversionError, ConfigError, DataError, GenerationError, ValueError) as e:
+    except (GenerationError, ValueError) as e:
         fail(str(e).splitlines()[0])
     texts = [tokenizer.decode(t) for t in out.tokens]
     if _JSON.value:

@@ -1,0 +1,153 @@
+"""Downstream evaluation with lm-evaluation-harness, at every recurrence asked for.
+
+    python -m parcae_jax.evaluate --checkpoint=RUN_OR_FOLDER --tasks=hellaswag,arc_easy \\
+        --recurrences=1,2,4,8,16 [--limit=N] [--num_fewshot=K] [--output=scores.json]
+
+--tasks: lm-eval task names (its registry; the datasets download on first use) or paths to
+task YAML files, whose `dataset_kwargs.data_files` may name local JSONL files relative to the
+YAML (offline; every line is checked first, and a malformed one is named). Each task runs at
+each recurrence (infer/harness.py: log-likelihoods batched by length through the jitted
+forward, generation through the cached decoder). Prints one table, metric by task and
+recurrence, and writes it with lm-eval's full results to --output. Computes in float32 on
+CPU unless --dtype. Bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+
+from parcae_jax import cli
+from parcae_jax.model_flags import SEED, fail, load
+
+_TASKS = flags.DEFINE_list("tasks", None, "lm-eval task names or task YAML paths, comma-separated.")
+_RECURRENCES = flags.DEFINE_list("recurrences", None, "Recurrences to evaluate at (default: mean_recurrence).")
+_LIMIT = flags.DEFINE_integer("limit", None, "At most this many documents per task.")
+_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: the task's).")
+_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Scored sequences per forward.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the table and lm-eval's results here (JSON).")
+
+
+class TaskFileError(ValueError):
+    """A local task file that cannot be used (one line, names the file and line)."""
+
+
+def local_task(path: str) -> dict:
+    """A task YAML as the config dict lm-eval takes, its relative data files made absolute and
+    every line of its local JSONL files parsed (TaskFileError names the first bad one)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise TaskFileError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise TaskFileError(f"{path}: not a task YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "task" not in config:
+        raise TaskFileError(f"{path}: a task YAML needs a `task:` name")
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        here = os.path.dirname(os.path.abspath(path))
+        resolve = lambda p: p if "://" in p or os.path.isabs(p) else os.path.join(here, p)  # noqa: E731
+        files = {k: resolve(v) for k, v in files.items()} if isinstance(files, dict) else \
+            [resolve(p) for p in ([files] if isinstance(files, str) else files)]
+        config["dataset_kwargs"]["data_files"] = files
+        for file in (files.values() if isinstance(files, dict) else files):
+            _check_jsonl(file)
+    return config
+
+
+def _check_jsonl(path: str) -> None:
+    if not path.endswith((".jsonl", ".json")) or "://" in path:
+        return
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskFileError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+                if not isinstance(doc, dict):
+                    raise TaskFileError(f"{path}:{n}: a document must be a JSON object, got {type(doc).__name__}")
+    except OSError as e:
+        raise TaskFileError(f"{path}: {e.strerror}") from None
+
+
+def headline(task_results: dict) -> dict[str, float]:
+    """The task's numeric metrics (`acc,none` -> `acc`); stderr and the sample count left out."""
+    return {k.split(",")[0]: float(v) for k, v in task_results.items()
+            if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] not in ("alias", "sample_len")}
+
+
+def table(scores: dict[str, dict[int, dict[str, float]]], recurrences: list[int]) -> str:
+    """Markdown: a row per task and metric, a column per recurrence."""
+    lines = ["| task | metric | " + " | ".join(f"R={r}" for r in recurrences) + " |",
+             "|---|---|" + "---|" * len(recurrences)]
+    for task, by_r in scores.items():
+        for metric in by_r[recurrences[0]]:
+            lines.append(f"| {task} | {metric} | " + " | ".join(f"{by_r[r][metric]:.4f}" for r in recurrences) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}")
+    if not _TASKS.value:
+        fail("pass --tasks=NAME_OR_YAML[,...]")
+    bad_r = f"--recurrences={','.join(_RECURRENCES.value or [])}: integers >= 1, comma-separated"
+    try:
+        recurrences = [int(r) for r in _RECURRENCES.value] if _RECURRENCES.value else None
+    except ValueError:
+        fail(bad_r)
+    try:
+        tasks = [local_task(t) if t.endswith((".yaml", ".yml")) else t for t in _TASKS.value]
+    except TaskFileError as e:
+        fail(str(e))
+    cfg, params, tokenizer = load()
+    recurrences = recurrences or [cfg.mean_recurrence]
+    if min(recurrences) < 1:
+        fail(bad_r)
+    if cfg.arch == "gpt" and len(recurrences) > 1:
+        recurrences = recurrences[:1]  # a GPT has no loop: one column
+
+    result = evaluate(cfg, params, tokenizer, tasks, recurrences, batch_size=_BATCH.value, seed=SEED.value,
+                      limit=_LIMIT.value, num_fewshot=_FEWSHOT.value)
+    print(table(result["scores"], recurrences))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+def evaluate(cfg, params, tokenizer, tasks: list, recurrences: list[int], *, batch_size: int = 16, seed: int = 0,
+             limit: int | None = None, num_fewshot: int | None = None) -> dict:
+    """Every task at every recurrence: {"recurrences", "scores": {task: {R: {metric: value}}},
+    "lm_eval": {R: lm-eval's results}}. tasks: lm-eval names or local_task dicts."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from parcae_jax.infer.harness import HarnessLM
+
+    manager = TaskManager()
+    scores: dict = {}
+    raw: dict = {}
+    for r in recurrences:
+        lm = HarnessLM(cfg, params, tokenizer, recurrence=r, batch_size=batch_size, seed=seed)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=False)
+        raw[r] = out["results"]
+        for task, res in out["results"].items():
+            scores.setdefault(task, {})[r] = headline(res)
+    return {"recurrences": recurrences, "scores": scores, "lm_eval": raw}
+
+
+def run() -> None:
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

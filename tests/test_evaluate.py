@@ -1,0 +1,125 @@
+"""The lm-evaluation-harness adapter against a slow reference loop over the model's own
+log-likelihoods: one request at a time, unpadded, unbatched, through `model.apply`."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
+
+from parcae_jax import convert
+from parcae_jax.data.tokenizer import ByteTokenizer
+from parcae_jax.evaluate import TaskFileError, local_task
+from parcae_jax.infer.generator import Generator
+from parcae_jax.infer.harness import HarnessLM, eval_initial_state
+from parcae_jax.model import build, init_params
+from tests.conftest import FIXTURES, ROOT
+from tests.helpers import tiny
+
+PARCAE = FIXTURES / "reference_parcae_tiny"
+TASK = FIXTURES / "eval" / "sample_mc.yaml"
+R = 3
+
+
+@pytest.fixture(scope="module")
+def parcae():
+    return convert.load_reference(str(PARCAE))
+
+
+def reference_loglikelihood(cfg, params, context: list[int], continuation: list[int], recurrence: int) -> float:
+    ids = np.array([context + continuation])
+    x0 = eval_initial_state(cfg, 0, ids.shape[1] - 1)
+    logits = build(cfg).apply({"params": params}, ids[:, :-1], recurrence=recurrence, initial_state=x0)
+    logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1), np.float64)
+    n = len(continuation)
+    return float(sum(logp[t, ids[0, t + 1]] for t in range(ids.shape[1] - 1 - n, ids.shape[1] - 1)))
+
+
+def _instances(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihoods_match_the_reference_loop_whatever_the_batch(parcae):
+    cfg, params = parcae
+    pairs = [("Question: Which keyword defines a function?\nAnswer:", c) for c in (" def", " class", " import x")]
+    pairs += [("x" * 50, " and more than fits in the block"), ("a", " b")]  # one cut from the left
+    tok = ByteTokenizer()
+    got = HarnessLM(cfg, params, tok, recurrence=R, batch_size=2).loglikelihood(_instances("loglikelihood", pairs))
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        c, k = list(ctx.encode()), list(cont.encode())
+        whole = (c + k)[-(cfg.block_size + 1):]
+        want = reference_loglikelihood(cfg, params, whole[:-len(k)], k, R)
+        assert abs(ll - want) < 1e-4, (ctx, cont, ll, want)
+
+
+def test_rolling_loglikelihood_is_the_whole_text_after_the_end_of_document_token():
+    cfg = tiny(vocab_size=320)
+    params = nn.unbox(init_params(build(cfg), jax.random.key(1)))
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return x + 1\n"
+    got = HarnessLM(cfg, params, tok, recurrence=2).loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
+    ids = list(text.encode())
+    want = reference_loglikelihood(cfg, params, [tok.eod_id], ids, 2)
+    assert abs(got[0] - want) < 1e-4
+
+
+def test_generate_until_cuts_at_the_first_stop_string(parcae):
+    cfg, params = parcae
+    tok = ByteTokenizer()
+    lm = HarnessLM(cfg, params, tok, recurrence=2)
+    full = Generator(cfg, params, recurrence=2, dtype=cfg.dtype).generate([list(b"def f(")], 12).tokens[0]
+    text = tok.decode(full)
+    stop = text[5:7]
+    got = lm.generate_until(_instances("generate_until", [("def f(", {"until": [stop], "max_gen_toks": 12})]))
+    assert got == [text[:text.index(stop)]]
+
+
+def test_the_sample_task_scores_what_the_reference_loop_says(parcae, tmp_path, monkeypatch):
+    """acc and acc_norm of `evaluate` on the shipped task, recomputed from reference log-likelihoods."""
+    from parcae_jax import evaluate
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    cfg, params = parcae
+    result = evaluate.evaluate(cfg, params, ByteTokenizer(), [local_task(str(TASK))], [1, R], batch_size=4)
+    docs = [json.loads(line) for line in (FIXTURES / "eval" / "sample_mc.jsonl").read_text().splitlines()]
+    for r in (1, R):
+        acc = acc_norm = 0
+        for d in docs:
+            ctx = list(f"Question: {d['question']}\nAnswer:".encode())
+            lls = [reference_loglikelihood(cfg, params, ctx, list((" " + c).encode()), r) for c in d["choices"]]
+            acc += int(np.argmax(lls) == d["answer"])
+            acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, d["choices"])]) == d["answer"])  # lm-eval: the choice's characters
+        got = result["scores"]["parcae_sample_mc"][r]
+        assert got["acc"] == acc / len(docs) and got["acc_norm"] == acc_norm / len(docs), (r, got, acc, acc_norm)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "parcae_jax.evaluate", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=env)
+
+
+def test_the_command_prints_a_table_and_writes_json(tmp_path):
+    import os
+
+    out = tmp_path / "scores.json"
+    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", f"--tasks={TASK}", "--recurrences=1,2",
+                f"--output={out}", env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| task | metric | R=1 | R=2 |" in done.stdout and "| parcae_sample_mc | acc |" in done.stdout
+    saved = json.loads(out.read_text())
+    assert saved["recurrences"] == [1, 2] and set(saved["scores"]["parcae_sample_mc"]) == {"1", "2"}
+
+
+def test_a_malformed_task_line_is_named(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"question": "a", "choices": [" b"], "answer": 0}\n{"question": oops}\n')
+    task = TASK.read_text().replace("sample_mc.jsonl", "t.jsonl")
+    (tmp_path / "t.yaml").write_text(task)
+    with pytest.raises(TaskFileError, match=r"t.jsonl:2: not valid JSON"):
+        local_task(str(tmp_path / "t.yaml"))
+    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", f"--tasks={tmp_path / 't.yaml'}")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("error: ") and "t.jsonl:2: not valid JSON" in last, done.stderr
