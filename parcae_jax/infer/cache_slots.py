@@ -54,7 +54,8 @@ def slot(step: int, n_prelude: int, n_core: int, recurrence: int, strategy: str 
         return step if r < k else core_start + k * n_core + j
     if kind == "last":
         if k >= recurrence:  # the official rule would put the last iteration in the coda's first slot
-            raise ValueError(f"cache strategy {strategy!r} needs fewer than {recurrence} kept iterations")
+            raise ValueError(f"cache strategy {strategy!r} needs a recurrence above {k} (it keeps the last {k} "
+                             f"iterations apart), got {recurrence}")
         threshold = recurrence - k
         return core_start + j if r < threshold else core_start + (r - threshold + 1) * n_core + j
     if kind == "stride":

@@ -15,15 +15,17 @@ Every shape is static (B, S, the prompt's padded length, R), so decode compiles 
 runs for every token. The R iterations are unrolled, so every layer application knows its
 slot at trace time: each slot is its own array, written in place and read by attention as
 it is stored. (A loop over iterations would pick the slot out of a stacked array at run
-time, copying the whole slot for every application: 1.5x the step time at 1024 positions.) Rows are left-padded to a common prompt length: `pad_B` counts each
-row's padding, its RoPE positions start at 0 on its first real token and no query reads a
-padding key, so a row generates exactly what it would alone.
+time, copying the whole slot for every application: 1.5x the step time at 1024 positions.)
+
+Rows are left-padded to a common prompt length: `pad_B` counts each row's padding, its RoPE
+positions start at 0 on its first real token and no query reads a padding key, so a row
+generates exactly what it would alone.
 
 Adaptive exit (decode only): after each iteration a row whose state has settled stops
 iterating (its state is frozen); once every row has stopped, the remaining iterations are
-skipped (a conditional around each). The slots of the
-iterations a row skipped then hold, at this position, the keys and values of the last
-iteration it ran, so later tokens read them there. `depth_B` reports the iterations each
+skipped (a conditional around each). The slots of the iterations a row skipped then hold,
+at this position, the keys and values of the last iteration it ran, so later tokens read
+them there. `depth_B` reports the iterations each
 row ran. The prompt always runs all R iterations.
 """
 

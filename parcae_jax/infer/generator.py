@@ -64,7 +64,9 @@ class Generator:
         self.recurrence = cfg.mean_recurrence if recurrence is None else recurrence
         self._plan = functools.partial(decode.Plan, cfg, self.recurrence, strategy,
                                        exit_rule=exit_rule, exit_threshold=exit_threshold)
-        self._plan(max_len=1)  # checks strategy, exit rule and recurrence now, before any compile
+        plan = self._plan(max_len=1)  # checks strategy, exit rule and recurrence now, before any compile
+        if not plan.is_gpt:
+            plan.core_slots()  # and the strategy's setting at this recurrence
 
     def check(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
         """Raises GenerationError for a request the model cannot serve."""
