@@ -90,3 +90,21 @@ def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
                 "--config.model.d_mlp=128")
     assert wrong.returncode == 2 and "d_mlp=64 (config has 128)" in wrong.stderr, wrong.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_generate_reads_a_training_run_with_its_tokenizer(run):
+    """`generate --checkpoint=RUN --step=N` restores that step's parameters and the run's tokenizer."""
+    import json
+
+    from parcae_jax.data.tokenizer import ByteTokenizer
+    from parcae_jax.infer.generator import Generator
+
+    done = subprocess.run([sys.executable, "-m", "parcae_jax.generate", f"--checkpoint={run}", "--step=2",
+                           "--prompt=def f(x):", "--max_new_tokens=5", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, cfg, params = restore_params(str(run), 2)
+    tok = ByteTokenizer()
+    want = Generator(cfg, params).generate([tok.encode("def f(x):").tolist()], 5, stop_ids=(tok.eod_id,))
+    got = json.loads(done.stdout)
+    assert got["tokens"] == want.tokens and got["completions"] == [tok.decode(want.tokens[0])]
