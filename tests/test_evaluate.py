@@ -47,12 +47,14 @@ def test_loglikelihoods_match_the_reference_loop_whatever_the_batch(parcae):
     cfg, params = parcae
     pairs = [("Question: Which keyword defines a function?\nAnswer:", c) for c in (" def", " class", " import x")]
     pairs += [("x" * 50, " and more than fits in the block"), ("a", " b")]  # one cut from the left
+    pairs += [("a", "y" * 80)]  # a continuation longer than the block: its last block_size tokens are scored
     tok = ByteTokenizer()
     got = HarnessLM(cfg, params, tok, recurrence=R, batch_size=2).loglikelihood(_instances("loglikelihood", pairs))
     for (ctx, cont), (ll, _) in zip(pairs, got):
         c, k = list(ctx.encode()), list(cont.encode())
         whole = (c + k)[-(cfg.block_size + 1):]
-        want = reference_loglikelihood(cfg, params, whole[:-len(k)], k, R)
+        n = min(len(k), len(whole) - 1)
+        want = reference_loglikelihood(cfg, params, whole[:-n], whole[-n:], R)
         assert abs(ll - want) < 1e-4, (ctx, cont, ll, want)
 
 

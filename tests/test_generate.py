@@ -6,6 +6,7 @@ given at each position, and for each (recurrence, cache strategy) the 32 greedy 
 the 32 next-token logits that chose them (docs/inference.md).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ from parcae_jax import convert
 from parcae_jax.infer import decode
 from parcae_jax.infer.generator import GenerationError, Generator
 from parcae_jax.infer.sampling import Sampling
-from parcae_jax.model import build
+from parcae_jax.model import build, init_params
 from tests.conftest import FIXTURES
 
 PARCAE, GPT = FIXTURES / "reference_parcae_tiny", FIXTURES / "reference_gpt_tiny"
@@ -63,13 +64,13 @@ def test_gpt_greedy_generation_matches_the_official_code(gpt):
     np.testing.assert_allclose(out.step_logits, g["logits_gpt"], atol=1e-4, rtol=0)
 
 
-def _decode_every_prefix(cfg, params, ids, x0, plan):
-    """Logits of prefill(ids[:, :8]) then one decode call per later token: [B, T, V]."""
+def _decode_every_prefix(cfg, params, ids, x0, plan, prompt=8):
+    """Logits of prefill(ids[:, :prompt]) then one decode call per later token: [B, T, V]."""
     f = jax.jit(lambda p, i, c, x: decode.forward(plan, p, i, c, x))
     cache = decode.init_cache(plan, np.zeros(ids.shape[0], np.int32))
-    logits, cache, _ = f(params, ids[:, :8], cache, None if x0 is None else x0[:, :8])
+    logits, cache, _ = f(params, ids[:, :prompt], cache, None if x0 is None else x0[:, :prompt])
     rows = [logits]
-    for t in range(8, ids.shape[1]):
+    for t in range(prompt, ids.shape[1]):
         logits, cache, _ = f(params, ids[:, t:t + 1], cache, None if x0 is None else x0[:, t:t + 1])
         rows.append(logits)
     return np.concatenate(rows, axis=1)
@@ -95,6 +96,61 @@ def test_gpt_decoding_with_the_cache_equals_the_full_forward(gpt):
     full = build(cfg).apply({"params": params}, ids)
     cached = _decode_every_prefix(cfg, params, ids, None, decode.Plan(cfg, max_len=64))
     np.testing.assert_allclose(cached, full, atol=2e-5, rtol=0)
+
+
+# Settings the fixture does not have: grouped-query attention, no qk-norm, an untied head
+# over a padded vocabulary, no value embeddings, core heads of another width; and a Parcae
+# with neither prelude nor coda.
+VARIANTS = {
+    "gqa-untied": dict(vocab_size=250, n_kv_heads=2, qk_norm=False, tie_embeddings=False, value_embeds=False,
+                       n_rec_heads=2),
+    "core-only": dict(n_prelude=0, n_coda=0),
+}
+
+
+def _variant(name):
+    from tests.helpers import tiny
+
+    cfg = tiny(**VARIANTS[name])
+    params = nn.unbox(init_params(build(cfg), jax.random.key(0)))
+    # perturbed, so that the zero-initialised output projections do not make blocks identities
+    return cfg, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+
+
+@pytest.mark.parametrize("name,batch,prompt", [("gqa-untied", 1, 1), ("core-only", 2, 5)])
+def test_decoding_other_shapes_equals_the_full_forward(name, batch, prompt):
+    cfg, params = _variant(name)
+    ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, 12), 0, cfg.vocab_size), np.int32)
+    x0 = np.asarray(jax.random.normal(jax.random.key(3), (batch, 12, cfg.d_rec))) * 0.1
+    full = build(cfg).apply({"params": params}, ids, recurrence=3, initial_state=x0)
+    cached = _decode_every_prefix(cfg, params, ids, x0, decode.Plan(cfg, 3, max_len=16), prompt=prompt)
+    np.testing.assert_allclose(cached, full, atol=2e-5, rtol=0)
+
+
+def test_ids_that_only_pad_the_vocabulary_are_never_generated():
+    cfg, params = _variant("gqa-untied")  # vocab 250 in a table of 256
+    first = int(Generator(cfg, params, recurrence=2).generate([[1, 2, 3]], 1).tokens[0][0])
+    kernel = params["lm_head"]["kernel"]  # the padding columns: 3x the winner's, so they would win
+    params = dict(params, lm_head={"kernel": kernel.at[:, cfg.vocab_size:].set(3 * kernel[:, first:first + 1])})
+    for s in (Sampling(), Sampling(temperature=1.0)):
+        out = Generator(cfg, params, recurrence=2).generate([[1, 2, 3]], 8, s, return_logits=True)
+        assert out.step_logits[0, 0].argmax() >= cfg.vocab_size  # the padding would win unmasked
+        assert max(out.tokens[0]) < cfg.vocab_size
+
+
+def test_a_padded_row_generates_what_it_generates_alone_from_drawn_states(parcae):
+    """Without the caller's x0: the states are drawn per real position, and sampling per row."""
+    cfg, params = parcae
+    ids = np.load(PARCAE / "input_ids.npy").astype(np.int32)
+    prompts = [ids[0, :5].tolist(), ids[1, :21].tolist()]  # 21 tokens: another prompt bucket alone
+    gen = Generator(cfg, params, recurrence=2)
+    for s in (Sampling(), Sampling(temperature=1.0)):
+        together = gen.generate(prompts, 8, s, seed=4, return_logits=True)
+        alone = gen.generate(prompts[:1], 8, s, seed=4, return_logits=True)
+        assert alone.tokens[0] == together.tokens[0]
+        np.testing.assert_allclose(alone.step_logits[0], together.step_logits[0], atol=2e-5)
+    greedy = gen.generate(prompts, 8, seed=4).tokens[1]
+    assert gen.generate(prompts[1:], 8, seed=4).tokens[0] == greedy
 
 
 def test_a_padded_row_generates_what_it_generates_alone(parcae):
@@ -155,7 +211,7 @@ def test_a_settled_token_stops_and_its_skipped_slots_hold_its_last_keys(parcae, 
     cache = decode.init_cache(plan, np.zeros(2, np.int32))
     _, cache, depth = decode.forward(plan, params, ids[:, :8], cache, None)
     assert depth.tolist() == [6, 6]  # the prompt runs every iteration
-    _, after, depth = jax.jit(lambda c: decode.forward(plan, params, ids[:, 8:], c, None))(cache)
+    _, after, depth = jax.jit(lambda c: decode.forward(plan, params, ids[:, 8:], c, None, adaptive=True))(cache)
     assert depth.tolist() == [2, 2]  # the first iteration never exits; the second settles
     slots = plan.core_slots()
     for j in range(cfg.n_core):
@@ -164,6 +220,38 @@ def test_a_settled_token_stops_and_its_skipped_slots_hold_its_last_keys(parcae, 
             for r in range(2, 6):
                 np.testing.assert_array_equal(kv_after[slots[r, j]][:, 8], last)
             np.testing.assert_array_equal(kv_after[slots[5, j]][:, :8], kv_before[slots[5, j]][:, :8])
+
+
+def test_exit_under_a_strategy_that_shares_a_slot_within_an_iteration(parcae):
+    """compress-r5 at n_core = 2 puts both core layers of iteration 1, then layer 0 of the
+    skipped iteration 2, in one slot. A first token (nothing before it to attend to) settles
+    after 2 iterations; each slot must then hold what `full` holds in the slot of the last
+    application mapped to it."""
+    cfg, params = parcae
+    ids = np.load(PARCAE / "input_ids.npy")[:, :1].astype(np.int32)
+    got = {}
+    for strategy in ("full", "compress-r5"):
+        plan = decode.Plan(cfg, 8, strategy, max_len=8, exit_rule="delta", exit_threshold=1e9)
+        cache = decode.init_cache(plan, np.zeros(2, np.int32))
+        logits, cache, depth = decode.forward(plan, params, ids, cache, None, adaptive=True)
+        assert depth.tolist() == [2, 2]
+        got[strategy] = plan.core_slots(), cache, logits
+    (full_slots, full, full_logits), (slots, shared, logits) = got["full"], got["compress-r5"]
+    assert slots[1, 0] == slots[1, 1]
+    np.testing.assert_allclose(logits, full_logits, atol=1e-6)
+    for s in range(len(shared.core_k)):
+        r, j = max((r, j) for r in range(8) for j in range(cfg.n_core) if slots[r, j] == s)
+        np.testing.assert_allclose(shared.core_k[s][:, 0], full.core_k[full_slots[r, j]][:, 0], atol=1e-6)
+        np.testing.assert_allclose(shared.core_v[s][:, 0], full.core_v[full_slots[r, j]][:, 0], atol=1e-6)
+
+
+def test_a_one_token_prompt_runs_every_iteration(parcae):
+    cfg, params = parcae
+    plain = Generator(cfg, params, recurrence=6).generate([[7]], 3, return_logits=True)
+    exits = Generator(cfg, params, recurrence=6, exit_rule="delta", exit_threshold=1e9).generate(
+        [[7]], 3, return_logits=True)
+    np.testing.assert_allclose(exits.step_logits[:, 0], plain.step_logits[:, 0], atol=1e-6)
+    assert exits.mean_depth == (6 + 2 + 2) / 3
 
 
 def test_rows_exit_independently(parcae):

@@ -107,19 +107,22 @@ def init_cache(plan: Plan, pad_B) -> Cache:
     n_core_slots = 0 if plan.is_gpt else int(plan.core_slots().max()) + 1
     core_k = zeros(core[0], n_core_slots) if core else ()
     core_v = zeros(core[0], n_core_slots) if core else ()
-    return Cache(zeros(main[0], len(main)), zeros(main[0], len(main)), core_k, core_v,
-                 jnp.int32(0), jnp.asarray(pad_B, jnp.int32))
+    main_k = zeros(main[0], len(main)) if main else ()  # a Parcae may have no prelude and no coda
+    main_v = zeros(main[0], len(main)) if main else ()
+    return Cache(main_k, main_v, core_k, core_v, jnp.int32(0), jnp.asarray(pad_B, jnp.int32))
 
 
 def _set(t: tuple, i: int, value) -> tuple:
     return t[:i] + (value,) + t[i + 1:]
 
 
-def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR: jax.Array | None = None):
+def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR: jax.Array | None = None,
+            adaptive: bool = False):
     """Logits [B, T, V] (float32) of T new tokens at positions cache.length .., the cache with
     their keys and values written, and depth_B (iterations each row ran on its last token).
 
     x0_BxTxR: the initial recurrent state of these tokens (Parcae; recurrence.draw_initial_state).
+    adaptive: apply the plan's exit rule (a decode step of one token: T must be 1).
     """
     cfg = plan.cfg
     B, T = ids_BxT.shape
@@ -165,18 +168,26 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
     slots = plan.core_slots()
 
     def iteration(x, ck, cv, r: int):
+        """One pass of the core; also each layer's key and value at this (single) position,
+        taken before a later layer of the same pass can overwrite a shared slot."""
         u = Injection(cfg).apply({"params": params["core"]["injection"]}, x, e)
+        written = []
         for j, s in enumerate(core):
-            u, ck, cv = block(s, params["core"][f"block_{j}"], u, ck, cv, int(slots[r, j]), rope_core)
-        return u, ck, cv
+            slot = int(slots[r, j])
+            u, ck, cv = block(s, params["core"][f"block_{j}"], u, ck, cv, slot, rope_core)
+            if adaptive:
+                written.append((_at(ck[slot], start), _at(cv[slot], start)))
+        return u, ck, cv, written
 
     x = (jnp.zeros((B, T, cfg.d_rec), jnp.float32) if x0_BxTxR is None else x0_BxTxR).astype(jnp.float32)
     ck, cv = cache.core_k, cache.core_v
-    if plan.exit_rule != "none" and T == 1:
+    if adaptive and plan.exit_rule != "none":
+        if T != 1:
+            raise ValueError(f"adaptive exit decodes one token at a time, got {T}")
         x, ck, cv, depth_B = _adaptive(plan, iteration, lambda x: head(x, main_k, main_v)[0], x, ck, cv, slots, start)
     else:
         for r in range(plan.recurrence):
-            x, ck, cv = iteration(x, ck, cv, r)
+            x, ck, cv, _ = iteration(x, ck, cv, r)
         depth_B = jnp.full((B,), plan.recurrence, jnp.int32)
     logits, main_k, main_v = head(x, main_k, main_v)
     new = cache._replace(main_k=main_k, main_v=main_v, core_k=ck, core_v=cv, length=start + T)
@@ -189,8 +200,14 @@ def _settled(plan: Plan, x_new, x_old, logp_new, logp_old) -> jax.Array:
         diff = jnp.sqrt(jnp.sum(jnp.square(x_new - x_old), axis=(1, 2)))
         measure = diff / (jnp.sqrt(jnp.sum(jnp.square(x_new), axis=(1, 2))) + 1e-12)
     else:
-        measure = jnp.sum(jnp.exp(logp_new) * (logp_new - logp_old), axis=-1)
+        # KL >= 0, but rounding can make it a hair negative: clamp so threshold 0 never fires
+        measure = jnp.maximum(jnp.sum(jnp.exp(logp_new) * (logp_new - logp_old), axis=-1), 0.0)
     return measure < plan.exit_threshold
+
+
+def _at(a, start):
+    """[B * G, D]: a slot's entries at position `start`."""
+    return jax.lax.dynamic_index_in_dim(a, start, axis=1, keepdims=False)
 
 
 def _adaptive(plan: Plan, iteration, logits_of, x, ck, cv, slots: np.ndarray, start):
@@ -198,16 +215,16 @@ def _adaptive(plan: Plan, iteration, logits_of, x, ck, cv, slots: np.ndarray, st
     B = x.shape[0]
     n_core, G = slots.shape[1], ck[0].shape[0] // B  # slot rows are (row, kv head) pairs
     kl = plan.exit_rule == "kl"
-    at_start = lambda a: jax.lax.dynamic_index_in_dim(a, start, axis=1, keepdims=False)  # noqa: E731  [B * G, D]
+    at_start = lambda a: _at(a, start)  # noqa: E731  [B * G, D]
     logp_of = lambda x: jax.nn.log_softmax(logits_of(x)[:, -1]) if kl else jnp.zeros((B, 1))  # noqa: E731
 
     def run(r, c):
         active = c["active"]
-        u, ck, cv = iteration(c["x"], c["k"], c["v"], r)
+        u, ck, cv, written = iteration(c["x"], c["k"], c["v"], r)
         x = jnp.where(active[:, None, None], u, c["x"])
         keep = lambda new, old: jnp.where(jnp.repeat(active, G)[:, None], new, old)  # noqa: E731
-        lk = tuple(keep(at_start(ck[slots[r, j]]), c["lk"][j]) for j in range(n_core))
-        lv = tuple(keep(at_start(cv[slots[r, j]]), c["lv"][j]) for j in range(n_core))
+        lk = tuple(keep(k, c["lk"][j]) for j, (k, _) in enumerate(written))
+        lv = tuple(keep(v, c["lv"][j]) for j, (_, v) in enumerate(written))
         logp = logp_of(x)
         settled = _settled(plan, x, c["x"], logp, c["logp"]) if r > 0 else jnp.zeros((B,), bool)
         return dict(x=x, k=ck, v=cv, active=active & ~settled, depth=c["depth"] + active.astype(jnp.int32),

@@ -8,6 +8,10 @@ Prompts are left-padded to a common length rounded up to PROMPT_BUCKET and the c
 that plus max_new_tokens rounded up to CACHE_BUCKET, so prompts of similar lengths reuse one
 compiled prefill and one compiled step. Each Parcae token gets a fresh initial state x0 from
 the seed (the official generation draws a new one per call), or the caller's `x0`.
+
+A row generates what it would alone: its states x0 are drawn by its own positions
+(`initial_states`), and sampling draws row b from the seed's stream b (the first row of a
+batch samples what a batch of one would).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ class Generator:
         elif x0 is not None:
             x0_all = jnp.zeros((B, plan.max_len, self.cfg.d_rec), jnp.float32).at[:, :x0.shape[1]].set(x0[:, :plan.max_len])
         else:
-            x0_all = draw_initial_state(key_x0, (B, plan.max_len, self.cfg.d_rec), self.cfg)
+            x0_all = initial_states(key_x0, pad, plan.max_len, self.cfg)
         prefill, step = _compiled(plan, sampling)
 
         t0 = time.perf_counter()
@@ -142,22 +146,40 @@ class Generator:
         return Output(tokens, stopped, mean_depth, logits)
 
 
+def initial_states(key: jax.Array, pad_B: np.ndarray, max_len: int, cfg: ModelConfig) -> jax.Array:
+    """x0 [B, max_len, d_rec] by cache position: each token's state is drawn from the key
+    folded with its position in its own row (cache position - padding), so a row gets the
+    same states whatever the batch, padding or cache length around it."""
+    per_position = jax.vmap(lambda t: draw_initial_state(jax.random.fold_in(key, t), (cfg.d_rec,), cfg))
+    x0_PxR = per_position(jnp.arange(max_len))
+    real_BxP = np.maximum(np.arange(max_len)[None, :] - pad_B[:, None], 0)  # padding reuses position 0's
+    return x0_PxR[real_BxP]
+
+
+def _choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling, vocab_size: int) -> jax.Array:
+    """The next token, never one of the ids that only pad the vocabulary to a tile size."""
+    if logits_BxV.shape[-1] > vocab_size:
+        logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_size, logits_BxV, -jnp.inf)
+    return next_token(logits_BxV, key, sampling)
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(plan: decode.Plan, sampling: Sampling):
     """The jitted prefill and step of one plan (cached: a second call with the same shapes
     reuses them). The step donates the cache, so XLA updates it in place."""
+    V = plan.cfg.vocab_size
 
     def prefill(params, ids_BxP, pad_B, x0_all, key):
         P = ids_BxP.shape[1]
         cache = decode.init_cache(plan, pad_B)
         logits, cache, _ = decode.forward(plan, params, ids_BxP, cache, x0_all[:, :P])
         last = logits[:, -1]
-        return next_token(last, key, sampling), cache, last
+        return _choose(last, key, sampling, V), cache, last
 
     def step(params, cache, tok_B, x0_all, key, i):
         x0 = jax.lax.dynamic_slice_in_dim(x0_all, cache.length, 1, axis=1)
-        logits, cache, depth = decode.forward(plan, params, tok_B[:, None], cache, x0)
+        logits, cache, depth = decode.forward(plan, params, tok_B[:, None], cache, x0, adaptive=True)
         last = logits[:, -1]
-        return next_token(last, jax.random.fold_in(key, i), sampling), cache, last, depth
+        return _choose(last, jax.random.fold_in(key, i), sampling, V), cache, last, depth
 
     return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))

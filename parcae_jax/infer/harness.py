@@ -92,7 +92,8 @@ class HarnessLM(TemplateLM):
             logp, greedy = score(self.params, ids, tgt, self._x0[:, :T], jnp.int32(self.recurrence))
             logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
             for b, i in enumerate(chunk):
-                n, k = len(rows[i][0]), rows[i][2]
+                n = len(rows[i][0])
+                k = min(rows[i][2], n)  # a continuation longer than the block: the part that fits
                 out[i] = (float(logp[b, n - k:n].sum()), bool(greedy[b, n - k:n].all()))
         return out
 
@@ -115,7 +116,8 @@ class HarnessLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             n_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.cfg.block_size - 1)
             prompt = self.tok_encode(context)[-(self.cfg.block_size - n_new):] or [self.eot_token_id]
-            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+            # as transformers' generate: sampling without a temperature samples at 1.0
+            temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample", False) else 0.0
             out = self._generator.generate([prompt], n_new, Sampling(temperature), stop_ids=(self.eot_token_id,),
                                            seed=self.seed)
             text = self.tokenizer_.decode(out.tokens[0])

@@ -49,4 +49,7 @@ def next_token(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """[B] int32: the next token of every row."""
     if s.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filtered_logits(logits_BxV, s), axis=-1).astype(jnp.int32)
+    # Row b draws from its own stream, so it samples the same whatever rows sit beside it.
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BxV.shape[0]))
+    draw = jax.vmap(lambda k, logits_V: jax.random.categorical(k, logits_V))
+    return draw(keys, filtered_logits(logits_BxV, s)).astype(jnp.int32)
