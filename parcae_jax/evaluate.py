@@ -20,10 +20,9 @@ import os
 from absl import flags
 
 from parcae_jax import cli
-from parcae_jax.model_flags import SEED, fail, load
+from parcae_jax.model_flags import RECURRENCES, SEED, fail, load
 
 _TASKS = flags.DEFINE_list("tasks", None, "lm-eval task names or task YAML paths, comma-separated.")
-_RECURRENCES = flags.DEFINE_list("recurrences", None, "Recurrences to evaluate at (default: mean_recurrence).")
 _LIMIT = flags.DEFINE_integer("limit", None, "At most this many documents per task.")
 _FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: the task's).")
 _BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Scored sequences per forward.")
@@ -99,9 +98,9 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}")
     if not _TASKS.value:
         fail("pass --tasks=NAME_OR_YAML[,...]")
-    bad_r = f"--recurrences={','.join(_RECURRENCES.value or [])}: integers >= 1, comma-separated"
+    bad_r = f"--recurrences={','.join(RECURRENCES.value or [])}: integers >= 1, comma-separated"
     try:
-        recurrences = [int(r) for r in _RECURRENCES.value] if _RECURRENCES.value else None
+        recurrences = [int(r) for r in RECURRENCES.value] if RECURRENCES.value else None
     except ValueError:
         fail(bad_r)
     try:

@@ -12,6 +12,8 @@ STEP = flags.DEFINE_integer("step", None, "Which checkpoint of a run (default: t
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "bytes, a tokenizer.json or a SentencePiece .model "
                                 "(default: the run's, or the folder's tokenizer.json).")
 SEED = flags.DEFINE_integer("seed", 0, "Seeds the sampling and the loop's initial states.")
+RECURRENCES = flags.DEFINE_list("recurrences", None, "Recurrences to evaluate at, comma-separated "
+                                "(default: evaluate, mean_recurrence; science.test_time, 1 .. 2 x mean_recurrence).")
 DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (float32, bfloat16, fast, ...); default: the "
                             "checkpoint's on accelerators, float32 on CPU (decoding is bound by memory reads there).")
 

@@ -1,6 +1,7 @@
 """The package's layering, read from the source with `ast`: `model/` and `data/` import nothing
 above them, so either can be used (and tested) without the trainer; `infer/` builds on
-`model/` only (loading checkpoints is the caller's: generate.py, evaluate.py)."""
+`model/` only (loading checkpoints is the caller's: generate.py, evaluate.py); the science
+fits and plots import nothing of ours."""
 
 import ast
 
@@ -53,3 +54,9 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from parcae_jax.train import Trainer\nimport parcae_jax.model.config\n")
     assert [m for _, m in our_imports(bad) if not within(m, ALLOWED["model"])] == ["parcae_jax.train"]
+
+
+def test_the_science_fits_and_plots_import_nothing_of_ours():
+    """Fits and plots are pure: a sweep table or a curve from anywhere can be fitted and drawn."""
+    for name in ("fits", "plots"):
+        assert our_imports(PACKAGE / "science" / f"{name}.py") == [], name

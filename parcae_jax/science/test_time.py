@@ -1,0 +1,181 @@
+"""Test-time scaling: validation loss against the number of recurrences T, and its fit.
+
+    python -m parcae_jax.science.test_time --checkpoint=RUN_OR_FOLDER [--step=N] \\
+        [--recurrences=1,2,...] [--val_batches=8] [--val_batch_size=8] [--out_dir=DIR]
+
+Evaluates one checkpoint (a training run's workdir, or an official folder with
+--data_path=PREPARED_DIR) at T = 1 .. 2 x mean_recurrence (or --recurrences) on the first
+--val_batches validation batches, in storage order, with the loop's initial state from the
+run's seed as training's evaluations draw it: the point at T = mean_recurrence is the run's
+own `eval/loss_r{T}` on the same batches. Reports nats per token and bits per byte of the
+targets' text, fits L(T) = L_inf + A * exp(-kappa * T) (science/fits.py), and writes
+test_time.json, test_time.csv and test_time.png to --out_dir (default RUN/science). A GPT has
+no recurrence: one point, drawn as a flat line, so tables of both line up. Bad input is one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+from absl import flags
+
+from parcae_jax import cli
+from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
+
+_VAL_BATCHES = flags.DEFINE_integer("val_batches", 8, "Validation batches (the first ones, in storage order).")
+_VAL_BATCH = flags.DEFINE_integer("val_batch_size", 8, "Sequences per validation batch.")
+_DATA_PATH = flags.DEFINE_string("data_path", None, "A prepared corpus (parcae_jax.data.prepare) to validate on; "
+                                 "default: the run's own data. Needed for an official folder.")
+_OUT = flags.DEFINE_string("out_dir", None, "Output folder (default: CHECKPOINT/science).")
+
+
+def target_bytes(batches: list[dict], tokenizer) -> int:
+    """UTF-8 bytes of the scored targets' text (the byte tokenizer: one per byte token)."""
+    import numpy as np
+
+    from parcae_jax.data.tokenizer import ByteTokenizer
+
+    total = 0
+    for b in batches:
+        for row in np.asarray(b["targets"]):
+            row = row[row >= 0]
+            total += int((row < 256).sum()) if isinstance(tokenizer, ByteTokenizer) else \
+                len(tokenizer.decode(row.tolist()).encode("utf-8"))
+    return total
+
+
+def losses(cfg, params, batches: list[dict], recurrences: list[int], seed: int, document_masking: bool = False):
+    """[(T, mean nats per target token, tokens)] on `batches`, one compile for every T."""
+    import jax
+    import jax.numpy as jnp
+
+    from parcae_jax.model import build
+    from parcae_jax.step import make_eval_step
+
+    step = jax.jit(make_eval_step(build(cfg), seed=seed, document_masking=document_masking))
+    out = []
+    for T in recurrences:
+        parts = [step(params, b, jnp.int32(T)) for b in batches]
+        total, count = (sum(float(p[i]) for p in parts) for i in (0, 1))
+        out.append((T, total / max(count, 1.0), int(count)))
+    return out
+
+
+def curve(points: list[tuple[int, float, int]], n_bytes: int, arch: str, mean_recurrence: int) -> dict:
+    """The JSON result: the points (with bits per byte) and the fit, or why there is none."""
+    from parcae_jax.science import fits
+
+    tokens = points[0][2]
+    rows = [{"T": T, "loss": loss, "bits_per_byte": loss * tokens / math.log(2) / n_bytes if n_bytes else None}
+            for T, loss, _ in points]
+    result = {"arch": arch, "mean_recurrence": mean_recurrence if arch == "parcae" else None,
+              "tokens": tokens, "bytes": n_bytes, "points": rows, "fit": None, "fit_error": None}
+    if arch != "parcae":
+        result["fit_error"] = "a GPT has no recurrence: one point"
+        return result
+    try:
+        result["fit"] = fits.saturating_exponential([r["T"] for r in rows], [r["loss"] for r in rows]).to_json()
+    except fits.FitError as e:
+        result["fit_error"] = str(e)
+    return result
+
+
+def write(result: dict, out: str) -> dict[str, str]:
+    """test_time.{json,csv,png} in `out`; returns their paths."""
+    from parcae_jax.science import plots
+
+    os.makedirs(out, exist_ok=True)
+    paths = {ext: os.path.join(out, f"test_time.{ext}") for ext in ("json", "csv", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1)
+    fitted = plots.saturating(result["fit"])
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["T", "loss", "bits_per_byte", "fit"])
+        for r in result["points"]:
+            w.writerow([r["T"], r["loss"], r["bits_per_byte"], fitted(r["T"]) if fitted else ""])
+    plots.test_time(result, paths["png"])
+    return paths
+
+
+def _load(checkpoint: str, step: int | None):
+    """(cfg, params, tokenizer, data config, seed, step) of a run or an official folder."""
+    import jax
+    import ml_collections
+
+    from parcae_jax import defaults, transfer
+    from parcae_jax.data.tokenizer import load_tokenizer
+    from parcae_jax.model.config import ModelConfig
+
+    data = defaults.data_config()
+    if os.path.isfile(os.path.join(checkpoint, "config.json")):
+        cfg, params, tok_spec = transfer.load_model(checkpoint)
+        seed, found = SEED.value, None
+        if not _DATA_PATH.value:
+            fail(f"{checkpoint} is an official folder, which holds no validation data; pass --data_path=DIR, "
+                 "a corpus prepared with its tokenizer (python -m parcae_jax.data.prepare)")
+    else:
+        found, saved, params = transfer.restore_run(checkpoint, step)
+        cfg, seed = ModelConfig.from_mapping(saved["model"]), int(saved.get("seed", 0))
+        data = ml_collections.ConfigDict({**data.to_dict(), **saved.get("data", {})})
+        tok_spec = data.tokenizer
+    tok_spec = TOKENIZER.value or tok_spec
+    if tok_spec is None:
+        fail(f"{checkpoint} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
+    if _DATA_PATH.value:
+        data.source, data.path = "prepared", _DATA_PATH.value
+    data.tokenizer = tok_spec
+    dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else None)
+    cfg = cfg.replace(dtype=dtype) if dtype else cfg
+    return cfg, params, load_tokenizer(tok_spec, data.eod_token), data, seed, found
+
+
+def main(argv) -> None:
+    del argv
+    from parcae_jax.data import dataset
+    from parcae_jax.data.readers import DataError
+    from parcae_jax.model.config import ConfigError
+    from parcae_jax.reference_config import ConversionError
+
+    if not CHECKPOINT.value:
+        fail("pass --checkpoint=RUN_OR_FOLDER (a training run's workdir or an official checkpoint folder)")
+    if _VAL_BATCHES.value < 1 or _VAL_BATCH.value < 1:
+        fail("--val_batches and --val_batch_size must be >= 1")
+    try:
+        recurrences = sorted({int(r) for r in RECURRENCES.value}) if RECURRENCES.value else None
+    except ValueError:
+        fail(f"--recurrences={','.join(RECURRENCES.value)}: give integers such as 1,2,4,8")
+    if recurrences is not None and recurrences[0] < 1:
+        fail(f"--recurrences: every T must be >= 1, got {recurrences[0]}")
+    try:
+        cfg, params, tok, data, seed, step = _load(CHECKPOINT.value, STEP.value)
+        if tok.vocab_size > cfg.vocab_size:
+            fail(f"the tokenizer has {tok.vocab_size} ids but the model {cfg.vocab_size}; pass the model's --tokenizer")
+        _, val = dataset.open_splits(data, tok, progress=False)
+        loader = dataset.eval_loader(val, data, cfg.seq_len, _VAL_BATCH.value)
+        batches = [b for _, b in zip(range(_VAL_BATCHES.value), loader)]
+    except (ConversionError, ConfigError, DataError) as e:
+        fail(str(e).splitlines()[0])
+    if not batches:
+        fail(f"the validation split of {data.path or data.source} holds no window of {cfg.seq_len + 1} tokens")
+    if cfg.arch == "parcae":
+        recurrences = recurrences or list(range(1, 2 * cfg.mean_recurrence + 1))
+    else:
+        recurrences = [1]
+    points = losses(cfg, params, batches, recurrences, seed, bool(data.document_masking))
+    result = {"checkpoint": CHECKPOINT.value, "step": step, "eval_batches": len(batches), "batch_size": _VAL_BATCH.value,
+              **curve(points, target_bytes(batches, tok), cfg.arch, cfg.mean_recurrence)}
+    paths = write(result, _OUT.value or os.path.join(CHECKPOINT.value, "science"))
+    print(json.dumps({**{k: result[k] for k in ("step", "fit", "fit_error")}, "files": paths}))
+
+
+def run() -> None:
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()
