@@ -11,7 +11,6 @@ file, or the name of a shipped one (`tiny`, `1p3b`, `gpt_370m`, ...) from any fo
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from typing import NoReturn
@@ -19,7 +18,10 @@ from typing import NoReturn
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
-_DEFAULT_CONFIG = "tiny"  # a shipped config (see _shipped)
+from parcae_jax import config_files
+from parcae_jax.errors import user_errors
+
+_DEFAULT_CONFIG = "tiny"  # a shipped config (see config_files.shipped)
 
 # No default here: ml_collections would load it, with the overrides, while this module is
 # imported, where a bad override cannot be turned into one line. _parse_flags adds it.
@@ -51,12 +53,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:  # ml_collections reads overrides in --flagfile files too: check those as well
         args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
     except flags.Error as e:
-        fail(_first_line(e))
+        fail(config_files.first_line(e))
     given = _config_values(args)
     if not given:  # the default, added here rather than by DEFINE_config_file (see _CONFIG)
-        given = [_shipped(_DEFAULT_CONFIG)]
+        given = [config_files.shipped(_DEFAULT_CONFIG)]
         args = [f"--config={given[-1]}", *args]
-    elif given[-1] is not None and (path := _shipped(given[-1])) != given[-1]:  # a shipped config's name
+    elif given[-1] is not None and (path := config_files.shipped(given[-1])) != given[-1]:  # a shipped config's name
         args, given[-1] = _with_config(args, path), path
     if given[-1] is not None:  # absl keeps the last; a bare --config at the end is absl's to report
         config = _load_config(given[-1])
@@ -66,9 +68,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS([argv[0], *args])
     except flags.Error as e:  # absl's own: a missing or malformed value, an unknown flag
-        fail(_first_line(e))
+        fail(config_files.first_line(e))
     except (TypeError, ValueError) as e:  # a value ml_collections cannot use for its key
-        fail(f"bad config override: {_first_line(e)}")
+        fail(f"bad config override: {config_files.first_line(e)}")
 
 
 def _with_config(args: list[str], value: str) -> list[str]:
@@ -79,23 +81,6 @@ def _with_config(args: list[str], value: str) -> list[str]:
     if "=" in args[i]:
         return [*args[:i], f"{args[i].split('=', 1)[0]}={value}", *args[i + 1:]]
     return [*args[:i + 1], value, *args[i + 2:]]
-
-
-def _shipped(value: str) -> str:
-    """`NAME[:ARG]`, `NAME.py` or `configs/NAME.py` that is not a file here: the shipped config
-    of that name (parcae_jax.defaults.shipped_config), so configs are found from any folder."""
-    path, sep, arg = value.partition(":")
-    name = os.path.basename(path).removesuffix(".py")
-    if os.path.exists(path) or path not in (name, f"{name}.py", f"configs/{name}.py"):
-        return value
-    from parcae_jax.defaults import shipped_config
-
-    shipped = shipped_config(name)
-    return shipped + sep + arg if shipped else value
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _config_values(args: list[str]) -> list[str | None]:
@@ -110,76 +95,17 @@ def _config_values(args: list[str]) -> list[str | None]:
 
 
 def _load_config(value: str) -> config_dict.ConfigDict:
-    """The config that --config=PATH[:ARG] names, loaded as ml_collections does (the file as a
-    module, then get_config(ARG), or get_config() without a colon), or one line saying why not."""
-    import importlib.machinery
-    import importlib.util
-
-    path, *arg = value.split(":", 1)
-    name = "_parcae_config_file"
-    spec = importlib.util.spec_from_file_location(name, path, loader=importlib.machinery.SourceFileLoader(name, path))
     try:
-        code = spec.loader.get_code(name)
-    except SyntaxError as e:
-        where = "" if e.filename == path else f" of {e.filename}"
-        fail(f"--config={value}: syntax error at line {e.lineno}{where}: {e.msg}")
-    except (OSError, ValueError) as e:  # missing, unreadable, a folder; ValueError: NUL bytes
-        fail(f"--config={value}: cannot load ({getattr(e, 'strerror', None) or e})")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses defined in a config file look their module up there
-    try:
-        try:
-            exec(code, module.__dict__)
-        except Exception as e:
-            fail(f"--config={value}: loading it raised {_raised(e, path)}")
-        get_config = getattr(module, "get_config", None)
-        if not callable(get_config):
-            fail(f"--config={value} has no get_config(); a config file defines get_config(arg=None) "
-                 "returning a ConfigDict (see configs/tiny.py)")
-        try:
-            config = get_config(*arg)
-        except Exception as e:
-            fail(f"--config={value}: get_config({', '.join(map(repr, arg))}) raised {_raised(e, path)}")
-    finally:
-        sys.modules.pop(name, None)
-    if not isinstance(config, config_dict.ConfigDict):
-        fail(f"--config={value}: get_config() returned {type(config).__name__}, not a ConfigDict")
-    return config
-
-
-def _raised(e: Exception, path: str) -> str:
-    """'ValueError at line 12: ...', the line being the config file's last in the traceback."""
-    import traceback
-
-    lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path]
-    return f"{type(e).__name__}{f' at line {lines[-1]}' if lines else ''}: {_first_line(e)}"
+        return config_files.load(value)
+    except config_files.ConfigFileError as e:
+        fail(str(e))
 
 
 def _check_key(config: config_dict.ConfigDict, flag: str) -> None:
-    """Fails unless the key path of an override (flag: --config.a.b, no value) is in the config."""
-    from ml_collections.config_flags import config_path
-
-    try:  # split as ml_collections will: a.b, or a["b"]
-        parts = config_path.split(flag.split(".", 1)[1])
-    except ValueError:  # not a key path at all, e.g. --config.model.1x
-        parts = ()
-    node, depth = config, 0
-    while depth < len(parts) and _has(node, parts[depth]):
-        node, depth = node[parts[depth]], depth + 1
-    if parts and depth == len(parts):
-        return
-    hint = ""
-    if depth < len(parts) and isinstance(node, config_dict.ConfigDict) and all(isinstance(p, str) for p in parts):
-        import difflib
-
-        close = difflib.get_close_matches(parts[depth], list(node.keys()), n=1)
-        if close:  # the same flag with the one mistyped key replaced
-            hint = f" (did you mean {'.'.join([flag.split('.', 1)[0], *parts[:depth], close[0], *parts[depth + 1:]])}?)"
-    fail(f"{flag}: no such config key{hint}; every key is declared in parcae_jax/defaults.py")
-
-
-def _has(node: object, key: object) -> bool:
-    return isinstance(node, config_dict.ConfigDict) and isinstance(key, str) and key in node
+    try:
+        config_files.check_key(config, flag)
+    except config_files.ConfigFileError as e:
+        fail(str(e))
 
 
 def load_config():
@@ -191,20 +117,6 @@ def load_config():
     except OSError as e:  # ml_collections defers file errors until first use
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         fail(f"--config={flags.FLAGS['config'].config_filename}: cannot load ({lines[-1]})")
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The error types that mean bad input or a fixable environment (each message is one line).
-    Imported only when something failed: the watcher parent of a multi-process run stays small."""
-    from parcae_jax.checkpoint import CheckpointError
-    from parcae_jax.data.readers import DataError
-    from parcae_jax.distributed import DistributedError
-    from parcae_jax.model.config import ConfigError
-    from parcae_jax.reference_config import ConversionError
-    from parcae_jax.resume import ResumeRefused
-    from parcae_jax.storage import StorageError
-
-    return ConfigError, DataError, StorageError, DistributedError, ResumeRefused, CheckpointError, ConversionError
 
 
 def main(argv: list[str]) -> None:
@@ -222,7 +134,7 @@ def main(argv: list[str]) -> None:
         if isinstance(e, NonFiniteRun):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
-        if isinstance(e, _user_errors()):
+        if isinstance(e, user_errors()):
             fail(str(e))
         raise
 

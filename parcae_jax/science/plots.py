@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Callable
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # no display on pods and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -23,9 +25,12 @@ def saturating(fit: dict | None) -> Callable[[float], float] | None:
 
 
 def _save(fig, path: str) -> None:
+    """A PNG at `path`, local or gs:// (through etils.epath)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
     plt.close(fig)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def test_time(result: dict, path: str) -> None:
@@ -47,4 +52,54 @@ def test_time(result: dict, path: str) -> None:
     ax.set_xlabel("recurrences T at test time")
     ax.set_ylabel("validation loss (nats/token)")
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def isoflop(rows: list[dict], analysis: dict, path: str) -> None:
+    """Loss against mean recurrence, one curve per budget, each parabola's minimum marked."""
+    fig, ax = plt.subplots(figsize=SIZE)
+    for i, b in enumerate(analysis["budgets"]):
+        pts = sorted((r for r in rows if r["budget"] == b["budget"]), key=lambda r: r["recurrence"])
+        color = f"C{i % 10}"
+        ax.plot([r["recurrence"] for r in pts], [r["loss"] for r in pts], "o", color=color, ms=4,
+                label=f"C = {b['budget']:.2g}")
+        if "fit" in b:
+            v = b["fit"]["values"]
+            lo, hi = math.log(pts[0]["recurrence"]), math.log(pts[-1]["recurrence"])
+            xs = [lo + (hi - lo) * j / 100 for j in range(101)]
+            ax.plot([math.exp(x) for x in xs], [v["c0"] + v["c1"] * x + v["c2"] * x * x for x in xs], "-",
+                    color=color, lw=1)
+            ax.plot([b["recurrence_opt"]], [b["loss_opt"]], "*", color=color, ms=10, mec="k", mew=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean recurrence (training)")
+    ax.set_ylabel("final validation loss")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def optimum(analysis: dict, path: str) -> None:
+    """The compute-optimal recurrence and tokens against the budget (log-log), with the fitted
+    power laws (and the additive law's optima where it fitted)."""
+    fig, axes = plt.subplots(1, 2, figsize=(SIZE[0] * 1.6, SIZE[1]))
+    found = [b for b in analysis["budgets"] if "error" not in b]
+    for ax, what, key in ((axes[0], "recurrence", "recurrence_opt"), (axes[1], "tokens", "tokens_opt")):
+        C = [b["budget"] for b in found]
+        ax.plot(C, [b[key] for b in found], "o", color="C0", label="isoFLOP minima")
+        law = analysis["laws"].get(what, {})
+        if "values" in law and C:
+            a, log_k = law["values"]["a"], law["values"]["log_k"]
+            lo, hi = law["ci95"]["a"]
+            grid = [min(C) * (max(C) / min(C)) ** (j / 50) for j in range(51)]
+            ax.plot(grid, [math.exp(log_k) * c ** a for c in grid], "-", color="C0",
+                    label=f"∝ C^{a:.2f} [{lo:.2f}, {hi:.2f}] (paper {analysis['paper'][what]:.2f})")
+        add = analysis.get("additive") or {}
+        if "optima" in add:
+            ax.plot([o["budget"] for o in add["optima"]], [o[key] for o in add["optima"]], "x", color="C1",
+                    label="additive law's optima")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide in a decade
+        ax.set_xlabel("training FLOPs C")
+        ax.set_ylabel(f"optimal {what}")
+        ax.legend(fontsize=6)
     _save(fig, path)
