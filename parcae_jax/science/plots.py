@@ -103,3 +103,31 @@ def optimum(analysis: dict, path: str) -> None:
         ax.set_ylabel(f"optimal {what}")
         ax.legend(fontsize=6)
     _save(fig, path)
+
+
+def stability(runs: list[dict], path: str) -> None:
+    """Loss, state norm and rho against step: one column per variant, one line per learning
+    rate, an x where a run diverged."""
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    mults = sorted({r["lr_multiplier"] for r in runs})
+    fig, axes = plt.subplots(3, len(variants), figsize=(2.6 * len(variants), 6.0), sharex=True, squeeze=False)
+    for col, variant in enumerate(variants):
+        for r in (r for r in runs if r["variant"] == variant):
+            color = f"C{mults.index(r['lr_multiplier']) % 10}"
+            steps = [s["step"] for s in r["series"]]
+            for row, key in enumerate(("loss", "state_norm", "rho")):
+                ys = [s.get(key, float("nan")) for s in r["series"]]
+                axes[row][col].plot(steps, ys, color=color, lw=0.8, label=f"lr x{r['lr_multiplier']:g}")
+                if r["diverged_at"] is not None:
+                    at = [y for s, y in zip(steps, ys) if s == r["diverged_at"] and math.isfinite(y)]
+                    if at:
+                        axes[row][col].plot([r["diverged_at"]], at[:1], "x", color=color, ms=7)
+        axes[0][col].set_title(variant, fontsize=8)
+        axes[1][col].set_yscale("log")
+        axes[2][col].set_xlabel("step", fontsize=8)
+    for row, label in enumerate(("train loss", "state norm", "rho(A_bar)")):
+        axes[row][0].set_ylabel(label, fontsize=8)
+    for ax in (a for line in axes for a in line):
+        ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=6)
+    _save(fig, path)

@@ -3,7 +3,7 @@
     python -m parcae_jax.science.sweep plan   SWEEP [--commands]   # tokens and steps per point
     python -m parcae_jax.science.sweep run    SWEEP                # train unfinished points here
     python -m parcae_jax.science.sweep status SWEEP
-    python -m parcae_jax.science.sweep fit    SWEEP [--allow_missing] [--out_dir=DIR]
+    python -m parcae_jax.science.sweep fit    SWEEP [--allow_missing] [--out_dir=DIR (default ROOT/fit)]
 
 SWEEP is a sweep file (science/grid.py says what it holds) or the name of a shipped one
 (configs/sweeps/: recurrence_140m, the paper's grid; toy). `plan --commands` prints one
@@ -25,11 +25,11 @@ import json
 from absl import flags
 
 from parcae_jax import cli
+from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import fail
 
 _COMMANDS = flags.DEFINE_bool("commands", False, "plan: print one launcher command per point.")
 _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "fit: fit the finished points, skipping the others.")
-_FIT_DIR = flags.DEFINE_string("fit_dir", None, "fit: the output folder (default ROOT/fit).")
 ACTIONS = ("plan", "run", "status", "fit")
 DIVERGED = "sweep_point.json"  # written in a point's workdir when its training diverged
 
@@ -123,7 +123,7 @@ def fit(sweep, points) -> dict:
 
     rows = table(points, _ALLOW_MISSING.value)
     analysis = scaling.analyse(rows)
-    out = storage.resolve(_FIT_DIR.value or f"{sweep.root}/fit")
+    out = storage.resolve(OUT_DIR.value or f"{sweep.root}/fit")
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

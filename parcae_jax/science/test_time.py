@@ -24,13 +24,13 @@ import os
 from absl import flags
 
 from parcae_jax import cli
+from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
 
 _VAL_BATCHES = flags.DEFINE_integer("val_batches", 8, "Validation batches (the first ones, in storage order).")
 _VAL_BATCH = flags.DEFINE_integer("val_batch_size", 8, "Sequences per validation batch.")
 _DATA_PATH = flags.DEFINE_string("data_path", None, "A prepared corpus (parcae_jax.data.prepare) to validate on; "
                                  "default: the run's own data. Needed for an official folder.")
-_OUT = flags.DEFINE_string("out_dir", None, "Output folder (default: CHECKPOINT/science).")
 
 
 def target_bytes(batches: list[dict], tokenizer) -> int:
@@ -169,7 +169,7 @@ def main(argv) -> None:
     points = losses(cfg, params, batches, recurrences, seed, bool(data.document_masking))
     result = {"checkpoint": CHECKPOINT.value, "step": step, "eval_batches": len(batches), "batch_size": _VAL_BATCH.value,
               **curve(points, target_bytes(batches, tok), cfg.arch, cfg.mean_recurrence)}
-    paths = write(result, _OUT.value or os.path.join(CHECKPOINT.value, "science"))
+    paths = write(result, OUT_DIR.value or os.path.join(CHECKPOINT.value, "science"))
     print(json.dumps({**{k: result[k] for k in ("step", "fit", "fit_error")}, "files": paths}))
 
 

@@ -1,0 +1,159 @@
+"""The stability experiment: one small model trained with diagonal, linear and additive
+injection (and diagonal without the prelude norm) over a grid of learning rates.
+
+    python -m parcae_jax.science.stability --out_dir=DIR [--base=tiny] [--steps=150] \\
+        [--lr_multipliers=1,4,16,64] [--variants=diagonal,linear,add,diagonal-no-prelude-norm]
+
+Each run is `base` with the variant's injection, both learning rates (AdamW's and Muon's)
+times the multiplier, logging every step. From its metrics.jsonl it records per step the
+loss, the recurrent state's norm and rho(A_bar) (the state-to-state map's spectral radius:
+max(A_bar) for diagonal, 1 for additive, estimated for linear), and marks
+
+- divergence: the first step whose loss is not finite, that the trainer skipped as
+  non-finite, or whose state norm exceeds --state_bound (a run that keeps skipping stops);
+- loss spikes: steps before that whose loss exceeds the median of the previous 10 by more
+  than --spike_nats.
+
+Writes DIR/stability.json (summary and series), stability.csv (per step) and stability.png
+(loss, state norm and rho against step: one column per variant, one line per multiplier).
+Finished runs (DIR/runs/<variant>_x<m>/stability_run.json) are not trained again. Bad input
+is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+
+from absl import flags
+
+from parcae_jax import cli
+from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.model_flags import fail
+
+VARIANTS = {  # name -> model overrides
+    "diagonal": {"injection": "diagonal"},
+    "linear": {"injection": "linear"},
+    "add": {"injection": "add"},
+    "diagonal-no-prelude-norm": {"injection": "diagonal", "prelude_norm": False},
+}
+_BASE = flags.DEFINE_string("base", "tiny", "The training config every run starts from (name or path[:arg]).")
+_STEPS = flags.DEFINE_integer("steps", 150, "Training steps per run.")
+_MULTS = flags.DEFINE_list("lr_multipliers", ["1", "4", "16", "64"], "Learning-rate multipliers over the base's.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
+_BOUND = flags.DEFINE_float("state_bound", 1e3, "A state norm above this counts as divergence.")
+_SPIKE = flags.DEFINE_float("spike_nats", 0.5, "A loss this far above the median of the previous 10 steps is a spike.")
+RESULT = "stability_run.json"
+
+
+def run_config(base, variant: str, multiplier: float, steps: int):
+    """The config of one run (a copy of `base`)."""
+    import copy
+
+    config = copy.deepcopy(base)
+    config.model.update(VARIANTS[variant])
+    config.optim.lr = base.optim.lr * multiplier
+    config.optim.muon_lr = base.optim.muon_lr * multiplier
+    config.optim.warmup_steps = min(base.optim.warmup_steps, steps // 10)
+    config.train.update(steps=steps, log_every=1, eval_every=0, max_consecutive_skips=3)
+    config.ckpt.update(every=0, async_save=False)
+    return config
+
+
+def marks(rows: list[dict], bound: float, spike_nats: float) -> dict:
+    """Divergence step (or None) and spike steps of one run's per-step rows."""
+    diverged = next((r["step"] for r in rows if not math.isfinite(r["loss"]) or r.get("skipped", 0) > 0
+                     or r.get("state_norm", 0.0) > bound), None)
+    spikes = []
+    for i, r in enumerate(rows):
+        if diverged is not None and r["step"] >= diverged:
+            break
+        if i >= 10 and r["loss"] > statistics.median(x["loss"] for x in rows[i - 10:i]) + spike_nats:
+            spikes.append(r["step"])
+    return {"diverged_at": diverged, "spikes": spikes}
+
+
+def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
+    """Trains one run (or reads it back when finished) and returns its summary and series."""
+    from parcae_jax import storage
+    from parcae_jax.train import NonFiniteRun, train
+    from parcae_jax.validate import validate
+
+    directory = storage.resolve(workdir)
+    if (directory / RESULT).exists():
+        return json.loads((directory / RESULT).read_text())
+    stopped = None
+    try:
+        train(config, workdir, validate(config))
+    except NonFiniteRun as e:
+        stopped = str(e).splitlines()[0]
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keep = ("step", "loss", "state_norm", "rho", "skipped")
+    series = [{k: (float(r[k]) if k != "step" else r[k]) for k in keep if k in r} for r in rows if "loss" in r]
+    finite = [r["loss"] for r in series if math.isfinite(r["loss"])]
+    result = {"stopped": stopped, **marks(series, bound, spike_nats),
+              "final_loss": statistics.fmean(finite[-10:]) if finite else None,
+              "max_state_norm": max((r.get("state_norm", 0.0) for r in series), default=None),
+              "max_rho": max((r.get("rho", 0.0) for r in series), default=None), "series": series}
+    if result["diverged_at"] is None and stopped:
+        result["diverged_at"] = series[-1]["step"] if series else 0
+    (directory / RESULT).write_text(json.dumps(result))
+    return result
+
+
+def main(argv) -> None:
+    del argv
+    from parcae_jax import config_files, storage
+    from parcae_jax.errors import user_errors
+    from parcae_jax.science import plots
+
+    if not OUT_DIR.value:
+        fail("pass --out_dir=DIR (the runs, stability.json, .csv and .png go there)")
+    unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+    if unknown:
+        fail(f"--variants: {unknown[0]!r} is unknown; use any of {', '.join(VARIANTS)}")
+    try:
+        multipliers = [float(m) for m in _MULTS.value]
+    except ValueError:
+        fail(f"--lr_multipliers={','.join(_MULTS.value)}: give positive numbers such as 1,4,16")
+    if not multipliers or min(multipliers) <= 0 or _STEPS.value < 11:
+        fail("--lr_multipliers must be > 0 and --steps >= 11 (spikes compare with the previous 10 steps)")
+    try:
+        base = config_files.load(config_files.shipped(_BASE.value), flag="--base")
+        runs = []
+        for variant in _VARIANTS.value:
+            for m in multipliers:
+                name = f"{variant}_x{m:g}"
+                config = run_config(base, variant, m, _STEPS.value)
+                result = train_one(config, f"{OUT_DIR.value}/runs/{name}", _BOUND.value, _SPIKE.value)
+                runs.append({"name": name, "variant": variant, "lr_multiplier": m, "lr": config.optim.lr,
+                             "muon_lr": config.optim.muon_lr, **result})
+                print(json.dumps({k: runs[-1][k] for k in ("name", "diverged_at", "spikes", "final_loss",
+                                                            "max_state_norm", "max_rho")}), flush=True)
+    except config_files.ConfigFileError as e:
+        fail(str(e))
+    except user_errors() as e:
+        fail(str(e).splitlines()[0])
+    out = storage.resolve(OUT_DIR.value)
+    (out / "stability.json").write_text(json.dumps({"steps": _STEPS.value, "state_bound": _BOUND.value,
+                                                    "spike_nats": _SPIKE.value, "runs": runs}, indent=1))
+    buffer = io.StringIO()
+    w = csv.writer(buffer)
+    w.writerow(["variant", "lr_multiplier", "step", "loss", "state_norm", "rho", "skipped"])
+    for r in runs:
+        for s in r["series"]:
+            w.writerow([r["variant"], r["lr_multiplier"], s["step"], s["loss"], s.get("state_norm", ""),
+                        s.get("rho", ""), s.get("skipped", "")])
+    (out / "stability.csv").write_text(buffer.getvalue())
+    plots.stability(runs, str(out / "stability.png"))
+
+
+def run() -> None:
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()
