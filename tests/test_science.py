@@ -262,3 +262,24 @@ def test_the_stability_command_trains_every_variant_and_rate_and_reads_finished_
 def test_bad_stability_requests_are_one_line_and_exit_2(args, message):
     out = science("stability", *args)
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
+
+
+def test_parcae_and_its_gpt_train_on_equal_tokens_with_nearly_equal_parameters(tmp_path):
+    base = tmp_path / "small.py"
+    base.write_text(SMALL_BASE.format(small=SMALL) + "\n_get = get_config\n\ndef get_config(arg=None):\n"
+                    "    c = _get(arg)\n    c.train.update(eval_every=3, eval_batches=1, log_every=1)\n    return c\n")
+    out = science("compare", f"--out_dir={tmp_path / 'out'}", f"--base={base}", "--steps=6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    parcae, gpt = report["runs"]
+    assert (parcae["arch"], gpt["arch"]) == ("parcae", "gpt") and parcae["tokens"] == gpt["tokens"] == 6 * 8 * 32
+    assert 1.0 < report["params_ratio"] < 1.1  # the injection and C: Parcae's few extra parameters
+    assert parcae["flops_per_token"] > gpt["flops_per_token"]  # the loop runs the core R times
+    for r in (parcae, gpt):
+        assert [c["step"] for c in r["curve"]] == [3, 6] and r["val_loss"] == r["curve"][-1]["val_loss"]
+    assert set(parcae["val_losses"]) >= {"eval/loss_r1", "eval/loss_r3"}
+    assert report["loss_difference"] == pytest.approx(parcae["val_loss"] - gpt["val_loss"])
+    assert (tmp_path / "out" / "compare.csv").read_text().startswith("arch,params,tokens")
+    assert (tmp_path / "out" / "compare.png").stat().st_size < 200_000
+    bad = science("compare", f"--out_dir={tmp_path / 'x'}", "--base=gpt_140m")  # a GPT base is refused
+    assert bad.returncode == 2 and "give the Parcae config" in bad.stderr and bad.stderr.count("\n") == 1

@@ -131,3 +131,23 @@ def stability(runs: list[dict], path: str) -> None:
         ax.tick_params(labelsize=6)
     axes[0][0].legend(fontsize=6)
     _save(fig, path)
+
+
+def compare(runs: list[dict], path: str) -> None:
+    """Validation loss of Parcae and its GPT against step and against training FLOPs."""
+    fig, axes = plt.subplots(1, 2, figsize=(SIZE[0] * 1.6, SIZE[1]))
+    for i, r in enumerate(runs):
+        steps = [c["step"] for c in r["curve"]]
+        losses = [c["val_loss"] for c in r["curve"]]
+        per_step = r["flops"] / max(steps[-1], 1) if steps else 0
+        label = f"{r['arch']} ({r['params'] / 1e6:.2f}M params)" + (
+            f", R={r['mean_recurrence']}" if r["mean_recurrence"] else "")
+        axes[0].plot(steps, losses, "o-", color=f"C{i}", ms=3, label=label)
+        axes[1].plot([s * per_step for s in steps], losses, "o-", color=f"C{i}", ms=3, label=label)
+    axes[0].set_xlabel("step (equal tokens)")
+    axes[1].set_xlabel("training FLOPs")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+    _save(fig, path)

@@ -31,7 +31,7 @@ import statistics
 from absl import flags
 
 from parcae_jax import cli
-from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.science.cli_flags import BASE, OUT_DIR, STEPS
 from parcae_jax.model_flags import fail
 
 VARIANTS = {  # name -> model overrides
@@ -40,8 +40,7 @@ VARIANTS = {  # name -> model overrides
     "add": {"injection": "add"},
     "diagonal-no-prelude-norm": {"injection": "diagonal", "prelude_norm": False},
 }
-_BASE = flags.DEFINE_string("base", "tiny", "The training config every run starts from (name or path[:arg]).")
-_STEPS = flags.DEFINE_integer("steps", 150, "Training steps per run.")
+DEFAULT_STEPS = 150
 _MULTS = flags.DEFINE_list("lr_multipliers", ["1", "4", "16", "64"], "Learning-rate multipliers over the base's.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
 _BOUND = flags.DEFINE_float("state_bound", 1e3, "A state norm above this counts as divergence.")
@@ -112,6 +111,7 @@ def main(argv) -> None:
 
     if not OUT_DIR.value:
         fail("pass --out_dir=DIR (the runs, stability.json, .csv and .png go there)")
+    steps = STEPS.value or DEFAULT_STEPS
     unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
     if unknown:
         fail(f"--variants: {unknown[0]!r} is unknown; use any of {', '.join(VARIANTS)}")
@@ -119,15 +119,15 @@ def main(argv) -> None:
         multipliers = [float(m) for m in _MULTS.value]
     except ValueError:
         fail(f"--lr_multipliers={','.join(_MULTS.value)}: give positive numbers such as 1,4,16")
-    if not multipliers or min(multipliers) <= 0 or _STEPS.value < 11:
+    if not multipliers or min(multipliers) <= 0 or steps < 11:
         fail("--lr_multipliers must be > 0 and --steps >= 11 (spikes compare with the previous 10 steps)")
     try:
-        base = config_files.load(config_files.shipped(_BASE.value), flag="--base")
+        base = config_files.load(config_files.shipped(BASE.value), flag="--base")
         runs = []
         for variant in _VARIANTS.value:
             for m in multipliers:
                 name = f"{variant}_x{m:g}"
-                config = run_config(base, variant, m, _STEPS.value)
+                config = run_config(base, variant, m, steps)
                 result = train_one(config, f"{OUT_DIR.value}/runs/{name}", _BOUND.value, _SPIKE.value)
                 runs.append({"name": name, "variant": variant, "lr_multiplier": m, "lr": config.optim.lr,
                              "muon_lr": config.optim.muon_lr, **result})
@@ -138,7 +138,7 @@ def main(argv) -> None:
     except user_errors() as e:
         fail(str(e).splitlines()[0])
     out = storage.resolve(OUT_DIR.value)
-    (out / "stability.json").write_text(json.dumps({"steps": _STEPS.value, "state_bound": _BOUND.value,
+    (out / "stability.json").write_text(json.dumps({"steps": steps, "state_bound": _BOUND.value,
                                                     "spike_nats": _SPIKE.value, "runs": runs}, indent=1))
     buffer = io.StringIO()
     w = csv.writer(buffer)

@@ -1,0 +1,119 @@
+"""Parcae against its GPT at equal parameters and tokens, one command.
+
+    python -m parcae_jax.science.compare --out_dir=DIR [--base=tiny] [--steps=N]
+
+The GPT is `base` with arch=gpt and n_layers = n_prelude + n_core + n_coda: the same blocks
+once each, as the published baselines (configs/gpt_*.py), so the two differ only by the loop
+(the injection and the adapter C are Parcae's few extra parameters). Both train on the same
+data for the same steps and batch (equal tokens) in DIR/parcae and DIR/gpt; a finished run
+is read back, an interrupted one resumes. Writes DIR/compare.json and compare.csv
+(parameters, tokens, executed FLOPs, final validation loss; for Parcae at every evaluated
+recurrence) and compare.png (validation loss against step and against training FLOPs).
+Bad input is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+
+from parcae_jax import cli
+from parcae_jax.model_flags import fail
+from parcae_jax.science.cli_flags import BASE, OUT_DIR, STEPS
+
+
+
+def gpt_of(parcae_config):
+    """The GPT twin of a Parcae training config (module docstring)."""
+    config = copy.deepcopy(parcae_config)
+    m = config.model
+    config.model.update(arch="gpt", n_layers=m.n_prelude + m.n_core + m.n_coda)
+    return config
+
+
+def _rows(workdir: str) -> list[dict]:
+    from parcae_jax import storage
+
+    path = storage.resolve(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _finished(workdir: str, steps: int) -> bool:
+    return any(r.get("step") == steps and any(k.startswith("eval/loss") for k in r) for r in _rows(workdir))
+
+
+def summary(config, workdir: str) -> dict:
+    """Parameters, tokens, FLOPs and the validation losses a finished run logged."""
+    from parcae_jax.describe import describe
+    from parcae_jax.model.config import ModelConfig
+
+    info = describe(ModelConfig.from_mapping(config.model))
+    steps = config.train.steps
+    tokens = steps * config.train.batch_size * config.model.seq_len
+    evals = [r for r in _rows(workdir) if any(k.startswith("eval/loss") for k in r)]
+    last = evals[-1] if evals else {}
+    arch = config.model.arch
+    main_key = f"eval/loss_r{config.model.mean_recurrence}" if arch == "parcae" else "eval/loss"
+    return {"arch": arch, "params": info["params_total"], "tokens": tokens,
+            "flops_per_token": info["flops_per_token"], "flops": info["flops_per_token"] * tokens,
+            "mean_recurrence": config.model.mean_recurrence if arch == "parcae" else None,
+            "val_loss": last.get(main_key), "val_losses": {k: v for k, v in last.items() if k.startswith("eval/loss")},
+            "curve": [{"step": r["step"], "val_loss": r[main_key]} for r in evals if main_key in r]}
+
+
+def main(argv) -> None:
+    del argv
+    from parcae_jax import config_files, storage
+    from parcae_jax.errors import user_errors
+    from parcae_jax.science import plots
+    from parcae_jax.train import train
+    from parcae_jax.validate import validate
+
+    if not OUT_DIR.value:
+        fail("pass --out_dir=DIR (both runs, compare.json, .csv and .png go there)")
+    if STEPS.value is not None and STEPS.value < 1:
+        fail(f"--steps={STEPS.value} must be >= 1")
+    try:
+        config = config_files.load(config_files.shipped(BASE.value), flag="--base")
+        if config.model.arch != "parcae":
+            fail(f"--base={BASE.value} is a {config.model.arch}; give the Parcae config (its GPT is derived)")
+        if STEPS.value:
+            config.train.steps = STEPS.value
+        config.train.eval_every = config.train.eval_every or config.train.steps
+        results = []
+        for name, c in (("parcae", config), ("gpt", gpt_of(config))):
+            workdir = f"{OUT_DIR.value}/{name}"
+            run = validate(c)
+            if not _finished(workdir, c.train.steps):
+                train(c, workdir, run)
+            results.append(summary(c, workdir))
+            print(json.dumps({k: results[-1][k] for k in ("arch", "params", "tokens", "flops", "val_loss")}),
+                  flush=True)
+    except config_files.ConfigFileError as e:
+        fail(str(e))
+    except user_errors() as e:
+        fail(str(e).splitlines()[0])
+    out = storage.resolve(OUT_DIR.value)
+    parcae, gpt = results
+    report = {"runs": results, "params_ratio": parcae["params"] / gpt["params"],
+              "loss_difference": (parcae["val_loss"] - gpt["val_loss"])
+              if None not in (parcae["val_loss"], gpt["val_loss"]) else None}
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    buffer = io.StringIO()
+    w = csv.writer(buffer)
+    w.writerow(["arch", "params", "tokens", "flops_per_token", "flops", "val_loss"])
+    for r in results:
+        w.writerow([r["arch"], r["params"], r["tokens"], r["flops_per_token"], r["flops"], r["val_loss"]])
+    (out / "compare.csv").write_text(buffer.getvalue())
+    plots.compare(results, str(out / "compare.png"))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
+
+
+def run() -> None:
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()
