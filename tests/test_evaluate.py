@@ -59,25 +59,39 @@ def test_loglikelihoods_match_the_reference_loop_whatever_the_batch(parcae):
 
 
 def test_rolling_loglikelihood_is_the_whole_text_after_the_end_of_document_token():
-    cfg = tiny(vocab_size=320)
+    """Texts of one and of three blocks, scored together: each is the sum over its 64-token
+    chunks of log p(chunk | the 64 tokens before it, end-of-document first)."""
+    cfg = tiny(vocab_size=320)  # block 64
     params = nn.unbox(init_params(build(cfg), jax.random.key(1)))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
     tok = ByteTokenizer()
-    text = "def f(x):\n    return x + 1\n"
-    got = HarnessLM(cfg, params, tok, recurrence=2).loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
-    ids = list(text.encode())
-    want = reference_loglikelihood(cfg, params, [tok.eod_id], ids, 2)
-    assert abs(got[0] - want) < 1e-4
+    texts = ["def f(x):\n    return x + 1\n", "".join(f"x{i} = {i * i}\n" for i in range(20))]
+    assert len(texts[1]) > 2 * cfg.block_size
+    got = HarnessLM(cfg, params, tok, recurrence=2, batch_size=3).loglikelihood_rolling(
+        _instances("loglikelihood_rolling", [(t,) for t in texts]))
+    for text, ll in zip(texts, got):
+        ids = [tok.eod_id] + list(text.encode())
+        want, n = 0.0, cfg.block_size
+        for start in range(1, len(ids), n):  # the chunk ids[start:start + n], with the most context that fits
+            end = min(start + n, len(ids))
+            window = ids[max(end - n - 1, 0):end]
+            want += reference_loglikelihood(cfg, params, window[:-(end - start)], window[-(end - start):], 2)
+        assert abs(ll - want) < 1e-3, (text[:10], ll, want)
 
 
-def test_generate_until_cuts_at_the_first_stop_string(parcae):
+def test_generate_until_batches_requests_and_cuts_each_at_its_first_stop_string(parcae):
     cfg, params = parcae
     tok = ByteTokenizer()
-    lm = HarnessLM(cfg, params, tok, recurrence=2)
-    full = Generator(cfg, params, recurrence=2, dtype=cfg.dtype).generate([list(b"def f(")], 12).tokens[0]
-    text = tok.decode(full)
-    stop = text[5:7]
-    got = lm.generate_until(_instances("generate_until", [("def f(", {"until": [stop], "max_gen_toks": 12})]))
-    assert got == [text[:text.index(stop)]]
+    lm = HarnessLM(cfg, params, tok, recurrence=2, batch_size=2)
+    gen = Generator(cfg, params, recurrence=2, dtype=cfg.dtype)
+    prompts = ["def f(", "class Point:", "import o"]
+    alone = [tok.decode(gen.generate([list(p.encode())], 12).tokens[0]) for p in prompts]
+    stops = [a[5:7] for a in alone]
+    requests = [(p, {"until": [s], "max_gen_toks": 12}) for p, s in zip(prompts, stops)]
+    requests.append(("def f(", {"until": ["\x00never"], "max_gen_toks": 5}))  # other settings: its own batch
+    got = lm.generate_until(_instances("generate_until", requests))
+    assert got[:3] == [a[:a.index(s)] for a, s in zip(alone, stops)]
+    assert got[3] == tok.decode(gen.generate([list(b"def f(")], 5).tokens[0])
 
 
 def test_the_sample_task_scores_what_the_reference_loop_says(parcae, tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ to a multiple of LENGTH_BUCKET, through one compiled forward per padded length (
 recurrence is a traced argument, so every R shares it). The loop's initial state is the same
 for every request: `eval_initial_state(cfg, seed, T)` [1, T, d_rec], drawn once, so a score
 depends only on the request, not on the batch around it. Rolling log-likelihoods score a
-text in disjoint windows of the block size (lm-eval's own windowing); `generate_until` runs
-Generator (greedy unless the task asks for a temperature) and cuts at the first stop string.
+text in disjoint windows of the block size (lm-eval's own windowing), every request's windows
+batched together; `generate_until` runs Generator on batches of requests with the same
+settings (greedy unless the task asks to sample) and cuts each at its first stop string.
 """
 
 from __future__ import annotations
@@ -101,26 +102,36 @@ class HarnessLM(TemplateLM):
         return self.score_tokens([(ctx, cont) for _, ctx, cont in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        results = []
-        for (text,) in (r.args for r in requests):
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                self.tok_encode(text), self.eot_token_id, self.cfg.block_size, 1)]
-            results.append(sum(s for s, _ in self.score_tokens(windows)))
+        windows, owner = [], []  # every request's windows scored together, batched by length
+        for i, (text,) in enumerate(r.args for r in requests):
+            for w in get_rolling_token_windows(self.tok_encode(text), self.eot_token_id, self.cfg.block_size, 1):
+                windows.append(make_disjoint_window(w))
+                owner.append(i)
+        results = [0.0] * len(requests)
+        for i, (score, _) in zip(owner, self.score_tokens(windows)):
+            results[i] += score
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        results = []
-        for context, kwargs in (r.args for r in requests):
+        """Requests with the same generation settings run `batch_size` at a time (left-padded);
+        each output is cut at its first stop string."""
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, (context, kwargs) in enumerate(r.args for r in requests):
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             n_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.cfg.block_size - 1)
-            prompt = self.tok_encode(context)[-(self.cfg.block_size - n_new):] or [self.eot_token_id]
             # as transformers' generate: sampling without a temperature samples at 1.0
             temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample", False) else 0.0
-            out = self._generator.generate([prompt], n_new, Sampling(temperature), stop_ids=(self.eot_token_id,),
-                                           seed=self.seed)
-            text = self.tokenizer_.decode(out.tokens[0])
-            cut = min([text.index(s) for s in until if s in text], default=len(text))
-            results.append(text[:cut])
+            prompt = self.tok_encode(context)[-(self.cfg.block_size - n_new):] or [self.eot_token_id]
+            groups.setdefault((until, n_new, temperature), []).append((i, prompt))
+        results: list[str] = [""] * len(requests)
+        for (until, n_new, temperature), items in groups.items():
+            for first in range(0, len(items), self.batch_size):
+                chunk = items[first:first + self.batch_size]
+                out = self._generator.generate([p for _, p in chunk], n_new, Sampling(temperature),
+                                               stop_ids=(self.eot_token_id,), seed=self.seed)
+                for (i, _), tokens in zip(chunk, out.tokens):
+                    text = self.tokenizer_.decode(tokens)
+                    results[i] = text[:min([text.index(s) for s in until if s in text], default=len(text))]
         return results
