@@ -1,6 +1,7 @@
 """The science commands end to end on a tiny trained run (fits themselves: test_fits.py)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,8 +59,6 @@ def test_a_gpt_curve_is_one_flat_point(tmp_path):
 
 
 def test_a_synthetic_curve_is_fitted_and_drawn(tmp_path):
-    import math
-
     points = [(T, 2.0 + 1.5 * math.exp(-0.6 * T) + 0.002 * (-1) ** T, 1000) for T in range(1, 9)]
     result = test_time.curve(points, 4000, "parcae", 4)
     assert result["fit"]["values"]["kappa"] == pytest.approx(0.6, abs=0.05)
@@ -147,9 +146,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_sa
 
 def test_fit_recovers_the_exponent_a_synthetic_sweep_was_drawn_from(tmp_path):
     """Final losses written where a run logs them, from isoFLOP curves whose minimum moves
-    as 0.5 * (C / C0)^0.4: `sweep fit` must find 0.4 within its interval."""
-    import math
-
+    as 2 * (C / C0)^0.4: `sweep fit` must find 0.4 within its interval."""
     import numpy as np
 
     from parcae_jax.science import grid
@@ -283,3 +280,64 @@ def test_parcae_and_its_gpt_train_on_equal_tokens_with_nearly_equal_parameters(t
     assert (tmp_path / "out" / "compare.png").stat().st_size < 200_000
     bad = science("compare", f"--out_dir={tmp_path / 'x'}", "--base=gpt_140m")  # a GPT base is refused
     assert bad.returncode == 2 and "give the Parcae config" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def _stability_runs(diverged: dict) -> dict:
+    """Stability results where (variant, multiplier) -> the step it diverged at (absent: never)."""
+    runs = []
+    for v in ("diagonal", "linear", "add"):
+        for m in (1.0, 64.0):
+            runs.append({"name": f"{v}_x{m:g}", "variant": v, "lr_multiplier": m, "diverged_at": diverged.get((v, m)),
+                         "spikes": [], "max_state_norm": 10.0 if m == 1 else 1e6, "max_rho": 0.5, "final_loss": 3.0})
+    return {"runs": runs}
+
+
+@pytest.mark.parametrize("diverged,verdict", [
+    ({("linear", 64.0): 3, ("add", 64.0): 5}, "reproduced: at learning-rate multipliers [64.0] linear or additive"),
+    ({}, "not shown at this scale: no variant diverged"),
+    ({("diagonal", 64.0): 4, ("linear", 64.0): 3}, "not reproduced at this scale: diagonal diverged at [64.0]"),
+])
+def test_the_report_says_what_the_stability_runs_show(diverged, verdict):
+    from parcae_jax.science.report import verdicts
+
+    compare = {"loss_difference": -0.01, "params_ratio": 1.03}
+    got = verdicts(compare, {"fit": None, "fit_error": "flat"}, {"laws": {}}, _stability_runs(diverged))
+    assert got["stability"].startswith(verdict)
+    assert got["parcae_vs_gpt"].startswith("Parcae lower by 0.0100") and "no fit: flat" == got["test_time"]
+
+
+def test_the_report_holds_every_figure_and_fitted_number(tmp_path):
+    from parcae_jax.science import report, scaling, test_time
+
+    tt = test_time.curve([(T, 2.0 + math.exp(-0.7 * T), 100) for T in range(1, 9)], 100, "parcae", 4)
+    rows = [{"budget": C, "recurrence": r, "tokens": C / (1e6 * r), "flops_per_token": 1e6 * r,
+             "loss": 3 - 0.1 * math.log(C) + 0.1 * (math.log(r) - math.log(2 * (C / 1e12) ** 0.4)) ** 2}
+            for C in (1e12, 2e12, 4e12, 8e12) for r in (1, 2, 4, 6, 8)]
+    fit = {**scaling.analyse(rows), "rows": rows}
+    compare = {"runs": [{"arch": a, "params": 1000, "tokens": 500, "flops_per_token": 1e6, "val_loss": 3.0}
+                        for a in ("parcae", "gpt")], "loss_difference": 0.0, "params_ratio": 1.0}
+    stages = {"compare": compare, "test_time": tt, "fit": fit, "stability": _stability_runs({})}
+    verdict = report.verdicts(compare, tt, fit, stages["stability"])
+    assert verdict["scaling"].startswith("the compute-optimal recurrence grows with compute: exponent 0.40")
+    assert verdict["test_time"].startswith("reproduced: L(T) = 2.000 + 1.000 exp(-0.70 T)")
+    text = report.markdown("toy", stages, {"compare": 60.0, "sweep": 600.0}, verdict)
+    for figure in ("compare/compare.png", "test_time/test_time.png", "sweep/fit/isoflop.png", "sweep/fit/optimum.png",
+                   "stability/stability.png"):
+        assert f"]({figure})" in text
+    assert "total 11.0 min" in text and "recurrence* ∝ C^0.400" in text and "| diagonal_x64 | - | 0 |" in text
+    assert f"kappa = {tt['fit']['values']['kappa']:.4f}" in text
+
+
+def test_minima_outside_the_grid_are_reported_but_left_out_of_the_power_law():
+    from parcae_jax.science import scaling
+
+    rows = [{"budget": C, "recurrence": r, "tokens": C / (1e6 * r), "flops_per_token": 1e6 * r,
+             "loss": 3 + 0.1 * (math.log(r) - math.log(opt)) ** 2}
+            for C, opt in ((1e12, 0.2), (2e12, 3.0), (4e12, 5.0), (8e12, 7.0)) for r in (1, 2, 4, 6, 8)]
+    analysis = scaling.analyse(rows)
+    assert [b["inside"] for b in analysis["budgets"]] == [False, True, True, True]
+    assert analysis["budgets"][0]["recurrence_opt"] == pytest.approx(0.2, rel=1e-6)
+    law = analysis["laws"]["recurrence"]
+    assert law["n"] == 3  # the three measured optima only
+    del rows[-5:]  # two inside minima: no law, and the reason
+    assert "2 of 3 budgets have a minimum inside the swept recurrences" in scaling.analyse(rows)["laws"]["recurrence"]["error"]

@@ -1,2 +1,5 @@
-"""The paper's measurable claims as commands: fits (fits.py), test-time scaling
-(test_time.py), sweeps over recurrence and FLOP budgets (sweep.py), plots (plots.py)."""
+"""The paper's measurable claims as commands (docs/science.md): fits.py (the laws, with
+uncertainties), test_time.py (loss against recurrences at test time), grid.py + sweep.py +
+scaling.py (recurrence x FLOP sweeps and their power laws), stability.py (injection x
+learning rate), compare.py (Parcae against its GPT), report.py (all of it, one report),
+plots.py (the figures)."""

@@ -40,7 +40,7 @@ def _rows(workdir: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _finished(workdir: str, steps: int) -> bool:
+def finished(workdir: str, steps: int) -> bool:
     return any(r.get("step") == steps and any(k.startswith("eval/loss") for k in r) for r in _rows(workdir))
 
 
@@ -63,39 +63,25 @@ def summary(config, workdir: str) -> dict:
             "curve": [{"step": r["step"], "val_loss": r[main_key]} for r in evals if main_key in r]}
 
 
-def main(argv) -> None:
-    del argv
-    from parcae_jax import config_files, storage
-    from parcae_jax.errors import user_errors
+def compare(config, out_dir: str) -> dict:
+    """Trains (or reads back) the Parcae `config` and its GPT in out_dir, then writes the
+    JSON, CSV and figure; returns the JSON's content."""
+    from parcae_jax import storage
     from parcae_jax.science import plots
     from parcae_jax.train import train
     from parcae_jax.validate import validate
 
-    if not OUT_DIR.value:
-        fail("pass --out_dir=DIR (both runs, compare.json, .csv and .png go there)")
-    if STEPS.value is not None and STEPS.value < 1:
-        fail(f"--steps={STEPS.value} must be >= 1")
-    try:
-        config = config_files.load(config_files.shipped(BASE.value), flag="--base")
-        if config.model.arch != "parcae":
-            fail(f"--base={BASE.value} is a {config.model.arch}; give the Parcae config (its GPT is derived)")
-        if STEPS.value:
-            config.train.steps = STEPS.value
-        config.train.eval_every = config.train.eval_every or config.train.steps
-        results = []
-        for name, c in (("parcae", config), ("gpt", gpt_of(config))):
-            workdir = f"{OUT_DIR.value}/{name}"
-            run = validate(c)
-            if not _finished(workdir, c.train.steps):
-                train(c, workdir, run)
-            results.append(summary(c, workdir))
-            print(json.dumps({k: results[-1][k] for k in ("arch", "params", "tokens", "flops", "val_loss")}),
-                  flush=True)
-    except config_files.ConfigFileError as e:
-        fail(str(e))
-    except user_errors() as e:
-        fail(str(e).splitlines()[0])
-    out = storage.resolve(OUT_DIR.value)
+    config = copy.deepcopy(config)
+    config.train.eval_every = config.train.eval_every or config.train.steps
+    results = []
+    for name, c in (("parcae", config), ("gpt", gpt_of(config))):
+        workdir = f"{out_dir}/{name}"
+        run = validate(c)
+        if not finished(workdir, c.train.steps):
+            train(c, workdir, run)
+        results.append(summary(c, workdir))
+        print(json.dumps({k: results[-1][k] for k in ("arch", "params", "tokens", "flops", "val_loss")}), flush=True)
+    out = storage.resolve(out_dir)
     parcae, gpt = results
     report = {"runs": results, "params_ratio": parcae["params"] / gpt["params"],
               "loss_difference": (parcae["val_loss"] - gpt["val_loss"])
@@ -108,6 +94,29 @@ def main(argv) -> None:
         w.writerow([r["arch"], r["params"], r["tokens"], r["flops_per_token"], r["flops"], r["val_loss"]])
     (out / "compare.csv").write_text(buffer.getvalue())
     plots.compare(results, str(out / "compare.png"))
+    return report
+
+
+def main(argv) -> None:
+    del argv
+    from parcae_jax import config_files
+    from parcae_jax.errors import user_errors
+
+    if not OUT_DIR.value:
+        fail("pass --out_dir=DIR (both runs, compare.json, .csv and .png go there)")
+    if STEPS.value is not None and STEPS.value < 1:
+        fail(f"--steps={STEPS.value} must be >= 1")
+    try:
+        config = config_files.load(config_files.shipped(BASE.value), flag="--base")
+        if config.model.arch != "parcae":
+            fail(f"--base={BASE.value} is a {config.model.arch}; give the Parcae config (its GPT is derived)")
+        if STEPS.value:
+            config.train.steps = STEPS.value
+        report = compare(config, OUT_DIR.value)
+    except config_files.ConfigFileError as e:
+        fail(str(e))
+    except user_errors() as e:
+        fail(str(e).splitlines()[0])
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
 
 

@@ -57,7 +57,8 @@ def _points(name: str, *arrays, need: int, positive: bool = False) -> list[np.nd
         raise FitError(f"{name}: a value is <= 0; a power law needs positive values")
     distinct = len(np.unique(out[0]))
     if distinct < need:
-        raise FitError(f"{name}: {distinct} distinct points cannot determine it; it needs at least {need}")
+        plural = "s" if distinct != 1 else ""
+        raise FitError(f"{name}: {distinct} distinct point{plural} cannot determine it; it needs at least {need}")
     return out
 
 

@@ -90,7 +90,8 @@ def _backprop(rule, recurrence: int) -> int:
     raise SweepError(f"backprop={rule!r}: use 'half' (ceil(recurrence / 2)), 'full' or a depth >= 1")
 
 
-def _assign(config: config_dict.ConfigDict, key: str, value) -> None:
+def assign(config: config_dict.ConfigDict, key: str, value) -> None:
+    """config[key] = value for a dotted key, which must exist (SweepError names a typo)."""
     try:
         config_files.check_key(config, f"set.{key}")
     except config_files.ConfigFileError as e:
@@ -126,12 +127,12 @@ def points(sweep: config_dict.ConfigDict) -> list[Point]:
             config = copy.deepcopy(base)
             overrides = [tuple(kv) for kv in sweep.get("set") or ()]
             for key, value in overrides:
-                _assign(config, key, value)
+                assign(config, key, value)
             bp = _backprop(sweep.get("backprop", "half"), rec)
             name = f"C{budget:.3g}_r{rec}".replace("+", "")
             pinned = [("model.mean_recurrence", rec), ("model.mean_backprop_depth", bp)]
             for key, value in pinned:
-                _assign(config, key, value)
+                assign(config, key, value)
             try:
                 fpt = flops_per_token(ModelConfig.from_mapping(config.model))["flops_per_token"]
             except ConfigError as e:
@@ -145,7 +146,7 @@ def points(sweep: config_dict.ConfigDict) -> list[Point]:
             if fraction is not None:
                 more.append(("optim.warmup_steps", min(int(round(fraction * steps)), steps - 1)))
             for key, value in more:
-                _assign(config, key, value)
+                assign(config, key, value)
             try:
                 validate(config, check_data=False)
             except ConfigError as e:

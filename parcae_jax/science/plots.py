@@ -56,7 +56,7 @@ def test_time(result: dict, path: str) -> None:
 
 
 def isoflop(rows: list[dict], analysis: dict, path: str) -> None:
-    """Loss against mean recurrence, one curve per budget, each parabola's minimum marked."""
+    """Loss against mean recurrence, one curve per budget, each minimum inside the grid marked."""
     fig, ax = plt.subplots(figsize=SIZE)
     for i, b in enumerate(analysis["budgets"]):
         pts = sorted((r for r in rows if r["budget"] == b["budget"]), key=lambda r: r["recurrence"])
@@ -69,7 +69,8 @@ def isoflop(rows: list[dict], analysis: dict, path: str) -> None:
             xs = [lo + (hi - lo) * j / 100 for j in range(101)]
             ax.plot([math.exp(x) for x in xs], [v["c0"] + v["c1"] * x + v["c2"] * x * x for x in xs], "-",
                     color=color, lw=1)
-            ax.plot([b["recurrence_opt"]], [b["loss_opt"]], "*", color=color, ms=10, mec="k", mew=0.5)
+            if b["inside"]:  # a vertex outside the grid is an extrapolation: not drawn as an optimum
+                ax.plot([b["recurrence_opt"]], [b["loss_opt"]], "*", color=color, ms=10, mec="k", mew=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("mean recurrence (training)")
     ax.set_ylabel("final validation loss")
@@ -81,10 +82,10 @@ def optimum(analysis: dict, path: str) -> None:
     """The compute-optimal recurrence and tokens against the budget (log-log), with the fitted
     power laws (and the additive law's optima where it fitted)."""
     fig, axes = plt.subplots(1, 2, figsize=(SIZE[0] * 1.6, SIZE[1]))
-    found = [b for b in analysis["budgets"] if "error" not in b]
+    found = [b for b in analysis["budgets"] if "error" not in b and b["inside"]]
     for ax, what, key in ((axes[0], "recurrence", "recurrence_opt"), (axes[1], "tokens", "tokens_opt")):
         C = [b["budget"] for b in found]
-        ax.plot(C, [b[key] for b in found], "o", color="C0", label="isoFLOP minima")
+        ax.plot(C, [b[key] for b in found], "o", color="C0", label="isoFLOP minima inside the grid")
         law = analysis["laws"].get(what, {})
         if "values" in law and C:
             a, log_k = law["values"]["a"], law["values"]["log_k"]
@@ -147,6 +148,7 @@ def compare(runs: list[dict], path: str) -> None:
     axes[0].set_xlabel("step (equal tokens)")
     axes[1].set_xlabel("training FLOPs")
     axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in axes:
         ax.set_ylabel("validation loss")
         ax.legend(fontsize=7)

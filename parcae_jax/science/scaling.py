@@ -5,8 +5,9 @@
 1. Per budget C, the isoFLOP curve loss(recurrence) and its minimum: a parabola in
    ln(recurrence) (fits.isoflop_minimum) gives mu*(C); tokens*(C) = C / F(mu*), F the FLOPs
    per token interpolated between the grid's recurrences.
-2. Power laws mu* = k C^a and tokens* = k' C^b over the budgets whose minimum was found
-   (fits.power_law; the paper: a ~ 0.40, b ~ 0.78).
+2. Power laws mu* = k C^a and tokens* = k' C^b over the budgets whose minimum lies inside
+   the swept recurrences (a vertex outside is an extrapolation of the parabola, not a
+   measured optimum; fits.power_law; the paper: a ~ 0.40, b ~ 0.78).
 3. The additive law L = E + A mu^-alpha + B D^-beta over every point (fits.additive_law):
    its own optimum per budget (minimising L(mu, C / F(mu)) over mu) and the exponents of
    that; and which description fits the table better by AIC (parabolas: 3 parameters per
@@ -58,12 +59,14 @@ def analyse(rows: list[dict]) -> dict:
             entry["error"] = str(e)
         per_budget.append(entry)
     found = [b for b in per_budget if "error" not in b]
+    inside = [b for b in found if b["inside"]]  # a vertex outside the grid is an extrapolation, not a measurement
     out = {"budgets": per_budget, "paper": PAPER, "laws": {}, "additive": None}
     for what, key in (("recurrence", "recurrence_opt"), ("tokens", "tokens_opt")):
         try:
-            out["laws"][what] = fits.power_law([b["budget"] for b in found], [b[key] for b in found]).to_json()
+            out["laws"][what] = fits.power_law([b["budget"] for b in inside], [b[key] for b in inside]).to_json()
         except fits.FitError as e:
-            out["laws"][what] = {"error": f"{e} ({len(found)} of {len(budgets)} budgets have a minimum)"}
+            out["laws"][what] = {"error": f"{e} ({len(inside)} of {len(budgets)} budgets have a minimum inside "
+                                          "the swept recurrences)"}
     out["additive"] = _additive(rows, budgets, F)
     if "error" not in out["additive"] and found:
         n = sum(b["points"] for b in found)

@@ -103,11 +103,42 @@ def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
     return result
 
 
+def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[float], steps: int,
+               state_bound: float = 1e3, spike_nats: float = 0.5) -> dict:
+    """Every (variant, multiplier) run from the ConfigDict `base`, then the JSON, CSV and
+    figure in out_dir; returns the JSON's content."""
+    from parcae_jax import storage
+    from parcae_jax.science import plots
+
+    runs = []
+    for variant in variants:
+        for m in multipliers:
+            name = f"{variant}_x{m:g}"
+            config = run_config(base, variant, m, steps)
+            result = train_one(config, f"{out_dir}/runs/{name}", state_bound, spike_nats)
+            runs.append({"name": name, "variant": variant, "lr_multiplier": m, "lr": config.optim.lr,
+                         "muon_lr": config.optim.muon_lr, **result})
+            print(json.dumps({k: runs[-1][k] for k in ("name", "diverged_at", "spikes", "final_loss",
+                                                        "max_state_norm", "max_rho")}), flush=True)
+    out = storage.resolve(out_dir)
+    report = {"steps": steps, "state_bound": state_bound, "spike_nats": spike_nats, "runs": runs}
+    (out / "stability.json").write_text(json.dumps(report, indent=1))
+    buffer = io.StringIO()
+    w = csv.writer(buffer)
+    w.writerow(["variant", "lr_multiplier", "step", "loss", "state_norm", "rho", "skipped"])
+    for r in runs:
+        for s in r["series"]:
+            w.writerow([r["variant"], r["lr_multiplier"], s["step"], s["loss"], s.get("state_norm", ""),
+                        s.get("rho", ""), s.get("skipped", "")])
+    (out / "stability.csv").write_text(buffer.getvalue())
+    plots.stability(runs, str(out / "stability.png"))
+    return report
+
+
 def main(argv) -> None:
     del argv
-    from parcae_jax import config_files, storage
+    from parcae_jax import config_files
     from parcae_jax.errors import user_errors
-    from parcae_jax.science import plots
 
     if not OUT_DIR.value:
         fail("pass --out_dir=DIR (the runs, stability.json, .csv and .png go there)")
@@ -123,32 +154,12 @@ def main(argv) -> None:
         fail("--lr_multipliers must be > 0 and --steps >= 11 (spikes compare with the previous 10 steps)")
     try:
         base = config_files.load(config_files.shipped(BASE.value), flag="--base")
-        runs = []
-        for variant in _VARIANTS.value:
-            for m in multipliers:
-                name = f"{variant}_x{m:g}"
-                config = run_config(base, variant, m, steps)
-                result = train_one(config, f"{OUT_DIR.value}/runs/{name}", _BOUND.value, _SPIKE.value)
-                runs.append({"name": name, "variant": variant, "lr_multiplier": m, "lr": config.optim.lr,
-                             "muon_lr": config.optim.muon_lr, **result})
-                print(json.dumps({k: runs[-1][k] for k in ("name", "diverged_at", "spikes", "final_loss",
-                                                            "max_state_norm", "max_rho")}), flush=True)
+        experiment(base, OUT_DIR.value, variants=_VARIANTS.value, multipliers=multipliers, steps=steps,
+                   state_bound=_BOUND.value, spike_nats=_SPIKE.value)
     except config_files.ConfigFileError as e:
         fail(str(e))
     except user_errors() as e:
         fail(str(e).splitlines()[0])
-    out = storage.resolve(OUT_DIR.value)
-    (out / "stability.json").write_text(json.dumps({"steps": steps, "state_bound": _BOUND.value,
-                                                    "spike_nats": _SPIKE.value, "runs": runs}, indent=1))
-    buffer = io.StringIO()
-    w = csv.writer(buffer)
-    w.writerow(["variant", "lr_multiplier", "step", "loss", "state_norm", "rho", "skipped"])
-    for r in runs:
-        for s in r["series"]:
-            w.writerow([r["variant"], r["lr_multiplier"], s["step"], s["loss"], s.get("state_norm", ""),
-                        s.get("rho", ""), s.get("skipped", "")])
-    (out / "stability.csv").write_text(buffer.getvalue())
-    plots.stability(runs, str(out / "stability.png"))
 
 
 def run() -> None:

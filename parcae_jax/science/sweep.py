@@ -117,13 +117,14 @@ def table(points, allow_missing: bool) -> list[dict]:
     return rows
 
 
-def fit(sweep, points) -> dict:
+def fit(sweep, points, out_dir: str | None = None, allow_missing: bool = False) -> dict:
+    """The table, the laws and the figures in out_dir (default ROOT/fit); returns a summary."""
     from parcae_jax import storage
     from parcae_jax.science import plots, scaling
 
-    rows = table(points, _ALLOW_MISSING.value)
+    rows = table(points, allow_missing)
     analysis = scaling.analyse(rows)
-    out = storage.resolve(OUT_DIR.value or f"{sweep.root}/fit")
+    out = storage.resolve(out_dir or f"{sweep.root}/fit")
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -159,7 +160,7 @@ def main(argv) -> None:
     elif action == "run":
         _run_checked(points)
     else:
-        print(json.dumps(fit(sweep, points)))
+        print(json.dumps(fit(sweep, points, OUT_DIR.value, _ALLOW_MISSING.value)))
 
 
 def _run_checked(points) -> None:

@@ -17,6 +17,7 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -85,24 +86,31 @@ def curve(points: list[tuple[int, float, int]], n_bytes: int, arch: str, mean_re
 
 
 def write(result: dict, out: str) -> dict[str, str]:
-    """test_time.{json,csv,png} in `out`; returns their paths."""
+    """test_time.{json,csv,png} in `out` (local or gs://); returns their paths."""
+    from parcae_jax import storage
     from parcae_jax.science import plots
 
-    os.makedirs(out, exist_ok=True)
-    paths = {ext: os.path.join(out, f"test_time.{ext}") for ext in ("json", "csv", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=1)
+    folder = storage.resolve(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {ext: str(folder / f"test_time.{ext}") for ext in ("json", "csv", "png")}
+    (folder / "test_time.json").write_text(json.dumps(result, indent=1))
     fitted = plots.saturating(result["fit"])
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["T", "loss", "bits_per_byte", "fit"])
-        for r in result["points"]:
-            w.writerow([r["T"], r["loss"], r["bits_per_byte"], fitted(r["T"]) if fitted else ""])
+    buffer = io.StringIO()
+    w = csv.writer(buffer)
+    w.writerow(["T", "loss", "bits_per_byte", "fit"])
+    for r in result["points"]:
+        w.writerow([r["T"], r["loss"], r["bits_per_byte"], fitted(r["T"]) if fitted else ""])
+    (folder / "test_time.csv").write_text(buffer.getvalue())
     plots.test_time(result, paths["png"])
     return paths
 
 
-def _load(checkpoint: str, step: int | None):
+class TestTimeError(ValueError):
+    """A request that cannot be measured (one line, names the fix)."""
+
+
+def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: str | None, dtype: str | None,
+          seed: int):
     """(cfg, params, tokenizer, data config, seed, step) of a run or an official folder."""
     import jax
     import ml_collections
@@ -114,62 +122,73 @@ def _load(checkpoint: str, step: int | None):
     data = defaults.data_config()
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         cfg, params, tok_spec = transfer.load_model(checkpoint)
-        seed, found = SEED.value, None
-        if not _DATA_PATH.value:
-            fail(f"{checkpoint} is an official folder, which holds no validation data; pass --data_path=DIR, "
-                 "a corpus prepared with its tokenizer (python -m parcae_jax.data.prepare)")
+        found = None
+        if not data_path:
+            raise TestTimeError(f"{checkpoint} is an official folder, which holds no validation data; pass "
+                                "--data_path=DIR, a corpus prepared with its tokenizer (python -m parcae_jax.data.prepare)")
     else:
         found, saved, params = transfer.restore_run(checkpoint, step)
         cfg, seed = ModelConfig.from_mapping(saved["model"]), int(saved.get("seed", 0))
         data = ml_collections.ConfigDict({**data.to_dict(), **saved.get("data", {})})
         tok_spec = data.tokenizer
-    tok_spec = TOKENIZER.value or tok_spec
+    tok_spec = tokenizer or tok_spec
     if tok_spec is None:
-        fail(f"{checkpoint} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
-    if _DATA_PATH.value:
-        data.source, data.path = "prepared", _DATA_PATH.value
+        raise TestTimeError(f"{checkpoint} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
+    if data_path:
+        data.source, data.path = "prepared", data_path
     data.tokenizer = tok_spec
-    dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else None)
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else None)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     return cfg, params, load_tokenizer(tok_spec, data.eod_token), data, seed, found
 
 
-def main(argv) -> None:
-    del argv
+def measure(checkpoint: str, out_dir: str, *, step: int | None = None, recurrences: list[int] | None = None,
+            val_batches: int = 8, val_batch_size: int = 8, data_path: str | None = None,
+            tokenizer: str | None = None, dtype: str | None = None, seed: int = 0) -> tuple[dict, dict]:
+    """(result, file paths): the test-time curve of one checkpoint, written to out_dir.
+    Raises TestTimeError, or the loaders' one-line errors, for bad input."""
     from parcae_jax.data import dataset
-    from parcae_jax.data.readers import DataError
-    from parcae_jax.model.config import ConfigError
-    from parcae_jax.reference_config import ConversionError
 
-    if not CHECKPOINT.value:
-        fail("pass --checkpoint=RUN_OR_FOLDER (a training run's workdir or an official checkpoint folder)")
-    if _VAL_BATCHES.value < 1 or _VAL_BATCH.value < 1:
-        fail("--val_batches and --val_batch_size must be >= 1")
-    try:
-        recurrences = sorted({int(r) for r in RECURRENCES.value}) if RECURRENCES.value else None
-    except ValueError:
-        fail(f"--recurrences={','.join(RECURRENCES.value)}: give integers such as 1,2,4,8")
-    if recurrences is not None and recurrences[0] < 1:
-        fail(f"--recurrences: every T must be >= 1, got {recurrences[0]}")
-    try:
-        cfg, params, tok, data, seed, step = _load(CHECKPOINT.value, STEP.value)
-        if tok.vocab_size > cfg.vocab_size:
-            fail(f"the tokenizer has {tok.vocab_size} ids but the model {cfg.vocab_size}; pass the model's --tokenizer")
-        _, val = dataset.open_splits(data, tok, progress=False)
-        loader = dataset.eval_loader(val, data, cfg.seq_len, _VAL_BATCH.value)
-        batches = [b for _, b in zip(range(_VAL_BATCHES.value), loader)]
-    except (ConversionError, ConfigError, DataError) as e:
-        fail(str(e).splitlines()[0])
+    if val_batches < 1 or val_batch_size < 1:
+        raise TestTimeError("--val_batches and --val_batch_size must be >= 1")
+    if recurrences is not None and (not recurrences or min(recurrences) < 1):
+        raise TestTimeError(f"--recurrences: every T must be >= 1, got {min(recurrences, default=None)}")
+    cfg, params, tok, data, seed, found = _load(checkpoint, step, tokenizer, data_path, dtype, seed)
+    if tok.vocab_size > cfg.vocab_size:
+        raise TestTimeError(f"the tokenizer has {tok.vocab_size} ids but the model {cfg.vocab_size}; "
+                            "pass the model's --tokenizer")
+    _, val = dataset.open_splits(data, tok, progress=False)
+    batches = [b for _, b in zip(range(val_batches), dataset.eval_loader(val, data, cfg.seq_len, val_batch_size))]
     if not batches:
-        fail(f"the validation split of {data.path or data.source} holds no window of {cfg.seq_len + 1} tokens")
+        raise TestTimeError(f"the validation split of {data.path or data.source} holds no window of "
+                            f"{cfg.seq_len + 1} tokens")
     if cfg.arch == "parcae":
-        recurrences = recurrences or list(range(1, 2 * cfg.mean_recurrence + 1))
+        recurrences = sorted(set(recurrences)) if recurrences else list(range(1, 2 * cfg.mean_recurrence + 1))
     else:
         recurrences = [1]
     points = losses(cfg, params, batches, recurrences, seed, bool(data.document_masking))
-    result = {"checkpoint": CHECKPOINT.value, "step": step, "eval_batches": len(batches), "batch_size": _VAL_BATCH.value,
+    result = {"checkpoint": checkpoint, "step": found, "eval_batches": len(batches), "batch_size": val_batch_size,
               **curve(points, target_bytes(batches, tok), cfg.arch, cfg.mean_recurrence)}
-    paths = write(result, OUT_DIR.value or os.path.join(CHECKPOINT.value, "science"))
+    return result, write(result, out_dir)
+
+
+def main(argv) -> None:
+    del argv
+    from parcae_jax.errors import user_errors
+
+    if not CHECKPOINT.value:
+        fail("pass --checkpoint=RUN_OR_FOLDER (a training run's workdir or an official checkpoint folder)")
+    try:
+        recurrences = [int(r) for r in RECURRENCES.value] if RECURRENCES.value else None
+    except ValueError:
+        fail(f"--recurrences={','.join(RECURRENCES.value)}: give integers such as 1,2,4,8")
+    try:
+        result, paths = measure(CHECKPOINT.value, OUT_DIR.value or os.path.join(CHECKPOINT.value, "science"),
+                                step=STEP.value, recurrences=recurrences, val_batches=_VAL_BATCHES.value,
+                                val_batch_size=_VAL_BATCH.value, data_path=_DATA_PATH.value,
+                                tokenizer=TOKENIZER.value, dtype=DTYPE.value, seed=SEED.value)
+    except (TestTimeError, *user_errors()) as e:
+        fail(str(e).splitlines()[0])
     print(json.dumps({**{k: result[k] for k in ("step", "fit", "fit_error")}, "files": paths}))
 
 
