@@ -100,23 +100,19 @@ def compare(config, out_dir: str) -> dict:
 def main(argv) -> None:
     del argv
     from parcae_jax import config_files
-    from parcae_jax.errors import user_errors
+    from parcae_jax.errors import one_line_errors
 
     if not OUT_DIR.value:
         fail("pass --out_dir=DIR (both runs, compare.json, .csv and .png go there)")
     if STEPS.value is not None and STEPS.value < 1:
         fail(f"--steps={STEPS.value} must be >= 1")
-    try:
+    with one_line_errors(config_files.ConfigFileError):
         config = config_files.load(config_files.shipped(BASE.value), flag="--base")
         if config.model.arch != "parcae":
             fail(f"--base={BASE.value} is a {config.model.arch}; give the Parcae config (its GPT is derived)")
         if STEPS.value:
             config.train.steps = STEPS.value
         report = compare(config, OUT_DIR.value)
-    except config_files.ConfigFileError as e:
-        fail(str(e))
-    except user_errors() as e:
-        fail(str(e).splitlines()[0])
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
 
 

@@ -205,17 +205,14 @@ def report(preset_name: str, out_dir: str) -> dict:
 def main(argv) -> None:
     del argv
     from parcae_jax import config_files
-    from parcae_jax.errors import user_errors
+    from parcae_jax.errors import one_line_errors
     from parcae_jax.science.grid import SweepError
+    from parcae_jax.science.test_time import TestTimeError
 
     if not OUT_DIR.value:
         fail("pass --out_dir=DIR (every stage's folder and report.md go there)")
-    try:
+    with one_line_errors(config_files.ConfigFileError, SweepError, TestTimeError):
         verdict = report(_PRESET.value, OUT_DIR.value)
-    except (config_files.ConfigFileError, SweepError) as e:
-        fail(str(e))
-    except user_errors() as e:
-        fail(str(e).splitlines()[0])
     print(json.dumps(verdict, indent=1))
 
 

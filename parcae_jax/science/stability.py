@@ -138,7 +138,7 @@ def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[flo
 def main(argv) -> None:
     del argv
     from parcae_jax import config_files
-    from parcae_jax.errors import user_errors
+    from parcae_jax.errors import one_line_errors
 
     if not OUT_DIR.value:
         fail("pass --out_dir=DIR (the runs, stability.json, .csv and .png go there)")
@@ -152,14 +152,10 @@ def main(argv) -> None:
         fail(f"--lr_multipliers={','.join(_MULTS.value)}: give positive numbers such as 1,4,16")
     if not multipliers or min(multipliers) <= 0 or steps < 11:
         fail("--lr_multipliers must be > 0 and --steps >= 11 (spikes compare with the previous 10 steps)")
-    try:
+    with one_line_errors(config_files.ConfigFileError):
         base = config_files.load(config_files.shipped(BASE.value), flag="--base")
         experiment(base, OUT_DIR.value, variants=_VARIANTS.value, multipliers=multipliers, steps=steps,
                    state_bound=_BOUND.value, spike_nats=_SPIKE.value)
-    except config_files.ConfigFileError as e:
-        fail(str(e))
-    except user_errors() as e:
-        fail(str(e).splitlines()[0])
 
 
 def run() -> None:

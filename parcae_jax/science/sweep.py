@@ -27,6 +27,7 @@ from absl import flags
 from parcae_jax import cli
 from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import fail
+from parcae_jax.science.grid import SweepError
 
 _COMMANDS = flags.DEFINE_bool("commands", False, "plan: print one launcher command per point.")
 _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "fit: fit the finished points, skipping the others.")
@@ -99,7 +100,8 @@ def run_all(points) -> None:
 
 
 def table(points, allow_missing: bool) -> list[dict]:
-    """One row per finished point; a point without its final evaluation fails (or is skipped)."""
+    """One row per finished point; a point without its final evaluation is a SweepError (or,
+    with allow_missing, left out)."""
     rows, missing = [], []
     for p in points:
         loss = final_loss(p)
@@ -109,11 +111,11 @@ def table(points, allow_missing: bool) -> list[dict]:
         rows.append({"point": p.name, "budget": p.budget, "recurrence": p.recurrence, "backprop": p.backprop,
                      "flops_per_token": p.flops_per_token, "steps": p.steps, "tokens": p.tokens, "loss": loss})
     if not rows:
-        fail(f"no point has a final evaluation yet (e.g. {points[0].workdir}); run `sweep run` first")
+        raise SweepError(f"no point has a final evaluation yet (e.g. {points[0].workdir}); run `sweep run` first")
     if missing and not allow_missing:
         p = missing[0]
-        fail(f"point {p.name} has no evaluation at its final step {p.steps} in {p.workdir} ({state(p)}); run "
-             f"`sweep run` or pass --allow_missing to fit the {len(rows)} finished points")
+        raise SweepError(f"point {p.name} has no evaluation at its final step {p.steps} in {p.workdir} ({state(p)}); "
+                         f"run `sweep run` or pass --allow_missing to fit the {len(rows)} finished points")
     return rows
 
 
@@ -140,41 +142,26 @@ def fit(sweep, points, out_dir: str | None = None, allow_missing: bool = False) 
 
 
 def main(argv) -> None:
+    from parcae_jax.errors import one_line_errors
     from parcae_jax.science import grid
 
     if len(argv) != 3 or argv[1] not in ACTIONS:
         fail(f"usage: python -m parcae_jax.science.sweep {{{'|'.join(ACTIONS)}}} SWEEP (a sweep file or a shipped "
              "sweep's name)")
     action, value = argv[1], argv[2]
-    try:
+    with one_line_errors(grid.SweepError):
         sweep = grid.load(value)
         points = grid.points(sweep)
-    except grid.SweepError as e:
-        fail(str(e))
-    if action == "plan":
-        print(plan(sweep, points))
-    elif action == "status":
-        print(_table(["point", "steps", "state", "loss"],
-                     [[p.name, p.steps, state(p), f"{final_loss(p):.4f}" if final_loss(p) is not None else ""]
-                      for p in points]))
-    elif action == "run":
-        _run_checked(points)
-    else:
-        print(json.dumps(fit(sweep, points, OUT_DIR.value, _ALLOW_MISSING.value)))
-
-
-def _run_checked(points) -> None:
-    import sys
-
-    from parcae_jax.errors import user_errors
-    from parcae_jax.preemption import Interrupted
-
-    try:
-        run_all(points)
-    except Interrupted as e:  # the point saved a checkpoint; `run` again resumes it
-        sys.exit(128 + e.signum)
-    except user_errors() as e:
-        fail(str(e).splitlines()[0])
+        if action == "plan":
+            print(plan(sweep, points))
+        elif action == "status":
+            print(_table(["point", "steps", "state", "loss"],
+                         [[p.name, p.steps, state(p), f"{final_loss(p):.4f}" if final_loss(p) is not None else ""]
+                          for p in points]))
+        elif action == "run":
+            run_all(points)
+        else:
+            print(json.dumps(fit(sweep, points, OUT_DIR.value, _ALLOW_MISSING.value)))
 
 
 def run() -> None:

@@ -174,7 +174,7 @@ def measure(checkpoint: str, out_dir: str, *, step: int | None = None, recurrenc
 
 def main(argv) -> None:
     del argv
-    from parcae_jax.errors import user_errors
+    from parcae_jax.errors import one_line_errors
 
     if not CHECKPOINT.value:
         fail("pass --checkpoint=RUN_OR_FOLDER (a training run's workdir or an official checkpoint folder)")
@@ -182,13 +182,11 @@ def main(argv) -> None:
         recurrences = [int(r) for r in RECURRENCES.value] if RECURRENCES.value else None
     except ValueError:
         fail(f"--recurrences={','.join(RECURRENCES.value)}: give integers such as 1,2,4,8")
-    try:
+    with one_line_errors(TestTimeError):
         result, paths = measure(CHECKPOINT.value, OUT_DIR.value or os.path.join(CHECKPOINT.value, "science"),
                                 step=STEP.value, recurrences=recurrences, val_batches=_VAL_BATCHES.value,
                                 val_batch_size=_VAL_BATCH.value, data_path=_DATA_PATH.value,
                                 tokenizer=TOKENIZER.value, dtype=DTYPE.value, seed=SEED.value)
-    except (TestTimeError, *user_errors()) as e:
-        fail(str(e).splitlines()[0])
     print(json.dumps({**{k: result[k] for k in ("step", "fit", "fit_error")}, "files": paths}))
 
 
