@@ -120,3 +120,10 @@ def test_a_fit_is_json_with_intervals():
     out = fit.to_json()
     lo, hi = out["ci95"]["a"]
     assert lo < out["values"]["a"] < hi and all(math.isfinite(v) for v in out["stderr"].values())
+
+
+def test_a_nearly_straight_isoflop_curve_is_a_one_line_error_not_an_overflow():
+    mu = np.array([1, 2, 4, 8])
+    L = 3.0 - 0.1 * np.log(mu) + 1e-9 * np.log(mu) ** 2  # a vertex at ln(mu) ~ 5e7
+    with pytest.raises(fits.FitError, match="nearly straight"):
+        fits.isoflop_minimum(mu, L)

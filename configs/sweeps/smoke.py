@@ -3,7 +3,7 @@ install runs every science command end to end, in minutes; its numbers mean noth
 
 Command:  python -m parcae_jax.science.report --preset=smoke --out_dir=DIR
 Hardware: any CPU.
-Expect:   a report.md with every section; 4 recurrences x 3 budgets of a few steps each.
+Expect:   a report (README.md in DIR) with every section; 4 recurrences x 3 budgets of a few steps each.
 """
 
 import ml_collections

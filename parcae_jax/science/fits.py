@@ -90,7 +90,7 @@ def saturating_exponential(T, loss) -> Fit:
     # Start from the line through log(L - floor): the floor a little under the last point.
     floor = L.min() - 0.1 * np.ptp(L)
     slope, icpt = np.polyfit(T, np.log(np.maximum(L - floor, 1e-12)), 1)
-    p0 = [floor, math.exp(icpt), max(-slope, 1e-3)]
+    p0 = [floor, math.exp(min(icpt, 50.0)), max(-slope, 1e-3)]  # capped: a steep start must not overflow
     f = lambda t, l_inf, a, kappa: l_inf + a * np.exp(-kappa * t)  # noqa: E731
     try:
         p, cov = optimize.curve_fit(f, T, L, p0=p0, bounds=([-np.inf, 0, 0], [np.inf, np.inf, np.inf]),
@@ -138,13 +138,16 @@ def isoflop_minimum(recurrence, loss) -> Fit:
         raise FitError(f"{name}: loss against recurrence curves downward or not at all (c2={c2:.3g}); "
                        "there is no minimum: widen the recurrence grid around the best point")
     x_opt = -c1 / (2 * c2)
+    if abs(x_opt - x.mean()) > 10 * max(np.ptp(x), 1e-12):  # a near-straight curve: its vertex is nowhere near
+        raise FitError(f"{name}: the curve is nearly straight (c2={c2:.3g}); its minimum lies far outside the "
+                       "grid: widen the recurrence grid toward the lower losses")
     grad = np.array([c1 / (2 * c2 ** 2), -1 / (2 * c2), 0.0])  # d x_opt / d (c2, c1, c0)
     var_x = float(grad @ cov @ grad)
     values = {"c0": float(c0), "c1": float(c1), "c2": float(c2), "log_opt": float(x_opt),
               "opt": float(math.exp(x_opt)), "loss_opt": float(c0 - c1 ** 2 / (4 * c2)),
               "inside": float(x.min() <= x_opt <= x.max())}
     err = _checked(name, {"c2": c2, "c1": c1, "c0": c0}, cov, "add recurrences")
-    err["log_opt"] = math.sqrt(var_x)
+    err["log_opt"] = math.sqrt(max(var_x, 0.0))
     err["opt"] = values["opt"] * err["log_opt"]
     g = np.array([c1 ** 2 / (4 * c2 ** 2), -c1 / (2 * c2), 1.0])
     err["loss_opt"] = math.sqrt(max(float(g @ cov @ g), 0.0))

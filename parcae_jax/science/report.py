@@ -8,8 +8,9 @@ Runs, each stage resumable (a second call reuses what is finished):
    saturating-exponential fit (science/test_time.py);
 3. sweep: the preset's recurrence x FLOP grid, trained and fitted (science/sweep.py);
 4. stability: injection variants over learning rates (science/stability.py);
-then writes DIR/report.md: every figure, every fitted number, the wall time of each stage,
-and for each claim whether this scale reproduces it, by the rules in `verdicts`.
+then writes the report as README.md in DIR (a folder's page on code hosts): every figure,
+every fitted number, the wall time of each stage, and for each claim whether this scale
+reproduces it, by the rules in `verdicts`.
 
 The toy preset is the toy sweep's model (configs/sweeps/toy.py: width 64, 1/2/1 layers,
 128-token sequences) on the embedded corpus, sized to finish on a 2-core CPU in well under
@@ -116,6 +117,11 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def _num(value, spec: str) -> str:
+    """A number in a table cell; "-" for a value a stage could not produce (None)."""
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
     """The report: numbers and figures of every stage (paths relative to the report)."""
     c, t, f, s = stages["compare"], stages["test_time"], stages["fit"], stages["stability"]
@@ -125,7 +131,7 @@ def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
     lines += [f"- **{k.replace('_', ' ')}**: {v}" for k, v in verdict.items()]
     lines += ["", "## Parcae against its GPT (equal parameters and tokens)", "", "![compare](compare/compare.png)", "",
               "| arch | parameters | tokens | FLOPs/token | validation loss |", "|---|---|---|---|---|"]
-    lines += [f"| {r['arch']} | {r['params']:,} | {r['tokens']:,} | {r['flops_per_token']:.3g} | {r['val_loss']:.4f} |"
+    lines += [f"| {r['arch']} | {r['params']:,} | {r['tokens']:,} | {r['flops_per_token']:.3g} | {_num(r['val_loss'], '.4f')} |"
               for r in c["runs"]]
     lines += ["", "## Test-time scaling", "", "![test time](test_time/test_time.png)", "",
               "| T | loss | bits/byte |", "|---|---|---|"]
@@ -152,12 +158,13 @@ def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
     lines += ["", "## Stability", "", "![stability](stability/stability.png)", "",
               "| run | diverged at step | spikes | max state norm | max rho | final loss |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['diverged_at'] if r['diverged_at'] is not None else '-'} | {len(r['spikes'])} | "
-              f"{r['max_state_norm']:.3g} | {r['max_rho']:.3f} | {r['final_loss']:.3f} |" for r in s["runs"]]
+              f"{_num(r['max_state_norm'], '.3g')} | {_num(r['max_rho'], '.3f')} | {_num(r['final_loss'], '.3f')} |"
+              for r in s["runs"]]
     return "\n".join(lines) + "\n"
 
 
 def report(preset_name: str, out_dir: str) -> dict:
-    """Every stage of the preset into out_dir, then report.md; returns the verdicts."""
+    """Every stage of the preset into out_dir, then the report (README.md); returns the verdicts."""
     from parcae_jax import storage
     from parcae_jax.science import compare, grid, stability, sweep, test_time
 
@@ -197,7 +204,7 @@ def report(preset_name: str, out_dir: str) -> dict:
         _base(sweep_config), f"{out_dir}/stability", variants=list(preset.stability_variants),
         multipliers=list(preset.stability_multipliers), steps=preset.stability_steps))
     verdict = verdicts(stages["compare"], stages["test_time"], stages["fit"], stages["stability"])
-    (folder / "report.md").write_text(markdown(preset_name, stages, times, verdict))
+    (folder / "README.md").write_text(markdown(preset_name, stages, times, verdict))
     (folder / "report.json").write_text(json.dumps({"times_s": times, "verdicts": verdict}, indent=1))
     return verdict
 
@@ -210,7 +217,7 @@ def main(argv) -> None:
     from parcae_jax.science.test_time import TestTimeError
 
     if not OUT_DIR.value:
-        fail("pass --out_dir=DIR (every stage's folder and report.md go there)")
+        fail("pass --out_dir=DIR (every stage's folder and the report, README.md, go there)")
     with one_line_errors(config_files.ConfigFileError, SweepError, TestTimeError):
         verdict = report(_PRESET.value, OUT_DIR.value)
     print(json.dumps(verdict, indent=1))

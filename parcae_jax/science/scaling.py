@@ -94,10 +94,11 @@ def _additive(rows: list[dict], budgets: list[float], F) -> dict:
         optima.append({"budget": C, "recurrence_opt": m, "tokens_opt": C / F(m),
                        "inside": bool(grid[0] < m < grid[-1])})
     out = {"fit": law.to_json(), "aic": _aic(rss, len(L), 5), "optima": optima}
+    inside = [o for o in optima if o["inside"]]  # an optimum at the grid's edge is a bound, not a value
     for what in ("recurrence", "tokens"):
         try:
-            out[f"law_{what}"] = fits.power_law([o["budget"] for o in optima],
-                                                [o[f"{what}_opt"] for o in optima]).to_json()
+            out[f"law_{what}"] = fits.power_law([o["budget"] for o in inside],
+                                                [o[f"{what}_opt"] for o in inside]).to_json()
         except fits.FitError as e:
             out[f"law_{what}"] = {"error": str(e)}
     return out

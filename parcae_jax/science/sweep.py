@@ -106,7 +106,8 @@ def table(points, allow_missing: bool) -> list[dict]:
     for p in points:
         loss = final_loss(p)
         if loss is None:
-            missing.append(p)
+            if state(p) != "diverged":  # a diverged point has no loss to fit: left out, as documented
+                missing.append(p)
             continue
         rows.append({"point": p.name, "budget": p.budget, "recurrence": p.recurrence, "backprop": p.backprop,
                      "flops_per_token": p.flops_per_token, "steps": p.steps, "tokens": p.tokens, "loss": loss})
