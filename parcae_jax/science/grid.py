@@ -106,6 +106,26 @@ def assign(config: config_dict.ConfigDict, key: str, value) -> None:
         raise SweepError(f"set.{key}={value!r}: {config_files.first_line(e)}") from None
 
 
+def _check_shapes(sweep: config_dict.ConfigDict) -> None:
+    """The sweep's values have the types the grid needs (one SweepError line each)."""
+    recurrences, budgets = sweep.recurrences, sweep.budgets
+    if not isinstance(recurrences, (tuple, list)) or not recurrences or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in recurrences):
+        raise SweepError(f"recurrences={recurrences!r}: give a tuple of integers >= 1, e.g. (1, 2, 4, 8)")
+    if not isinstance(budgets, (tuple, list)) or not budgets or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in budgets):
+        raise SweepError(f"budgets={budgets!r}: give a tuple of FLOP counts > 0, e.g. (1e18, 2e18)")
+    for entry in sweep.get("set") or ():
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise SweepError(f"set entry {entry!r}: give (\"dotted.key\", value) pairs")
+    template = sweep.get("launcher") or LAUNCHER
+    try:
+        template.format(config="", workdir="", flags="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise SweepError(f"launcher {template!r}: {config_files.first_line(e)}; it may use {{config}}, "
+                         "{workdir} and {flags}") from None
+
+
 def points(sweep: config_dict.ConfigDict) -> list[Point]:
     """Every point of the grid, budgets then recurrences ascending; raises SweepError for a bad
     key or value, or a budget too small for one step, naming the point."""
@@ -117,9 +137,8 @@ def points(sweep: config_dict.ConfigDict) -> list[Point]:
         base = config_files.load(config_files.shipped(sweep.base), flag="base")
     except config_files.ConfigFileError as e:
         raise SweepError(str(e)) from None
+    _check_shapes(sweep)
     recurrences, budgets = sorted(set(sweep.recurrences)), sorted(set(sweep.budgets))
-    if not recurrences or not budgets or min(recurrences) < 1 or min(budgets) <= 0:
-        raise SweepError("recurrences must be integers >= 1 and budgets FLOPs > 0, at least one of each")
     fraction = sweep.get("warmup_fraction")
     out = []
     for budget in budgets:
@@ -143,6 +162,9 @@ def points(sweep: config_dict.ConfigDict) -> list[Point]:
                 raise SweepError(f"point {name}: a budget of {budget:.3g} FLOPs is {budget / fpt:.3g} tokens, less than "
                                  f"one step of {per_step} tokens; raise the budget or lower train.batch_size")
             more = [("train.steps", steps), ("train.eval_every", config.train.eval_every or steps)]
+            evaluated = config.train.eval_recurrences
+            if evaluated and rec not in evaluated:  # the point is finished by its evaluation at its own mean
+                more.append(("train.eval_recurrences", tuple(sorted({*evaluated, rec}))))
             if fraction is not None:
                 more.append(("optim.warmup_steps", min(int(round(fraction * steps)), steps - 1)))
             for key, value in more:

@@ -153,7 +153,7 @@ def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
                      f"\n{what}* ∝ C^{law['values']['a']:.3f} (95% interval {law['ci95']['a'][0]:.3f} .. "
                      f"{law['ci95']['a'][1]:.3f}; paper {f['paper'][what]:.2f}).")
     if f.get("comparison"):
-        lines.append(f"\nAIC: parabolas {f['comparison']['aic_parabolas']:.1f}, additive law "
+        lines.append(f"\nAICc: parabolas {f['comparison']['aic_parabolas']:.1f}, additive law "
                      f"{f['comparison']['aic_additive']:.1f}: the {f['comparison']['better']} fit better.")
     lines += ["", "## Stability", "", "![stability](stability/stability.png)", "",
               "| run | diverged at step | spikes | max state norm | max rho | final loss |", "|---|---|---|---|---|---|"]

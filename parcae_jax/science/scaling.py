@@ -10,8 +10,8 @@
    measured optimum; fits.power_law; the paper: a ~ 0.40, b ~ 0.78).
 3. The additive law L = E + A mu^-alpha + B D^-beta over every point (fits.additive_law):
    its own optimum per budget (minimising L(mu, C / F(mu)) over mu) and the exponents of
-   that; and which description fits the table better by AIC (parabolas: 3 parameters per
-   budget; the law: 5 in all).
+   that; and which description fits the table better by AICc (parabolas: 3 parameters per
+   budget; the law: 5 in all), when every budget has its parabola (the same rows on both sides).
 
 Every stage that cannot be fitted keeps its one-line reason instead of a number.
 """
@@ -28,7 +28,9 @@ PAPER = {"recurrence": 0.40, "tokens": 0.78}  # the paper's exponents of mu* and
 
 
 def _aic(rss: float, n: int, k: int) -> float:
-    return n * math.log(max(rss, 1e-300) / n) + 2 * k
+    """AICc: Akaike's criterion with the small-sample correction (n - k - 1 > 0), for least squares."""
+    aic = n * math.log(max(rss, 1e-300) / n) + 2 * k
+    return aic + 2 * k * (k + 1) / (n - k - 1) if n - k - 1 > 0 else math.inf
 
 
 def _fpt(rows: list[dict]):
@@ -68,7 +70,7 @@ def analyse(rows: list[dict]) -> dict:
             out["laws"][what] = {"error": f"{e} ({len(inside)} of {len(budgets)} budgets have a minimum inside "
                                           "the swept recurrences)"}
     out["additive"] = _additive(rows, budgets, F)
-    if "error" not in out["additive"] and found:
+    if "error" not in out["additive"] and len(found) == len(budgets):  # both descriptions of the same rows
         n = sum(b["points"] for b in found)
         out["comparison"] = {"aic_parabolas": _aic(rss_parabolas, n, k_parabolas),
                              "aic_additive": out["additive"]["aic"]}
