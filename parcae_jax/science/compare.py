@@ -15,13 +15,12 @@ Bad input is one line and exit code 2.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 
 from parcae_jax import cli
 from parcae_jax.model_flags import fail
 from parcae_jax.science.cli_flags import BASE, OUT_DIR, STEPS
+from parcae_jax.science.tables import write_csv
 
 
 
@@ -87,12 +86,8 @@ def compare(config, out_dir: str) -> dict:
               "loss_difference": (parcae["val_loss"] - gpt["val_loss"])
               if None not in (parcae["val_loss"], gpt["val_loss"]) else None}
     (out / "compare.json").write_text(json.dumps(report, indent=1))
-    buffer = io.StringIO()
-    w = csv.writer(buffer)
-    w.writerow(["arch", "params", "tokens", "flops_per_token", "flops", "val_loss"])
-    for r in results:
-        w.writerow([r["arch"], r["params"], r["tokens"], r["flops_per_token"], r["flops"], r["val_loss"]])
-    (out / "compare.csv").write_text(buffer.getvalue())
+    columns = ["arch", "params", "tokens", "flops_per_token", "flops", "val_loss"]
+    write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in results))
     plots.compare(results, str(out / "compare.png"))
     return report
 

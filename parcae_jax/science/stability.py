@@ -22,8 +22,6 @@ is one line and exit code 2.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import statistics
@@ -32,6 +30,7 @@ from absl import flags
 
 from parcae_jax import cli
 from parcae_jax.science.cli_flags import BASE, OUT_DIR, STEPS
+from parcae_jax.science.tables import write_csv
 from parcae_jax.model_flags import fail
 
 VARIANTS = {  # name -> model overrides
@@ -123,14 +122,9 @@ def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[flo
     out = storage.resolve(out_dir)
     report = {"steps": steps, "state_bound": state_bound, "spike_nats": spike_nats, "runs": runs}
     (out / "stability.json").write_text(json.dumps(report, indent=1))
-    buffer = io.StringIO()
-    w = csv.writer(buffer)
-    w.writerow(["variant", "lr_multiplier", "step", "loss", "state_norm", "rho", "skipped"])
-    for r in runs:
-        for s in r["series"]:
-            w.writerow([r["variant"], r["lr_multiplier"], s["step"], s["loss"], s.get("state_norm", ""),
-                        s.get("rho", ""), s.get("skipped", "")])
-    (out / "stability.csv").write_text(buffer.getvalue())
+    write_csv(out / "stability.csv", ["variant", "lr_multiplier", "step", "loss", "state_norm", "rho", "skipped"],
+              ([r["variant"], r["lr_multiplier"], s["step"], s["loss"], s.get("state_norm", ""), s.get("rho", ""),
+                s.get("skipped", "")] for r in runs for s in r["series"]))
     plots.stability(runs, str(out / "stability.png"))
     return report
 

@@ -18,8 +18,6 @@ into sweep_fit.json, isoflop.png and optimum.png. Bad input is one line and exit
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 from absl import flags
@@ -28,6 +26,7 @@ from parcae_jax import cli
 from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import fail
 from parcae_jax.science.grid import SweepError
+from parcae_jax.science.tables import write_csv
 
 _COMMANDS = flags.DEFINE_bool("commands", False, "plan: print one launcher command per point.")
 _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "fit: fit the finished points, skipping the others.")
@@ -129,11 +128,7 @@ def fit(sweep, points, out_dir: str | None = None, allow_missing: bool = False) 
     analysis = scaling.analyse(rows)
     out = storage.resolve(out_dir or f"{sweep.root}/fit")
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / "sweep.csv").write_text(buffer.getvalue())
+    write_csv(out / "sweep.csv", list(rows[0]), (list(r.values()) for r in rows))
     (out / "sweep_fit.json").write_text(json.dumps({"rows": rows, **analysis}, indent=1))
     plots.isoflop(rows, analysis, str(out / "isoflop.png"))
     plots.optimum(analysis, str(out / "optimum.png"))

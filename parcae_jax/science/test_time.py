@@ -16,8 +16,6 @@ line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -26,6 +24,7 @@ from absl import flags
 
 from parcae_jax import cli
 from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.science.tables import write_csv
 from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
 
 _VAL_BATCHES = flags.DEFINE_integer("val_batches", 8, "Validation batches (the first ones, in storage order).")
@@ -95,12 +94,8 @@ def write(result: dict, out: str) -> dict[str, str]:
     paths = {ext: str(folder / f"test_time.{ext}") for ext in ("json", "csv", "png")}
     (folder / "test_time.json").write_text(json.dumps(result, indent=1))
     fitted = plots.saturating(result["fit"])
-    buffer = io.StringIO()
-    w = csv.writer(buffer)
-    w.writerow(["T", "loss", "bits_per_byte", "fit"])
-    for r in result["points"]:
-        w.writerow([r["T"], r["loss"], r["bits_per_byte"], fitted(r["T"]) if fitted else ""])
-    (folder / "test_time.csv").write_text(buffer.getvalue())
+    write_csv(folder / "test_time.csv", ["T", "loss", "bits_per_byte", "fit"],
+              ([r["T"], r["loss"], r["bits_per_byte"], fitted(r["T"]) if fitted else ""] for r in result["points"]))
     plots.test_time(result, paths["png"])
     return paths
 
