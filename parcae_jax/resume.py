@@ -39,14 +39,20 @@ def _meaningful(key: str) -> bool:
     return key not in HOW and any(key == m or (m.endswith(".") and key.startswith(m)) for m in MEANING)
 
 
+def changes(saved: dict, now: dict) -> dict[str, tuple]:
+    """{dotted key: (saved value, new value)} for every setting that differs (tuples as lists)."""
+    old, new = _flat(saved), _flat(now)
+    old.pop("ckpt.allow_changes", None), new.pop("ckpt.allow_changes", None)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
 def check(saved: dict, now: dict, step: int, allow: str | None, fix: str | None = None) -> int | None:
     """Refuses meaningful changes not in `allow` (comma-separated keys, or "*"); logs the rest.
 
     Returns the loader's batch index to resume at when the global batch changed (None: resume
     the saved loader state as it is)."""
     old, new = _flat(saved), _flat(now)
-    old.pop("ckpt.allow_changes", None), new.pop("ckpt.allow_changes", None)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    changed = changes(saved, now)
     accepted = {k.strip() for k in (allow or "").split(",") if k.strip()}
     refused = [k for k in changed if _meaningful(k) and k not in accepted and "*" not in accepted]
     if refused:

@@ -1,5 +1,8 @@
 """Small configs and tools shared by the tests."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -49,3 +52,24 @@ def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0):
         return losses.sum() / mask.sum()
 
     return jax.jit(jax.value_and_grad(loss)), params
+
+
+def science(module: str, *args) -> subprocess.CompletedProcess:
+    """`python -m parcae_jax.science.<module> args` from the repository root, output captured."""
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", f"parcae_jax.science.{module}", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+# A base config file for the science commands: the tests' small model (tests/test_train.py SMALL).
+SMALL_BASE = '''
+from parcae_jax import defaults
+
+def get_config(arg=None):
+    config = defaults.load_shipped("tiny")
+    config.model.update({small!r})
+    config.train.update(batch_size=8)
+    config.optim.muon_dtype = "float32"
+    return config
+'''

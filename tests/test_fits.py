@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from parcae_jax.science import fits
 
 
-
 def _within(fit, truth: dict, level: float = 0.999):
     """Every true value inside the fit's `level` confidence interval (fixed seeds)."""
     for k, v in truth.items():
@@ -40,6 +39,30 @@ def test_the_reported_intervals_hold_the_truth_as_often_as_they_say():
     draw = lambda rng: 1e-4 * C ** 0.4 * np.exp(rng.normal(0, 0.05, C.size))  # noqa: E731
     for k, c in _coverage(draw, lambda y: fits.power_law(C, y), {"a": 0.4, "log_k": np.log(1e-4)}).items():
         assert 0.89 <= c <= 0.995, (k, c)
+
+
+def test_the_isoflop_vertex_and_the_additive_law_cover_the_truth_as_often_as_they_say():
+    mu = np.array([1, 2, 4, 6, 8, 10, 12])
+    vertex = {"log_opt": math.log(4.0), "opt": 4.0, "loss_opt": 3.0}
+    draw = lambda rng: 3.0 + 0.1 * (np.log(mu) - math.log(4.0)) ** 2 + rng.normal(0, 0.003, mu.size)  # noqa: E731
+    for k, c in _coverage(draw, lambda L: fits.isoflop_minimum(mu, L), vertex).items():
+        assert 0.89 <= c <= 0.995, (k, c)
+    truth = {"E": 2.0, "A": 0.6, "alpha": 0.5, "B": 0.8, "beta": 0.4}
+    m, D = np.meshgrid([1, 2, 4, 6, 8, 10, 12], [1e8, 2e8, 4e8, 8e8])
+    d0 = float(np.exp(np.log(D).mean()))
+    clean = truth["E"] + truth["A"] * m ** -truth["alpha"] + truth["B"] * (D / d0) ** -truth["beta"]
+    draw = lambda rng: clean + rng.normal(0, 0.003, m.shape)  # noqa: E731
+    for k, c in _coverage(draw, lambda L: fits.additive_law(m, D, L), truth, n=100).items():
+        assert 0.86 <= c <= 1.0, (k, c)
+
+
+def test_the_optimal_recurrences_interval_is_the_exp_of_its_log_interval():
+    mu = np.array([1, 2, 4, 6, 8, 10, 12])
+    L = 3.0 + 0.05 * (np.log(mu) - math.log(5.0)) ** 2 + np.random.default_rng(0).normal(0, 0.01, mu.size)
+    fit = fits.isoflop_minimum(mu, L)
+    lo, hi = fit.interval("log_opt")
+    assert fit.interval("opt") == pytest.approx((math.exp(lo), math.exp(hi)))
+    assert 0 < fit.interval("opt")[0] < fit.values["opt"] < fit.interval("opt")[1]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -108,6 +131,8 @@ def test_the_additive_law_recovers_its_exponents(seed):
     (lambda: fits.isoflop_minimum([1, 2, 4, 8], [3.0, 3.2, 3.2, 3.0]), "no minimum"),
     (lambda: fits.isoflop_minimum([1, 2, 4, 8], [3.0] * 4), "does not change"),
     (lambda: fits.additive_law([1, 2, 4], [1e8] * 3, [3.0, 2.9, 2.8]), "cannot determine 5 parameters"),
+    (lambda: fits.additive_law([1, 2, 4, 6, 8, 12], [6e8, 4e8, 3e8, 2e8, 1.5e8, 1e8], [3.0, 2.9, 2.8, 2.85, 2.9, 3.0]),
+     "tokens are a function of recurrence"),
 ])
 def test_degenerate_points_are_one_line_errors(call, message):
     with pytest.raises(fits.FitError, match=message) as e:

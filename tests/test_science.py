@@ -1,18 +1,16 @@
-"""The science commands end to end on a tiny trained run (fits themselves: test_fits.py)."""
+"""The science commands test_time, compare and report end to end on tiny trained runs
+(sweeps: test_sweep.py; stability: test_stability.py; the fits: test_fits.py)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 from parcae_jax.science import test_time
 from parcae_jax.train import train
 from parcae_jax.validate import validate
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import FIXTURES
+from tests.helpers import SMALL_BASE, science
 from tests.test_train import SMALL, small_config
 
 
@@ -25,20 +23,15 @@ def run(tmp_path_factory):
     return workdir, config
 
 
-def science(module, *args):
-    return subprocess.run([sys.executable, "-m", f"parcae_jax.science.{module}", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_test_time_reproduces_the_runs_own_evaluations_and_writes_its_files(run, tmp_path):
     workdir, config = run
-    out = science("test_time", f"--checkpoint={workdir}", "--val_batches=2", f"--val_batch_size={config.train.batch_size}",
-                  f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
+    out = science("test_time", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "test_time.json").read_text())
     logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
     mean = config.model.mean_recurrence
     assert [p["T"] for p in result["points"]] == list(range(1, 2 * mean + 1)) and result["step"] == 4
+    assert (result["eval_batches"], result["batch_size"]) == (2, config.train.batch_size)  # the run's own, by default
     compared = [p for p in result["points"] if f"eval/loss_r{p['T']}" in logged]
     assert [p["T"] for p in compared] == [1, 2, 3, 4]  # the run's evaluations: 1, 2, 4 and its mean 3
     for p in compared:  # same batches, same x0
@@ -78,188 +71,6 @@ def test_bad_test_time_requests_are_one_line_and_exit_2(args, message, tmp_path)
     if not any(a.startswith("--checkpoint") for a in args):
         args = [f"--checkpoint={tmp_path}", *args]
     out = science("test_time", *args)
-    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
-
-
-# A sweep over the small test model: base tiny, overrides as a sweep file's `set`.
-SWEEP = '''
-import ml_collections
-
-def get_config(arg=None):
-    return ml_collections.ConfigDict(dict(
-        base="tiny", root={root!r}, recurrences={recurrences!r}, budgets={budgets!r}, backprop="half",
-        set=tuple({overrides!r}),
-    ))
-'''
-SMALL_SET = [(f"model.{k}", v) for k, v in SMALL.items()] + [
-    ("train.batch_size", 8), ("train.log_every", 1), ("train.eval_batches", 1), ("train.eval_every", 0),
-    ("ckpt.every", 4), ("ckpt.keep", 2), ("ckpt.async_save", False), ("optim.muon_dtype", "float32")]
-
-
-def write_sweep(path, root, recurrences, budgets, overrides=SMALL_SET, extra=""):
-    path.write_text(SWEEP.format(root=str(root), recurrences=tuple(recurrences), budgets=tuple(budgets),
-                                 overrides=list(overrides)) + extra)
-    return path
-
-
-def _budget_for(steps, recurrence):
-    """The FLOPs that buy `steps` steps of the small model at `recurrence` (+ a little)."""
-    from parcae_jax.describe import flops_per_token
-    from parcae_jax.model.config import ModelConfig
-
-    cfg = ModelConfig.from_mapping({**small_config().model.to_dict(), "mean_recurrence": recurrence,
-                                    "mean_backprop_depth": -(-recurrence // 2)})
-    return flops_per_token(cfg)["flops_per_token"] * 8 * SMALL["seq_len"] * (steps + 0.5)
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_same_table(tmp_path):
-    import os
-    import signal
-
-    from parcae_jax.science import grid, sweep
-
-    budget = _budget_for(14, 1)  # 14 steps at recurrence 1, fewer at 2
-    files = {name: write_sweep(tmp_path / f"{name}.py", tmp_path / name, (1, 2), (budget,)) for name in ("a", "b")}
-    whole = grid.points(grid.load(str(files["a"])))
-    assert [p.steps for p in whole][0] == 14 and 1 <= whole[1].steps < 14
-    sweep.run_all(whole)  # uninterrupted
-    cut = grid.points(grid.load(str(files["b"])))
-    proc = subprocess.Popen([sys.executable, "-m", "parcae_jax.science.sweep", "run", str(files["b"])], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second = cut[1].workdir
-    while not (os.path.isdir(os.path.join(second, "checkpoints", "4"))):  # the second point is under way
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert sweep.state(cut[0]) == "done" and sweep.state(cut[1]).startswith("checkpoint at step")
-    first_metrics = os.path.getmtime(os.path.join(cut[0].workdir, "metrics.jsonl"))
-    again = science("sweep", "run", files["b"])
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{cut[0].name}: done, skipped" in again.stdout and f"{cut[1].name}: training" in again.stdout
-    assert os.path.getmtime(os.path.join(cut[0].workdir, "metrics.jsonl")) == first_metrics
-    cut_rows, whole_rows = sweep.table(cut, False), sweep.table(whole, False)
-    assert [r["point"] for r in cut_rows] == [r["point"] for r in whole_rows]  # the same names in both roots
-    assert cut_rows == whole_rows  # and the same losses, bit for bit
-    status = science("sweep", "status", files["b"])
-    assert status.returncode == 0 and status.stdout.count("| done |") == 2
-
-
-def test_fit_recovers_the_exponent_a_synthetic_sweep_was_drawn_from(tmp_path):
-    """Final losses written where a run logs them, from isoFLOP curves whose minimum moves
-    as 2 * (C / C0)^0.4: `sweep fit` must find 0.4 within its interval."""
-    import numpy as np
-
-    from parcae_jax.science import grid
-
-    C0 = _budget_for(4, 12)
-    budgets = [C0 * 2 ** i for i in range(5)]
-    file = write_sweep(tmp_path / "s.py", tmp_path / "root", (1, 2, 4, 6, 8, 10, 12), budgets)
-    rng = np.random.default_rng(0)
-    for p in grid.points(grid.load(str(file))):
-        opt = 2.0 * (p.budget / C0) ** 0.4
-        loss = 3.0 - 0.1 * math.log(p.budget / C0) + 0.08 * (math.log(p.recurrence) - math.log(opt)) ** 2
-        os.makedirs(p.workdir)
-        with open(os.path.join(p.workdir, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"step": p.steps - 1, "loss": 9.0}) + "\n")
-            f.write(json.dumps({"step": p.steps, f"eval/loss_r{p.recurrence}": loss + rng.normal(0, 1e-3)}) + "\n")
-    out = science("sweep", "fit", file)
-    assert out.returncode == 0, out.stderr[-3000:]
-    fitted = json.loads((tmp_path / "root" / "fit" / "sweep_fit.json").read_text())
-    law = fitted["laws"]["recurrence"]
-    lo, hi = law["ci95"]["a"]
-    assert lo <= 0.4 <= hi and hi - lo < 0.1, law
-    assert all(b["inside"] for b in fitted["budgets"]) and fitted["comparison"]["better"] in ("parabolas", "additive")
-    assert "tokens" in fitted["laws"] and len(fitted["rows"]) == 35
-    for name in ("isoflop.png", "optimum.png"):
-        assert 1000 < (tmp_path / "root" / "fit" / name).stat().st_size < 200_000
-    assert (tmp_path / "root" / "fit" / "sweep.csv").read_text().startswith("point,budget,recurrence")
-
-
-def test_the_papers_grid_plans_its_35_points():
-    out = science("sweep", "plan", "recurrence_140m", "--commands")
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| C")]
-    assert len(rows) == 35 and rows[0].startswith("| C1e18_r1 | 1e+18 | 1 | 1 |")
-    commands = [line for line in out.stdout.splitlines() if line.startswith("python -m parcae_jax.main")]
-    assert len(commands) == 35 and "--config.model.mean_recurrence=12" in commands[-1]
-    assert "--config.model.mean_backprop_depth=6" in commands[-1]
-
-
-@pytest.mark.parametrize("change,message", [
-    (dict(extra="\n_get = get_config\ndef get_config(arg=None):\n    c = _get(arg)\n    c.budgetz = 1.0\n    return c\n"),
-     "sweep key 'budgetz' is unknown"),
-    (dict(overrides=[("train.batchsize", 8)]), "set.train.batchsize: no such config key (did you mean set.train.batch_size?)"),
-    (dict(budgets=(1e3,)), "less than one step"),
-    (dict(), "no point has a final evaluation yet"),
-])
-def test_bad_sweeps_are_one_line_and_exit_2(tmp_path, change, message):
-    kwargs = {"recurrences": (1, 2), "budgets": (_budget_for(3, 2),), **change}
-    file = write_sweep(tmp_path / "s.py", tmp_path / "root", **kwargs)
-    out = science("sweep", "fit", file)
-    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
-
-
-SMALL_BASE = '''
-from parcae_jax import defaults
-
-def get_config(arg=None):
-    config = defaults.load_shipped("tiny")
-    config.model.update({small!r})
-    config.train.update(batch_size=8)
-    config.optim.muon_dtype = "float32"
-    return config
-'''
-
-
-def test_divergence_and_spikes_are_marked_where_the_series_says():
-    from parcae_jax.science.stability import marks
-
-    rows = [{"step": s, "loss": 3.0 - 0.01 * s, "state_norm": 10.0} for s in range(1, 31)]
-    rows[14]["loss"] = 4.0  # step 15: a spike (1 nat above the median of the 10 before)
-    assert marks(rows, 1e3, 0.5) == {"diverged_at": None, "spikes": [15]}
-    rows[20]["state_norm"] = 2e3  # step 21: the state left the bound
-    rows[25]["loss"] = float("nan")
-    rows[22]["loss"] = 9.0  # after divergence: not a spike
-    assert marks(rows, 1e3, 0.5) == {"diverged_at": 21, "spikes": [15]}
-    rows[5]["skipped"] = 1.0  # the trainer skipped step 6 as non-finite
-    assert marks(rows, 1e3, 0.5)["diverged_at"] == 6
-
-
-def test_the_stability_command_trains_every_variant_and_rate_and_reads_finished_runs_back(tmp_path):
-    base = tmp_path / "small.py"
-    base.write_text(SMALL_BASE.format(small=SMALL))
-    args = [f"--out_dir={tmp_path / 'out'}", f"--base={base}", "--steps=12", "--lr_multipliers=1,8",
-            "--variants=diagonal,linear"]
-    out = science("stability", *args)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads((tmp_path / "out" / "stability.json").read_text())
-    assert [(r["variant"], r["lr_multiplier"]) for r in result["runs"]] == [
-        ("diagonal", 1.0), ("diagonal", 8.0), ("linear", 1.0), ("linear", 8.0)]
-    for r in result["runs"]:
-        assert [s["step"] for s in r["series"]][:3] == [1, 2, 3] and len(r["series"]) <= 12
-        assert r["lr"] == pytest.approx(small_config().optim.lr * r["lr_multiplier"])
-        if r["variant"] == "diagonal":  # rho(A_bar) = max(A_bar) < 1 by construction
-            assert all(s["rho"] < 1 for s in r["series"])
-    csv_rows = (tmp_path / "out" / "stability.csv").read_text().splitlines()
-    assert csv_rows[0] == "variant,lr_multiplier,step,loss,state_norm,rho,skipped" and len(csv_rows) > 4 * 11
-    assert (tmp_path / "out" / "stability.png").stat().st_size < 200_000
-    metrics = sorted((tmp_path / "out" / "runs").glob("*/metrics.jsonl"))
-    stamps = [m.stat().st_mtime_ns for m in metrics]
-    again = science("stability", *args)  # every run finished: read back, nothing trained
-    assert again.returncode == 0 and len(metrics) == 4 and [m.stat().st_mtime_ns for m in metrics] == stamps
-    assert json.loads((tmp_path / "out" / "stability.json").read_text())["runs"] == result["runs"]
-
-
-@pytest.mark.parametrize("args,message", [
-    ([], "pass --out_dir"),
-    (["--out_dir=/tmp/x", "--variants=diagonal,concat"], "'concat' is unknown"),
-    (["--out_dir=/tmp/x", "--lr_multipliers=1,-2"], "must be > 0"),
-    (["--out_dir=/tmp/x", "--base=/nonexistent.py"], "cannot load"),
-])
-def test_bad_stability_requests_are_one_line_and_exit_2(args, message):
-    out = science("stability", *args)
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
 
 

@@ -6,9 +6,9 @@ The GPT is `base` with arch=gpt and n_layers = n_prelude + n_core + n_coda: the 
 once each, as the published baselines (configs/gpt_*.py), so the two differ only by the loop
 (the injection and the adapter C are Parcae's few extra parameters). Both train on the same
 data for the same steps and batch (equal tokens) in DIR/parcae and DIR/gpt; a finished run
-is read back, an interrupted one resumes. Writes DIR/compare.json and compare.csv
-(parameters, tokens, executed FLOPs, final validation loss; for Parcae at every evaluated
-recurrence) and compare.png (validation loss against step and against training FLOPs).
+is read back, an interrupted one resumes, a folder of other settings is refused. Writes
+DIR/compare.csv (parameters, tokens, executed FLOPs, final validation loss), compare.json
+(the same, with Parcae's loss at every evaluated recurrence and both curves) and compare.png (validation loss against step and against training FLOPs).
 Bad input is one line and exit code 2.
 """
 
@@ -19,7 +19,9 @@ import json
 
 from parcae_jax import cli
 from parcae_jax.model_flags import fail
-from parcae_jax.science.cli_flags import BASE, OUT_DIR, STEPS
+from parcae_jax.science import provenance
+from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.science.training_flags import BASE, STEPS
 from parcae_jax.science.tables import write_csv
 
 
@@ -40,6 +42,7 @@ def _rows(workdir: str) -> list[dict]:
 
 
 def finished(workdir: str, steps: int) -> bool:
+    """Whether the run in workdir logged its evaluation at its final step."""
     return any(r.get("step") == steps and any(k.startswith("eval/loss") for k in r) for r in _rows(workdir))
 
 
@@ -76,6 +79,7 @@ def compare(config, out_dir: str) -> dict:
     for name, c in (("parcae", config), ("gpt", gpt_of(config))):
         workdir = f"{out_dir}/{name}"
         run = validate(c)
+        provenance.refuse_other(workdir, c)
         if not finished(workdir, c.train.steps):
             train(c, workdir, run)
         results.append(summary(c, workdir))
@@ -101,7 +105,7 @@ def main(argv) -> None:
         fail("pass --out_dir=DIR (both runs, compare.json, .csv and .png go there)")
     if STEPS.value is not None and STEPS.value < 1:
         fail(f"--steps={STEPS.value} must be >= 1")
-    with one_line_errors(config_files.ConfigFileError):
+    with one_line_errors(config_files.ConfigFileError, provenance.OtherSettings):
         config = config_files.load(config_files.shipped(BASE.value), flag="--base")
         if config.model.arch != "parcae":
             fail(f"--base={BASE.value} is a {config.model.arch}; give the Parcae config (its GPT is derived)")

@@ -32,13 +32,19 @@ class FitError(ValueError):
 class Fit:
     law: str  # the formula, for tables and plots
     values: dict[str, float]
-    stderr: dict[str, float]  # one standard error per value (from the fit's covariance)
+    stderr: dict[str, float]  # one standard error per value (from the fit's covariance; delta method)
     r2: float
     n: int  # points fitted
     dof: int  # n minus the fitted parameters
+    # A value that is exp of another (e.g. opt = exp(log_opt)): its interval is the exp of that
+    # one's, asymmetric and positive, as the fit is symmetric in the log.
+    exp_of: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
         """The two-sided `level` confidence interval of a value (Student t with dof degrees)."""
+        if name in self.exp_of:
+            low, high = self.interval(self.exp_of[name], level)
+            return math.exp(low), math.exp(high)
         half = stats.t.ppf(0.5 + level / 2, max(self.dof, 1)) * self.stderr[name]
         return self.values[name] - half, self.values[name] + half
 
@@ -151,7 +157,8 @@ def isoflop_minimum(recurrence, loss) -> Fit:
     err["opt"] = values["opt"] * err["log_opt"]
     g = np.array([c1 ** 2 / (4 * c2 ** 2), -c1 / (2 * c2), 1.0])
     err["loss_opt"] = math.sqrt(max(float(g @ cov @ g), 0.0))
-    return Fit("c0 + c1*ln(mu) + c2*ln(mu)^2", values, err, _r2(L, np.polyval(coef, x)), len(r), len(r) - 3)
+    return Fit("c0 + c1*ln(mu) + c2*ln(mu)^2", values, err, _r2(L, np.polyval(coef, x)), len(r), len(r) - 3,
+               exp_of={"opt": "log_opt"})
 
 
 def additive_law(recurrence, tokens, loss) -> Fit:
@@ -161,6 +168,9 @@ def additive_law(recurrence, tokens, loss) -> Fit:
     if len(L) < 6 or len(np.unique(D)) < 2:
         raise FitError(f"{name}: {len(L)} runs over {len(np.unique(mu))} recurrences and {len(np.unique(D))} "
                        "token counts cannot determine 5 parameters; it needs at least 6 runs over 2+ of each")
+    if not any(len(np.unique(D[mu == m])) > 1 for m in np.unique(mu)):
+        raise FitError(f"{name}: every recurrence was trained on one token count, so tokens are a function of "
+                       "recurrence (one FLOP budget?) and their effects cannot be told apart; add budgets")
     _flat(name, L)
     d0 = float(np.exp(np.log(D).mean()))  # tokens in units of their geometric mean: B stays O(1)
 

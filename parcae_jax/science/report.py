@@ -37,16 +37,15 @@ from parcae_jax.science.cli_flags import OUT_DIR
 class Preset:
     sweep: str  # a shipped sweep: its base and `set` are every stage's model and data
     compare_steps: int
-    test_time_batches: int
     stability_variants: tuple[str, ...]
     stability_multipliers: tuple[float, ...]
     stability_steps: int
 
 
-PRESETS = {"toy": Preset(sweep="toy", compare_steps=600, test_time_batches=8,
+PRESETS = {"toy": Preset(sweep="toy", compare_steps=600,
                          stability_variants=("diagonal", "linear", "add", "diagonal-no-prelude-norm"),
                          stability_multipliers=(1.0, 8.0, 64.0), stability_steps=100),
-           "smoke": Preset(sweep="smoke", compare_steps=8, test_time_batches=1,
+           "smoke": Preset(sweep="smoke", compare_steps=8,
                            stability_variants=("diagonal", "linear"), stability_multipliers=(1.0, 64.0),
                            stability_steps=12)}
 _PRESET = flags.DEFINE_enum("preset", "toy", list(PRESETS), "Which sizes to run.")
@@ -187,8 +186,7 @@ def report(preset_name: str, out_dir: str) -> dict:
     fresh = not all(compare.finished(f"{out_dir}/compare/{n}", preset.compare_steps) for n in ("parcae", "gpt"))
     stages["compare"] = timed("compare", fresh, lambda: compare.compare(config, f"{out_dir}/compare"))
     stages["test_time"], _ = timed("test_time", True, lambda: test_time.measure(
-        f"{out_dir}/compare/parcae", f"{out_dir}/test_time", val_batches=preset.test_time_batches,
-        val_batch_size=config.train.batch_size, dtype=config.model.dtype))
+        f"{out_dir}/compare/parcae", f"{out_dir}/test_time", dtype=config.model.dtype))
     points = grid.points(sweep_config)
     fresh = any(sweep.state(p) not in ("done", "diverged") for p in points)
 
@@ -213,12 +211,15 @@ def main(argv) -> None:
     del argv
     from parcae_jax import config_files
     from parcae_jax.errors import one_line_errors
+    from parcae_jax.science import provenance
     from parcae_jax.science.grid import SweepError
+    from parcae_jax.science.stability import StabilityError
     from parcae_jax.science.test_time import TestTimeError
 
     if not OUT_DIR.value:
         fail("pass --out_dir=DIR (every stage's folder and the report, README.md, go there)")
-    with one_line_errors(config_files.ConfigFileError, SweepError, TestTimeError):
+    with one_line_errors(config_files.ConfigFileError, SweepError, TestTimeError, StabilityError,
+                         provenance.OtherSettings):
         verdict = report(_PRESET.value, OUT_DIR.value)
     print(json.dumps(verdict, indent=1))
 

@@ -29,7 +29,8 @@ import statistics
 from absl import flags
 
 from parcae_jax import cli
-from parcae_jax.science.cli_flags import BASE, OUT_DIR, STEPS
+from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.science.training_flags import BASE, STEPS
 from parcae_jax.science.tables import write_csv
 from parcae_jax.model_flags import fail
 
@@ -42,9 +43,14 @@ VARIANTS = {  # name -> model overrides
 DEFAULT_STEPS = 150
 _MULTS = flags.DEFINE_list("lr_multipliers", ["1", "4", "16", "64"], "Learning-rate multipliers over the base's.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
-_BOUND = flags.DEFINE_float("state_bound", 1e3, "A state norm above this counts as divergence.")
-_SPIKE = flags.DEFINE_float("spike_nats", 0.5, "A loss this far above the median of the previous 10 steps is a spike.")
+STATE_BOUND, SPIKE_NATS = 1e3, 0.5
+_BOUND = flags.DEFINE_float("state_bound", STATE_BOUND, "A state norm above this counts as divergence.")
+_SPIKE = flags.DEFINE_float("spike_nats", SPIKE_NATS, "A loss this far above the median of the previous 10 steps is a spike.")
 RESULT = "stability_run.json"
+
+
+class StabilityError(ValueError):
+    """A request the experiment cannot run (one line, names the fix)."""
 
 
 def run_config(base, variant: str, multiplier: float, steps: int):
@@ -74,51 +80,79 @@ def marks(rows: list[dict], bound: float, spike_nats: float) -> dict:
     return {"diverged_at": diverged, "spikes": spikes}
 
 
+def summary(record: dict, bound: float, spike_nats: float) -> dict:
+    """A run's marks and extremes from its stored series, under these thresholds."""
+    series, stopped = record["series"], record["stopped"]
+    finite = [r["loss"] for r in series if math.isfinite(r["loss"])]
+    out = {"stopped": stopped, **marks(series, bound, spike_nats),
+           "final_loss": statistics.fmean(finite[-10:]) if finite else None,
+           "max_state_norm": max((r.get("state_norm", 0.0) for r in series), default=None),
+           "max_rho": max((r.get("rho", 0.0) for r in series), default=None), "series": series}
+    if out["diverged_at"] is None and stopped:  # the trainer gave up on non-finite steps
+        out["diverged_at"] = series[-1]["step"] if series else 0
+    return out
+
+
+def _finished(config, workdir: str) -> dict | None:
+    """The stored record of a run finished with `config`, None if there is none; StabilityError
+    if the folder holds a run of other settings (never mixed, never overwritten)."""
+    from parcae_jax import storage
+    from parcae_jax.science import provenance
+
+    path = storage.resolve(workdir) / RESULT
+    record = json.loads(path.read_text()) if path.exists() else None
+    saved = (record or {}).get("config") or provenance.saved_config(workdir)
+    differ = provenance.differences(saved, config.to_dict()) if saved is not None else None
+    if record is not None and "config" not in record:
+        differ = differ or "a record without its config, from an older version"
+    if differ:
+        raise StabilityError(f"{workdir} holds a run of other settings ({differ}); use another --out_dir, "
+                             "or delete that folder to train it again")
+    return record
+
+
 def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
-    """Trains one run (or reads it back when finished) and returns its summary and series."""
+    """Trains one run, or reads it back when it finished with this config, and returns its
+    summary and series (marks recomputed, so changed thresholds need no training)."""
     from parcae_jax import storage
     from parcae_jax.train import NonFiniteRun, train
     from parcae_jax.validate import validate
 
     directory = storage.resolve(workdir)
-    if (directory / RESULT).exists():
-        return json.loads((directory / RESULT).read_text())
-    stopped = None
-    try:
-        train(config, workdir, validate(config))
-    except NonFiniteRun as e:
-        stopped = str(e).splitlines()[0]
-    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keep = ("step", "loss", "state_norm", "rho", "skipped")
-    series = [{k: (float(r[k]) if k != "step" else r[k]) for k in keep if k in r} for r in rows if "loss" in r]
-    finite = [r["loss"] for r in series if math.isfinite(r["loss"])]
-    result = {"stopped": stopped, **marks(series, bound, spike_nats),
-              "final_loss": statistics.fmean(finite[-10:]) if finite else None,
-              "max_state_norm": max((r.get("state_norm", 0.0) for r in series), default=None),
-              "max_rho": max((r.get("rho", 0.0) for r in series), default=None), "series": series}
-    if result["diverged_at"] is None and stopped:
-        result["diverged_at"] = series[-1]["step"] if series else 0
-    (directory / RESULT).write_text(json.dumps(result))
-    return result
+    record = _finished(config, workdir)
+    if record is None:
+        stopped = None
+        try:
+            train(config, workdir, validate(config))
+        except NonFiniteRun as e:
+            stopped = str(e).splitlines()[0]
+        rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        keep = ("step", "loss", "state_norm", "rho", "skipped")
+        series = [{k: (float(r[k]) if k != "step" else r[k]) for k in keep if k in r} for r in rows if "loss" in r]
+        record = {"config": config.to_dict(), "stopped": stopped, "series": series}
+        (directory / RESULT).write_text(json.dumps(record))
+    return summary(record, bound, spike_nats)
 
 
 def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[float], steps: int,
-               state_bound: float = 1e3, spike_nats: float = 0.5) -> dict:
+               state_bound: float = STATE_BOUND, spike_nats: float = SPIKE_NATS) -> dict:
     """Every (variant, multiplier) run from the ConfigDict `base`, then the JSON, CSV and
     figure in out_dir; returns the JSON's content."""
     from parcae_jax import storage
     from parcae_jax.science import plots
 
+    if base.model.arch != "parcae":
+        raise StabilityError(f"the base is a {base.model.arch}, which has no injection; give a Parcae config")
+    plan = [(v, m, f"{v}_x{m:g}", run_config(base, v, m, steps)) for v in variants for m in multipliers]
+    for _, _, name, config in plan:  # refuse a folder of other settings before training anything
+        _finished(config, f"{out_dir}/runs/{name}")
     runs = []
-    for variant in variants:
-        for m in multipliers:
-            name = f"{variant}_x{m:g}"
-            config = run_config(base, variant, m, steps)
-            result = train_one(config, f"{out_dir}/runs/{name}", state_bound, spike_nats)
-            runs.append({"name": name, "variant": variant, "lr_multiplier": m, "lr": config.optim.lr,
-                         "muon_lr": config.optim.muon_lr, **result})
-            print(json.dumps({k: runs[-1][k] for k in ("name", "diverged_at", "spikes", "final_loss",
-                                                        "max_state_norm", "max_rho")}), flush=True)
+    for variant, m, name, config in plan:
+        result = train_one(config, f"{out_dir}/runs/{name}", state_bound, spike_nats)
+        runs.append({"name": name, "variant": variant, "lr_multiplier": m, "lr": config.optim.lr,
+                     "muon_lr": config.optim.muon_lr, **result})
+        print(json.dumps({k: runs[-1][k] for k in ("name", "diverged_at", "spikes", "final_loss",
+                                                    "max_state_norm", "max_rho")}), flush=True)
     out = storage.resolve(out_dir)
     report = {"steps": steps, "state_bound": state_bound, "spike_nats": spike_nats, "runs": runs}
     (out / "stability.json").write_text(json.dumps(report, indent=1))
@@ -138,6 +172,8 @@ def main(argv) -> None:
         fail("pass --out_dir=DIR (the runs, stability.json, .csv and .png go there)")
     steps = STEPS.value or DEFAULT_STEPS
     unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+    if not _VARIANTS.value:
+        fail(f"--variants is empty; give any of {', '.join(VARIANTS)}")
     if unknown:
         fail(f"--variants: {unknown[0]!r} is unknown; use any of {', '.join(VARIANTS)}")
     try:
@@ -146,7 +182,9 @@ def main(argv) -> None:
         fail(f"--lr_multipliers={','.join(_MULTS.value)}: give positive numbers such as 1,4,16")
     if not multipliers or min(multipliers) <= 0 or steps < 11:
         fail("--lr_multipliers must be > 0 and --steps >= 11 (spikes compare with the previous 10 steps)")
-    with one_line_errors(config_files.ConfigFileError):
+    if not _BOUND.value > 0 or not _SPIKE.value > 0:
+        fail(f"--state_bound={_BOUND.value} and --spike_nats={_SPIKE.value} must be > 0")
+    with one_line_errors(config_files.ConfigFileError, StabilityError):
         base = config_files.load(config_files.shipped(BASE.value), flag="--base")
         experiment(base, OUT_DIR.value, variants=_VARIANTS.value, multipliers=multipliers, steps=steps,
                    state_bound=_BOUND.value, spike_nats=_SPIKE.value)

@@ -22,26 +22,46 @@ import json
 
 from absl import flags
 
-from parcae_jax import cli
+from parcae_jax import cli, storage
 from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import fail
+from parcae_jax.science import provenance
 from parcae_jax.science.grid import SweepError
 from parcae_jax.science.tables import write_csv
 
 _COMMANDS = flags.DEFINE_bool("commands", False, "plan: print one launcher command per point.")
 _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "fit: fit the finished points, skipping the others.")
 ACTIONS = ("plan", "run", "status", "fit")
-DIVERGED = "sweep_point.json"  # written in a point's workdir when its training diverged
+RECORD = "sweep_point.json"  # in a point's workdir: the config `run` trained it with, and whether it diverged
+FINAL_UNEVALUATED = "final checkpoint, not evaluated"
 
 
 def _read(path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
+def _record(point) -> dict | None:
+    text = _read(storage.resolve(point.workdir) / RECORD)
+    return json.loads(text) if text else None
+
+
+def _write_record(point, diverged: str | None = None) -> None:
+    directory = storage.make_dir(point.workdir)
+    (directory / RECORD).write_text(json.dumps({"config": point.config.to_dict(), "diverged": diverged}))
+
+
+def other_settings(point) -> str | None:
+    """'key old -> new, ...' when the point's workdir was trained with settings that change its
+    result (read from `run`'s record, else from the newest checkpoint, so launcher-trained points
+    are checked too); None when it matches or holds nothing yet."""
+    record = _record(point)
+    if record and "config" in record:
+        return provenance.differences(record["config"], point.config.to_dict())
+    return provenance.mismatch(point.workdir, point.config)
+
+
 def final_loss(point) -> float | None:
     """The point's validation loss at its mean recurrence, logged at its last step, or None."""
-    from parcae_jax import storage
-
     text = _read(storage.resolve(point.workdir) / "metrics.jsonl")
     key = f"eval/loss_r{point.recurrence}"
     rows = [json.loads(line) for line in (text or "").splitlines() if line.strip().startswith("{")]
@@ -50,17 +70,41 @@ def final_loss(point) -> float | None:
 
 
 def state(point) -> str:
-    """done | diverged | at step k of N | not started."""
-    from parcae_jax import storage
-
+    """done | diverged | final checkpoint, not evaluated | checkpoint at step k of N | not started,
+    or 'trained with other settings (...)' when the workdir does not match the sweep."""
+    differ = other_settings(point)
+    if differ:
+        return f"trained with other settings ({differ})"
     if final_loss(point) is not None:
         return "done"
-    directory = storage.resolve(point.workdir)
-    if (directory / DIVERGED).exists():
+    if (_record(point) or {}).get("diverged"):
         return "diverged"
-    ckpts = directory / "checkpoints"
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    return f"checkpoint at step {max(steps)} of {point.steps}" if steps else "not started"
+    steps = provenance.checkpoint_steps(point.workdir)
+    if steps and steps[-1] >= point.steps:
+        return FINAL_UNEVALUATED
+    return f"checkpoint at step {steps[-1]} of {point.steps}" if steps else "not started"
+
+
+def _stale(points) -> None:
+    """Raises SweepError for the first point whose workdir holds a run of other settings."""
+    for p in points:
+        differ = other_settings(p)
+        if differ:
+            raise SweepError(f"point {p.name}: {p.workdir} was trained with other settings ({differ}); use another "
+                             "sweep root, or delete that folder to train the point again")
+
+
+def evaluate_final(point) -> float:
+    """Evaluates a final checkpoint whose evaluation was not logged (e.g. a kill between the
+    checkpoint and the metrics upload) and appends the row to its metrics.jsonl."""
+    from parcae_jax.train import evaluate_checkpoint
+    from parcae_jax.validate import validate
+
+    row = evaluate_checkpoint(point.config, point.workdir, validate(point.config))
+    path = storage.resolve(point.workdir) / "metrics.jsonl"
+    text = _read(path) or ""
+    path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(row) + "\n")
+    return final_loss(point)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -68,7 +112,8 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def plan(sweep, points) -> str:
+def plan(sweep, points: list) -> str:
+    """The plan as a Markdown table (and, with --commands, one launcher line per point)."""
     from parcae_jax.science import grid
 
     rows = [[p.name, f"{p.budget:.3g}", p.recurrence, p.backprop, f"{p.flops_per_token:.4g}", p.steps,
@@ -79,28 +124,35 @@ def plan(sweep, points) -> str:
     return out
 
 
-def run_all(points) -> None:
-    """Trains every point that is not finished, in order; interrupted points resume."""
-    from parcae_jax import storage
+def run_all(points: list) -> None:
+    """Trains every point that is not finished, in order; interrupted points resume, a final
+    checkpoint without its evaluation is evaluated. Refuses (SweepError) before training
+    anything when a workdir holds a run of other settings."""
     from parcae_jax.train import NonFiniteRun, train
     from parcae_jax.validate import validate
 
+    _stale(points)
     for p in points:
         s = state(p)
         if s in ("done", "diverged"):
             print(f"{p.name}: {s}, skipped", flush=True)
             continue
+        if s == FINAL_UNEVALUATED:
+            print(f"{p.name}: evaluating its final checkpoint: loss {evaluate_final(p):.4f}", flush=True)
+            continue
         print(f"{p.name}: training {p.steps} steps ({s})", flush=True)
+        _write_record(p)
         try:
             train(p.config, p.workdir, validate(p.config))
         except NonFiniteRun as e:
-            (storage.resolve(p.workdir) / DIVERGED).write_text(json.dumps({"status": "diverged", "error": str(e)}))
+            _write_record(p, diverged=str(e))
             print(f"{p.name}: diverged ({e})", flush=True)
 
 
-def table(points, allow_missing: bool) -> list[dict]:
+def table(points: list, allow_missing: bool) -> list[dict]:
     """One row per finished point; a point without its final evaluation is a SweepError (or,
-    with allow_missing, left out)."""
+    with allow_missing, left out), and so is a workdir trained with other settings."""
+    _stale(points)
     rows, missing = [], []
     for p in points:
         loss = final_loss(p)
@@ -119,9 +171,8 @@ def table(points, allow_missing: bool) -> list[dict]:
     return rows
 
 
-def fit(sweep, points, out_dir: str | None = None, allow_missing: bool = False) -> dict:
+def fit(sweep, points: list, out_dir: str | None = None, allow_missing: bool = False) -> dict:
     """The table, the laws and the figures in out_dir (default ROOT/fit); returns a summary."""
-    from parcae_jax import storage
     from parcae_jax.science import plots, scaling
 
     rows = table(points, allow_missing)

@@ -1,17 +1,18 @@
 """Test-time scaling: validation loss against the number of recurrences T, and its fit.
 
     python -m parcae_jax.science.test_time --checkpoint=RUN_OR_FOLDER [--step=N] \\
-        [--recurrences=1,2,...] [--val_batches=8] [--val_batch_size=8] [--out_dir=DIR]
+        [--recurrences=1,2,...] [--val_batches=N] [--val_batch_size=B] [--out_dir=DIR]
 
 Evaluates one checkpoint (a training run's workdir, or an official folder with
 --data_path=PREPARED_DIR) at T = 1 .. 2 x mean_recurrence (or --recurrences) on the first
---val_batches validation batches, in storage order, with the loop's initial state from the
-run's seed as training's evaluations draw it: the point at T = mean_recurrence is the run's
-own `eval/loss_r{T}` on the same batches. Reports nats per token and bits per byte of the
-targets' text, fits L(T) = L_inf + A * exp(-kappa * T) (science/fits.py), and writes
-test_time.json, test_time.csv and test_time.png to --out_dir (default RUN/science). A GPT has
-no recurrence: one point, drawn as a flat line, so tables of both line up. Bad input is one
-line on stderr and exit code 2.
+validation batches in storage order (by default the run's own: train.eval_batches batches of
+train.batch_size), with the loop's initial state from the run's seed as training's
+evaluations draw it: the point at T = mean_recurrence is the run's own `eval/loss_r{T}`.
+Reports nats per token and bits per byte of the targets' text, fits
+L(T) = L_inf + A * exp(-kappa * T) (science/fits.py), and writes test_time.json, test_time.csv
+and test_time.png to --out_dir (default RUN/science). A GPT has no recurrence: one point,
+drawn as a flat line, so tables of both line up. Bad input is one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.science.tables import write_csv
 from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
 
-_VAL_BATCHES = flags.DEFINE_integer("val_batches", 8, "Validation batches (the first ones, in storage order).")
-_VAL_BATCH = flags.DEFINE_integer("val_batch_size", 8, "Sequences per validation batch.")
+OFFICIAL_EVAL = (8, 8)  # (batches, sequences each) for an official folder, which records no evaluation
+_VAL_BATCHES = flags.DEFINE_integer("val_batches", None, "Validation batches (the first ones, in storage order); "
+                                    f"default: the run's train.eval_batches ({OFFICIAL_EVAL[0]} for an official folder).")
+_VAL_BATCH = flags.DEFINE_integer("val_batch_size", None, "Sequences per validation batch; default: the run's "
+                                  f"train.batch_size ({OFFICIAL_EVAL[1]} for an official folder).")
 _DATA_PATH = flags.DEFINE_string("data_path", None, "A prepared corpus (parcae_jax.data.prepare) to validate on; "
                                  "default: the run's own data. Needed for an official folder.")
 
@@ -106,7 +110,8 @@ class TestTimeError(ValueError):
 
 def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: str | None, dtype: str | None,
           seed: int):
-    """(cfg, params, tokenizer, data config, seed, step) of a run or an official folder."""
+    """(cfg, params, tokenizer, data config, seed, step, (eval batches, batch size)) of a run or an
+    official folder (which records no evaluation: OFFICIAL_EVAL)."""
     import jax
     import ml_collections
 
@@ -117,7 +122,7 @@ def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: s
     data = defaults.data_config()
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         cfg, params, tok_spec = transfer.load_model(checkpoint)
-        found = None
+        found, evaluation = None, OFFICIAL_EVAL
         if not data_path:
             raise TestTimeError(f"{checkpoint} is an official folder, which holds no validation data; pass "
                                 "--data_path=DIR, a corpus prepared with its tokenizer (python -m parcae_jax.data.prepare)")
@@ -126,6 +131,9 @@ def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: s
         cfg, seed = ModelConfig.from_mapping(saved["model"]), int(saved.get("seed", 0))
         data = ml_collections.ConfigDict({**data.to_dict(), **saved.get("data", {})})
         tok_spec = data.tokenizer
+        train = saved.get("train", {})
+        evaluation = (int(train.get("eval_batches") or OFFICIAL_EVAL[0]),
+                      int(train.get("batch_size") or OFFICIAL_EVAL[1]))
     tok_spec = tokenizer or tok_spec
     if tok_spec is None:
         raise TestTimeError(f"{checkpoint} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
@@ -134,21 +142,24 @@ def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: s
     data.tokenizer = tok_spec
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else None)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
-    return cfg, params, load_tokenizer(tok_spec, data.eod_token), data, seed, found
+    return cfg, params, load_tokenizer(tok_spec, data.eod_token), data, seed, found, evaluation
 
 
 def measure(checkpoint: str, out_dir: str, *, step: int | None = None, recurrences: list[int] | None = None,
-            val_batches: int = 8, val_batch_size: int = 8, data_path: str | None = None,
+            val_batches: int | None = None, val_batch_size: int | None = None, data_path: str | None = None,
             tokenizer: str | None = None, dtype: str | None = None, seed: int = 0) -> tuple[dict, dict]:
     """(result, file paths): the test-time curve of one checkpoint, written to out_dir.
-    Raises TestTimeError, or the loaders' one-line errors, for bad input."""
+    Batches default to the run's own evaluation (train.eval_batches x train.batch_size), so the
+    point at its mean recurrence is its logged eval loss. Raises TestTimeError, or the loaders'
+    one-line errors, for bad input."""
     from parcae_jax.data import dataset
 
-    if val_batches < 1 or val_batch_size < 1:
+    if (val_batches is not None and val_batches < 1) or (val_batch_size is not None and val_batch_size < 1):
         raise TestTimeError("--val_batches and --val_batch_size must be >= 1")
     if recurrences is not None and (not recurrences or min(recurrences) < 1):
         raise TestTimeError(f"--recurrences: every T must be >= 1, got {min(recurrences, default=None)}")
-    cfg, params, tok, data, seed, found = _load(checkpoint, step, tokenizer, data_path, dtype, seed)
+    cfg, params, tok, data, seed, found, evaluation = _load(checkpoint, step, tokenizer, data_path, dtype, seed)
+    val_batches, val_batch_size = val_batches or evaluation[0], val_batch_size or evaluation[1]
     if tok.vocab_size > cfg.vocab_size:
         raise TestTimeError(f"the tokenizer has {tok.vocab_size} ids but the model {cfg.vocab_size}; "
                             "pass the model's --tokenizer")

@@ -1,0 +1,59 @@
+"""Whether a workdir holds a run of the settings a science command asks for.
+
+The science commands read finished runs back instead of training them again. That is only
+right when the run was trained with the same settings: a changed sweep file or base config
+must not silently reuse old results. A run's settings are those saved with its newest
+checkpoint; the settings that cannot change a result (cadences, storage, remat, the mesh)
+are ignored.
+"""
+
+from __future__ import annotations
+
+from parcae_jax import resume, storage
+
+class OtherSettings(ValueError):
+    """A workdir holds a run of other settings (one line: the differences and the fix)."""
+
+
+# Prefixes (ending in ".") and keys whose value does not change a finished run's result.
+HARMLESS = ("ckpt.", "profile.", "wandb.", "bench.", "dist.", "mesh.", "compilation_cache_dir", "train.log_every",
+            "train.eval_every", "train.eval_recurrences", "train.max_consecutive_skips", "train.microbatches",
+            "data.cache_dir", "data.num_workers", "data.prefetch", "data.read_threads", "data.tfds_data_dir",
+            "model.remat_policy", "model.block_remat", "model.attention_impl", "model.loss_chunk")
+
+
+def differences(saved: dict, config: dict) -> str | None:
+    """'key old -> new, ...' over the settings that change a result, or None when they agree."""
+    changed = resume.changes(saved, config)
+    differ = [k for k in changed if not any(k == h or (h.endswith(".") and k.startswith(h)) for h in HARMLESS)]
+    return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in differ[:4]) or None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The workdir's checkpoint steps, ascending (none: [])."""
+    ckpts = storage.resolve(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+
+
+def saved_config(workdir: str) -> dict | None:
+    """The config saved with the workdir's newest checkpoint, or None without one."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        return None
+    from parcae_jax.checkpoint import Checkpointer
+
+    return Checkpointer(storage.resolve(workdir) / "checkpoints", keep=1).saved_config(steps[-1])
+
+
+def mismatch(workdir: str, config) -> str | None:
+    """The differences between the workdir's run and the ConfigDict `config` (None: same, or no run)."""
+    saved = saved_config(workdir)
+    return differences(saved, config.to_dict()) if saved is not None else None
+
+
+def refuse_other(workdir: str, config, fix: str = "use another --out_dir") -> None:
+    """Raises OtherSettings when the workdir holds a run of settings other than `config`'s."""
+    differ = mismatch(workdir, config)
+    if differ:
+        raise OtherSettings(f"{workdir} holds a run of other settings ({differ}); {fix}, or delete that folder "
+                            "to train it again")
