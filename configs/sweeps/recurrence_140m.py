@@ -23,5 +23,7 @@ def get_config(root: str = "sweeps/recurrence_140m"):
         backprop="half",
         set=(("train.batch_size", 256), ("train.eval_every", 1000)),
         warmup_fraction=0.05,
-        launcher="python -m parcae_jax.main --config={config} --workdir={workdir} {flags}",
+        # No `launcher`: each point is `python -m parcae_jax.main ...` (grid.LAUNCHER). On a cluster,
+        # e.g. launcher="sbatch launch/slurm_gpu.sbatch {config} {workdir} {flags}", or
+        # "python launch/tpu_pod.py run --tpu=NAME --zone=ZONE {config} {workdir} -- {flags}".
     ))

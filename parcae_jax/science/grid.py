@@ -52,6 +52,7 @@ class Point:
     config: config_dict.ConfigDict = dataclasses.field(compare=False, repr=False)
 
     def flags(self) -> str:
+        """The point's overrides as --config.KEY=VALUE flags, shell-quoted (for a launcher line)."""
         return " ".join(shlex.quote(f"--config.{k}={_flag_value(v)}") for k, v in self.overrides)
 
 
