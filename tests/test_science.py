@@ -91,6 +91,11 @@ def test_parcae_and_its_gpt_train_on_equal_tokens_with_nearly_equal_parameters(t
     assert report["loss_difference"] == pytest.approx(parcae["val_loss"] - gpt["val_loss"])
     assert (tmp_path / "out" / "compare.csv").read_text().startswith("arch,params,tokens")
     assert (tmp_path / "out" / "compare.png").stat().st_size < 200_000
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/metrics.jsonl"))
+    other = science("compare", f"--out_dir={tmp_path / 'out'}", f"--base={base}", "--steps=7")
+    assert other.returncode == 2 and "holds a run of other settings (train.steps 6 -> 7)" in other.stderr
+    assert other.stderr.count("\n") == 1 and stamps == sorted(
+        p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/metrics.jsonl"))  # nothing trained
     bad = science("compare", f"--out_dir={tmp_path / 'x'}", "--base=gpt_140m")  # a GPT base is refused
     assert bad.returncode == 2 and "give the Parcae config" in bad.stderr and bad.stderr.count("\n") == 1
 

@@ -4,6 +4,7 @@ recovery of a known exponent, and bad sweep files."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -208,3 +209,32 @@ def test_each_point_is_evaluated_at_its_own_mean_recurrence(tmp_path):
     file = write_sweep(tmp_path / "s.py", tmp_path / "root", (2, 4), (_budget_for(3, 4),), overrides=overrides)
     got = [tuple(p.config.train.eval_recurrences) for p in grid.points(grid.load(str(file)))]
     assert got == [(1, 2), (1, 2, 4)]
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("base", 5, "base=5: give a string"), ("root", 5, "root=5: give a string"),
+    ("warmup_fraction", "x", "give a number in [0, 1)"), ("launcher", 5, "give a command template string"),
+    ("launcher", "{config.x}", "it may use {config}, {workdir} and {flags}"), ("set", 5, "give a tuple of"),
+    ("budgets", (float("inf"),), "give a tuple of FLOP counts > 0"),
+])
+def test_values_of_the_wrong_type_are_one_sweep_error_line(key, value, message):
+    from ml_collections import config_dict
+
+    from parcae_jax.science import grid
+
+    sweep = config_dict.ConfigDict({"base": "tiny", "root": "/tmp/r", "recurrences": (1, 2), "budgets": (1e12,),
+                                    key: value})
+    with pytest.raises(grid.SweepError, match=re.escape(message)) as e:
+        grid.points(sweep)
+    assert "\n" not in str(e.value)
+
+
+def test_a_point_marked_diverged_by_an_earlier_version_stays_diverged(tmp_path):
+    from parcae_jax.science import grid, sweep
+
+    file = write_sweep(tmp_path / "s.py", tmp_path / "root", (1, 2), (_budget_for(3, 2),))
+    first, second = grid.points(grid.load(str(file)))
+    os.makedirs(first.workdir)
+    with open(os.path.join(first.workdir, sweep.RECORD), "w") as f:
+        json.dump({"status": "diverged", "error": "3 steps in a row were skipped"}, f)
+    assert sweep.state(first) == "diverged" and sweep.state(second) == "not started"

@@ -75,11 +75,13 @@ def compare(config, out_dir: str) -> dict:
 
     config = copy.deepcopy(config)
     config.train.eval_every = config.train.eval_every or config.train.steps
+    runs = (("parcae", config), ("gpt", gpt_of(config)))
+    for name, c in runs:  # refuse a folder of other settings before training anything
+        provenance.refuse_other(f"{out_dir}/{name}", c)
     results = []
-    for name, c in (("parcae", config), ("gpt", gpt_of(config))):
+    for name, c in runs:
         workdir = f"{out_dir}/{name}"
         run = validate(c)
-        provenance.refuse_other(workdir, c)
         if not finished(workdir, c.train.steps):
             train(c, workdir, run)
         results.append(summary(c, workdir))
@@ -97,6 +99,7 @@ def compare(config, out_dir: str) -> dict:
 
 
 def main(argv) -> None:
+    """The compare command (module docstring): flags in, files out, bad input one line and exit 2."""
     del argv
     from parcae_jax import config_files
     from parcae_jax.errors import one_line_errors

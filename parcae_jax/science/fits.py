@@ -30,6 +30,8 @@ class FitError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Fit:
+    """A fitted law: its values with standard errors, intervals, R² and the points behind it."""
+
     law: str  # the formula, for tables and plots
     values: dict[str, float]
     stderr: dict[str, float]  # one standard error per value (from the fit's covariance; delta method)

@@ -40,6 +40,8 @@ class SweepError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
+    """One grid point: its budget, recurrence, steps and tokens, and the full training config."""
+
     name: str  # C<budget>_r<recurrence>: the workdir's name under root
     budget: float
     recurrence: int
@@ -109,20 +111,32 @@ def assign(config: config_dict.ConfigDict, key: str, value) -> None:
 
 def _check_shapes(sweep: config_dict.ConfigDict) -> None:
     """The sweep's values have the types the grid needs (one SweepError line each)."""
+    for key, what in (("base", "a config's name or path[:arg]"), ("root", "a folder, local or gs://")):
+        if not isinstance(sweep[key], str) or not sweep[key]:
+            raise SweepError(f"{key}={sweep[key]!r}: give a string, {what}")
     recurrences, budgets = sweep.recurrences, sweep.budgets
     if not isinstance(recurrences, (tuple, list)) or not recurrences or not all(
             isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in recurrences):
         raise SweepError(f"recurrences={recurrences!r}: give a tuple of integers >= 1, e.g. (1, 2, 4, 8)")
     if not isinstance(budgets, (tuple, list)) or not budgets or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in budgets):
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in budgets):
         raise SweepError(f"budgets={budgets!r}: give a tuple of FLOP counts > 0, e.g. (1e18, 2e18)")
+    if not isinstance(sweep.get("set") or (), (tuple, list)):
+        raise SweepError(f"set={sweep.set!r}: give a tuple of (\"dotted.key\", value) pairs")
+    fraction = sweep.get("warmup_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+                                     and 0 <= fraction < 1):
+        raise SweepError(f"warmup_fraction={fraction!r}: give a number in [0, 1), e.g. 0.05")
     for entry in sweep.get("set") or ():
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
             raise SweepError(f"set entry {entry!r}: give (\"dotted.key\", value) pairs")
     template = sweep.get("launcher") or LAUNCHER
+    if not isinstance(template, str):
+        raise SweepError(f"launcher={template!r}: give a command template string with {{config}}, {{workdir}} "
+                         "and {flags}")
     try:
         template.format(config="", workdir="", flags="")
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
         raise SweepError(f"launcher {template!r}: {config_files.first_line(e)}; it may use {{config}}, "
                          "{workdir} and {flags}") from None
 
@@ -134,11 +148,11 @@ def points(sweep: config_dict.ConfigDict) -> list[Point]:
     from parcae_jax.model.config import ConfigError, ModelConfig
     from parcae_jax.validate import validate
 
+    _check_shapes(sweep)
     try:
         base = config_files.load(config_files.shipped(sweep.base), flag="base")
     except config_files.ConfigFileError as e:
         raise SweepError(str(e)) from None
-    _check_shapes(sweep)
     recurrences, budgets = sorted(set(sweep.recurrences)), sorted(set(sweep.budgets))
     fraction = sweep.get("warmup_fraction")
     out = []

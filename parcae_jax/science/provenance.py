@@ -16,17 +16,20 @@ class OtherSettings(ValueError):
 
 
 # Prefixes (ending in ".") and keys whose value does not change a finished run's result.
-HARMLESS = ("ckpt.", "profile.", "wandb.", "bench.", "dist.", "mesh.", "compilation_cache_dir", "train.log_every",
-            "train.eval_every", "train.eval_recurrences", "train.max_consecutive_skips", "train.microbatches",
-            "data.cache_dir", "data.num_workers", "data.prefetch", "data.read_threads", "data.tfds_data_dir",
-            "model.remat_policy", "model.block_remat", "model.attention_impl", "model.loss_chunk")
+# Besides resume.HOW (how, not what, the model computes): cadences, storage, the mesh, the
+# microbatch split and the loss's chunking, which change memory and speed, not the result.
+HARMLESS = resume.HOW + ("ckpt.", "profile.", "wandb.", "bench.", "dist.", "mesh.", "compilation_cache_dir",
+                         "train.log_every", "train.eval_every", "train.eval_recurrences", "train.microbatches",
+                         "data.cache_dir", "data.num_workers", "data.prefetch", "data.read_threads",
+                         "data.tfds_data_dir", "model.block_remat", "model.loss_chunk")
 
 
 def differences(saved: dict, config: dict) -> str | None:
     """'key old -> new, ...' over the settings that change a result, or None when they agree."""
     changed = resume.changes(saved, config)
     differ = [k for k in changed if not any(k == h or (h.endswith(".") and k.startswith(h)) for h in HARMLESS)]
-    return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in differ[:4]) or None
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in differ[:4]) + more if differ else None
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -36,13 +39,28 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def saved_config(workdir: str) -> dict | None:
-    """The config saved with the workdir's newest checkpoint, or None without one."""
+    """The config saved with the workdir's newest readable checkpoint, or None without one (a
+    damaged checkpoint is skipped here, as training sets it aside and resumes from the one before)."""
     steps = checkpoint_steps(workdir)
     if not steps:
         return None
+    from absl import logging
+
     from parcae_jax.checkpoint import Checkpointer
 
-    return Checkpointer(storage.resolve(workdir) / "checkpoints", keep=1).saved_config(steps[-1])
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)  # orbax logs every open and read at INFO: a check, not an event
+    ckpt = Checkpointer(storage.resolve(workdir) / "checkpoints", keep=len(steps), async_save=False)
+    try:
+        for step in reversed(steps):
+            try:
+                return ckpt.saved_config(step)
+            except Exception:  # noqa: BLE001 - orbax raises many kinds for damaged files
+                continue
+        return None
+    finally:
+        ckpt.close()
+        logging.set_verbosity(verbosity)
 
 
 def mismatch(workdir: str, config) -> str | None:

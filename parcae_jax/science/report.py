@@ -208,6 +208,7 @@ def report(preset_name: str, out_dir: str) -> dict:
 
 
 def main(argv) -> None:
+    """The report command (module docstring): flags in, files out, bad input one line and exit 2."""
     del argv
     from parcae_jax import config_files
     from parcae_jax.errors import one_line_errors

@@ -103,11 +103,14 @@ def _finished(config, workdir: str) -> dict | None:
     record = json.loads(path.read_text()) if path.exists() else None
     saved = (record or {}).get("config") or provenance.saved_config(workdir)
     differ = provenance.differences(saved, config.to_dict()) if saved is not None else None
-    if record is not None and "config" not in record:
-        differ = differ or "a record without its config, from an older version"
+    if record is not None and saved is None:
+        differ = "a record without its config (an earlier version's) and no checkpoint to check it by"
     if differ:
         raise StabilityError(f"{workdir} holds a run of other settings ({differ}); use another --out_dir, "
                              "or delete that folder to train it again")
+    if record is not None and "config" not in record:  # an earlier version's record, checked by its checkpoint
+        record["config"] = config.to_dict()
+        path.write_text(json.dumps(record))
     return record
 
 
@@ -164,6 +167,7 @@ def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[flo
 
 
 def main(argv) -> None:
+    """The stability command (module docstring): flags in, files out, bad input one line and exit 2."""
     del argv
     from parcae_jax import config_files
     from parcae_jax.errors import one_line_errors

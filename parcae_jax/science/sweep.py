@@ -55,9 +55,8 @@ def other_settings(point) -> str | None:
     result (read from `run`'s record, else from the newest checkpoint, so launcher-trained points
     are checked too); None when it matches or holds nothing yet."""
     record = _record(point)
-    if record and "config" in record:
-        return provenance.differences(record["config"], point.config.to_dict())
-    return provenance.mismatch(point.workdir, point.config)
+    recorded = provenance.differences(record["config"], point.config.to_dict()) if "config" in (record or {}) else None
+    return recorded or provenance.mismatch(point.workdir, point.config)  # a launcher may have resumed it since
 
 
 def final_loss(point) -> float | None:
@@ -77,7 +76,8 @@ def state(point) -> str:
         return f"trained with other settings ({differ})"
     if final_loss(point) is not None:
         return "done"
-    if (_record(point) or {}).get("diverged"):
+    record = _record(point) or {}
+    if record.get("diverged") or record.get("status") == "diverged":  # the second: written by earlier versions
         return "diverged"
     steps = provenance.checkpoint_steps(point.workdir)
     if steps and steps[-1] >= point.steps:
@@ -101,6 +101,10 @@ def evaluate_final(point) -> float:
     from parcae_jax.validate import validate
 
     row = evaluate_checkpoint(point.config, point.workdir, validate(point.config))
+    if row["step"] != point.steps:  # the final checkpoint could not be read: an older one was evaluated
+        raise SweepError(f"point {point.name}: its final checkpoint {point.steps} cannot be restored (step "
+                         f"{row['step']} was the newest readable); delete checkpoints/{point.steps} in {point.workdir} "
+                         "and run again to train the last steps")
     path = storage.resolve(point.workdir) / "metrics.jsonl"
     text = _read(path) or ""
     path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(row) + "\n")
@@ -141,9 +145,9 @@ def run_all(points: list) -> None:
             print(f"{p.name}: evaluating its final checkpoint: loss {evaluate_final(p):.4f}", flush=True)
             continue
         print(f"{p.name}: training {p.steps} steps ({s})", flush=True)
-        _write_record(p)
-        try:
+        try:  # the record is written once training ran: a point that failed to start can still be changed
             train(p.config, p.workdir, validate(p.config))
+            _write_record(p)
         except NonFiniteRun as e:
             _write_record(p, diverged=str(e))
             print(f"{p.name}: diverged ({e})", flush=True)
@@ -189,6 +193,7 @@ def fit(sweep, points: list, out_dir: str | None = None, allow_missing: bool = F
 
 
 def main(argv) -> None:
+    """The sweep command: ACTION SWEEP (module docstring); bad input one line and exit 2."""
     from parcae_jax.errors import one_line_errors
     from parcae_jax.science import grid
 

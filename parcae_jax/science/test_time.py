@@ -179,6 +179,7 @@ def measure(checkpoint: str, out_dir: str, *, step: int | None = None, recurrenc
 
 
 def main(argv) -> None:
+    """The test_time command (module docstring): flags in, files out, bad input one line and exit 2."""
     del argv
     from parcae_jax.errors import one_line_errors
 
