@@ -8,8 +8,9 @@ once each, as the published baselines (configs/gpt_*.py), so the two differ only
 data for the same steps and batch (equal tokens) in DIR/parcae and DIR/gpt; a finished run
 is read back, an interrupted one resumes, a folder of other settings is refused. Writes
 DIR/compare.csv (parameters, tokens, executed FLOPs, final validation loss), compare.json
-(the same, with Parcae's loss at every evaluated recurrence and both curves) and compare.png (validation loss against step and against training FLOPs).
-Bad input is one line and exit code 2.
+(the same, with Parcae's loss at every evaluated recurrence and both curves) and
+compare.png (validation loss against step and against training FLOPs). Bad input is one
+line and exit code 2.
 """
 
 from __future__ import annotations

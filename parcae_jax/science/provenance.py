@@ -3,13 +3,13 @@
 The science commands read finished runs back instead of training them again. That is only
 right when the run was trained with the same settings: a changed sweep file or base config
 must not silently reuse old results. A run's settings are those saved with its newest
-checkpoint; the settings that cannot change a result (cadences, storage, remat, the mesh)
-are ignored.
+readable checkpoint; the settings that cannot change a result (HARMLESS) are ignored.
 """
 
 from __future__ import annotations
 
 from parcae_jax import resume, storage
+
 
 class OtherSettings(ValueError):
     """A workdir holds a run of other settings (one line: the differences and the fix)."""

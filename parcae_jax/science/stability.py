@@ -45,7 +45,8 @@ _MULTS = flags.DEFINE_list("lr_multipliers", ["1", "4", "16", "64"], "Learning-r
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
 STATE_BOUND, SPIKE_NATS = 1e3, 0.5
 _BOUND = flags.DEFINE_float("state_bound", STATE_BOUND, "A state norm above this counts as divergence.")
-_SPIKE = flags.DEFINE_float("spike_nats", SPIKE_NATS, "A loss this far above the median of the previous 10 steps is a spike.")
+_SPIKE = flags.DEFINE_float("spike_nats", SPIKE_NATS,
+                            "A loss this far above the median of the previous 10 steps is a spike.")
 RESULT = "stability_run.json"
 
 

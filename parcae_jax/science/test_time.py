@@ -29,8 +29,8 @@ from parcae_jax.science.tables import write_csv
 from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
 
 OFFICIAL_EVAL = (8, 8)  # (batches, sequences each) for an official folder, which records no evaluation
-_VAL_BATCHES = flags.DEFINE_integer("val_batches", None, "Validation batches (the first ones, in storage order); "
-                                    f"default: the run's train.eval_batches ({OFFICIAL_EVAL[0]} for an official folder).")
+_VAL_BATCHES = flags.DEFINE_integer("val_batches", None, "Validation batches (the first, in storage order); default: "
+                                    f"the run's train.eval_batches ({OFFICIAL_EVAL[0]} for an official folder).")
 _VAL_BATCH = flags.DEFINE_integer("val_batch_size", None, "Sequences per validation batch; default: the run's "
                                   f"train.batch_size ({OFFICIAL_EVAL[1]} for an official folder).")
 _DATA_PATH = flags.DEFINE_string("data_path", None, "A prepared corpus (parcae_jax.data.prepare) to validate on; "
