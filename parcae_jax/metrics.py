@@ -45,6 +45,15 @@ def _line(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def read_rows(workdir: str) -> list[dict]:
+    """Every row of WORKDIR/metrics.jsonl (local or gs://), [] without one; a torn last line is
+    dropped, as on resume."""
+    from parcae_jax import storage
+
+    path = storage.resolve(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in _kept_lines(path.read_text(), math.inf)] if path.exists() else []
+
+
 def _kept_lines(text: str, resume_step: int) -> list[str]:
     """The rows of a metrics.jsonl up to resume_step; a torn last line (a crash mid-write) is dropped."""
     lines = [line for line in text.splitlines() if line.strip()]

@@ -19,6 +19,7 @@ import copy
 import json
 
 from parcae_jax import cli
+from parcae_jax.metrics import read_rows
 from parcae_jax.model_flags import fail
 from parcae_jax.science import provenance
 from parcae_jax.science.cli_flags import OUT_DIR
@@ -35,16 +36,9 @@ def gpt_of(parcae_config):
     return config
 
 
-def _rows(workdir: str) -> list[dict]:
-    from parcae_jax import storage
-
-    path = storage.resolve(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def finished(workdir: str, steps: int) -> bool:
     """Whether the run in workdir logged its evaluation at its final step."""
-    return any(r.get("step") == steps and any(k.startswith("eval/loss") for k in r) for r in _rows(workdir))
+    return any(r.get("step") == steps and any(k.startswith("eval/loss") for k in r) for r in read_rows(workdir))
 
 
 def summary(config, workdir: str) -> dict:
@@ -55,7 +49,7 @@ def summary(config, workdir: str) -> dict:
     info = describe(ModelConfig.from_mapping(config.model))
     steps = config.train.steps
     tokens = steps * config.train.batch_size * config.model.seq_len
-    evals = [r for r in _rows(workdir) if any(k.startswith("eval/loss") for k in r)]
+    evals = [r for r in read_rows(workdir) if any(k.startswith("eval/loss") for k in r)]
     last = evals[-1] if evals else {}
     arch = config.model.arch
     main_key = f"eval/loss_r{config.model.mean_recurrence}" if arch == "parcae" else "eval/loss"

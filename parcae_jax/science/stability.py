@@ -119,6 +119,7 @@ def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
     """Trains one run, or reads it back when it finished with this config, and returns its
     summary and series (marks recomputed, so changed thresholds need no training)."""
     from parcae_jax import storage
+    from parcae_jax.metrics import read_rows
     from parcae_jax.train import NonFiniteRun, train
     from parcae_jax.validate import validate
 
@@ -130,7 +131,7 @@ def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
             train(config, workdir, validate(config))
         except NonFiniteRun as e:
             stopped = str(e).splitlines()[0]
-        rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_rows(workdir)
         keep = ("step", "loss", "state_norm", "rho", "skipped")
         series = [{k: (float(r[k]) if k != "step" else r[k]) for k in keep if k in r} for r in rows if "loss" in r]
         record = {"config": config.to_dict(), "stopped": stopped, "series": series}

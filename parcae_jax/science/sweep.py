@@ -23,6 +23,7 @@ import json
 from absl import flags
 
 from parcae_jax import cli, storage
+from parcae_jax.metrics import read_rows
 from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import fail
 from parcae_jax.science import provenance
@@ -61,10 +62,8 @@ def other_settings(point) -> str | None:
 
 def final_loss(point) -> float | None:
     """The point's validation loss at its mean recurrence, logged at its last step, or None."""
-    text = _read(storage.resolve(point.workdir) / "metrics.jsonl")
     key = f"eval/loss_r{point.recurrence}"
-    rows = [json.loads(line) for line in (text or "").splitlines() if line.strip().startswith("{")]
-    done = [r for r in rows if r.get("step") == point.steps and key in r]
+    done = [r for r in read_rows(point.workdir) if r.get("step") == point.steps and key in r]
     return float(done[-1][key]) if done else None
 
 
@@ -72,8 +71,11 @@ def state(point) -> str:
     """done | diverged | final checkpoint, not evaluated | checkpoint at step k of N | not started,
     or 'trained with other settings (...)' when the workdir does not match the sweep."""
     differ = other_settings(point)
-    if differ:
-        return f"trained with other settings ({differ})"
+    return f"trained with other settings ({differ})" if differ else _progress(point)
+
+
+def _progress(point) -> str:
+    """state() of a point whose workdir is known to match the sweep."""
     if final_loss(point) is not None:
         return "done"
     record = _record(point) or {}
@@ -137,7 +139,7 @@ def run_all(points: list) -> None:
 
     _stale(points)
     for p in points:
-        s = state(p)
+        s = _progress(p)  # _stale has checked every workdir's settings
         if s in ("done", "diverged"):
             print(f"{p.name}: {s}, skipped", flush=True)
             continue
