@@ -5,10 +5,15 @@ import pathlib
 import tempfile
 import sys
 
-# The suite compiles far more than it runs: skipping LLVM's optimisations on CPU cuts compile
-# time by a quarter to a half. The HLO (what our code decides) is optimised as usual.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
+# The suite compiles far more than it runs, so its programs are compiled for compile speed:
+# LLVM's optimisations skipped (a quarter to a half of the compile) and fusions emitted by
+# XLA:CPU's older elemental emitters rather than its MLIR fusion emitters (a third less: the
+# MLIR pipeline per fusion was most of a tiny train step's compile). The HLO (what our code
+# decides) is optimised as usual. Subprocesses inherit these flags.
+COMPILE_FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                " --xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + COMPILE_FAST).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,5 +26,20 @@ FIXTURES = ROOT / "tests" / "fixtures"
 os.environ.setdefault("PARCAE_JAX_CACHE", tempfile.mkdtemp(prefix="parcae_jax_test_cache_"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full-compile", action="store_true",
+                     help="also compile every published config in full (minutes each; off in CI)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes tens of seconds (still run in CI)")
+    config.addinivalue_line("markers", "full_compile: compiles a published config in full; needs --full-compile")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full-compile"):
+        return
+    skip = __import__("pytest").mark.skip(reason="opt-in: pass --full-compile")
+    for item in items:
+        if "full_compile" in item.keywords:
+            item.add_marker(skip)

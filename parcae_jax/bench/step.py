@@ -43,17 +43,25 @@ def _memory(compiled) -> dict:
     return out
 
 
-def compile_only(config, run: Run) -> dict:
-    """Lowers and compiles the sharded train step from abstract shapes; allocates nothing."""
+def lower_only(config, run: Run) -> tuple[Trainer, jax.stages.Lowered]:
+    """The trainer and its sharded train step lowered from abstract shapes (StableHLO with the
+    shardings of every argument and constraint; no XLA compile, nothing allocated)."""
     trainer = Trainer(config, run)
     B, T = config.train.batch_size, run.model.seq_len
     state = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=trainer.batch_sharding)
              for k in ("inputs", "targets", "segment_ids")}
     with trainer.context():
-        start = time.perf_counter()
-        lowered = trainer.train_step.lower(state, batch)
-        lower_s = time.perf_counter() - start
+        return trainer, trainer.train_step.lower(state, batch)
+
+
+def compile_only(config, run: Run) -> dict:
+    """Lowers and compiles the sharded train step from abstract shapes; allocates nothing."""
+    B, T = config.train.batch_size, run.model.seq_len
+    start = time.perf_counter()
+    trainer, lowered = lower_only(config, run)
+    lower_s = time.perf_counter() - start
+    with trainer.context():
         # Nothing will run, so the CPU backend may skip LLVM's optimisations (half the compile
         # time); the memory analysis comes from XLA's buffer assignment and is unchanged.
         fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
