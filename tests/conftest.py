@@ -31,6 +31,12 @@ def pytest_addoption(parser):
                      help="also compile every published config in full (minutes each; off in CI)")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core this process may use, at most 4 (each worker holds its own
+    compiled programs and fake devices; beyond 4 the longest file sets the wall time anyway)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes tens of seconds (still run in CI)")
     config.addinivalue_line("markers", "full_compile: compiles a published config in full; needs --full-compile")
