@@ -43,9 +43,22 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--full-compile"):
-        return
-    skip = __import__("pytest").mark.skip(reason="opt-in: pass --full-compile")
+    import pytest
+
+    if not config.getoption("--full-compile"):
+        skip = pytest.mark.skip(reason="opt-in: pass --full-compile")
+        for item in items:
+            if "full_compile" in item.keywords:
+                item.add_marker(skip)
+    # Workers (pytest-xdist, --dist loadgroup) get tests in groups: tests that share a module-
+    # or session-scoped fixture (a trained run, a compiled model) go to one worker, which builds
+    # it once; every other test is a group of its own, so that one long file does not hold one
+    # worker while the other idles. Groups with slow tests are dealt out first.
+    groups = {}
     for item in items:
-        if "full_compile" in item.keywords:
-            item.add_marker(skip)
+        shared = sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                        if defs and defs[-1].scope in ("module", "package", "session"))
+        groups[item] = f"{item.module.__name__}:{','.join(shared)}" if shared else item.nodeid
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    slow = {groups[i] for i in items if "slow" in i.keywords}
+    items.sort(key=lambda i: groups[i] not in slow)

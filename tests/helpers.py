@@ -1,13 +1,13 @@
 """Small configs and tools shared by the tests."""
 
 import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
 
 from parcae_jax.model.config import ModelConfig
+from tests.forkserver import run_module
 
 # The shape of the reference fixture: width 64, 4 heads, 1/2/1 layers, vocab 256.
 TINY = dict(vocab_size=256, block_size=64, seq_len=64, d_model=64, n_heads=4, n_kv_heads=4, d_mlp=256,
@@ -58,8 +58,7 @@ def science(module: str, *args) -> subprocess.CompletedProcess:
     """`python -m parcae_jax.science.<module> args` from the repository root, output captured."""
     from tests.conftest import ROOT
 
-    return subprocess.run([sys.executable, "-m", f"parcae_jax.science.{module}", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return run_module(f"parcae_jax.science.{module}", [*map(str, args)], cwd=ROOT, timeout=600)
 
 
 # A base config file for the science commands: the tests' small model (tests/test_train.py SMALL).

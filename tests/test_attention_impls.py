@@ -128,6 +128,7 @@ def test_resolution_on_accelerators(monkeypatch, backend):
             resolve_impl("splash", jnp.float32, 128, 200, True)
 
 
+@pytest.mark.slow
 def test_model_logits_agree_across_implementations():
     """The whole model (init traces the XLA path at its dummy length) with GQA and packed
     documents: every implementation that runs on CPU gives the XLA path's logits."""

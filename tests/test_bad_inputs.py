@@ -3,14 +3,13 @@ exit code 2, and nothing in the workdir or the data folder changed (hashed befor
 
 import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 
 from parcae_jax.data.prepare import prepare
 from parcae_jax.train import train
 from parcae_jax.validate import validate
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 from tests.test_train import SMALL, small_config
 
@@ -125,8 +124,8 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(places, case):
     files = [f for f in flags if f.startswith("--config=")]  # the config file comes before overrides
     overrides = [f for f in flags if f not in files]
     before = tree_hash(places["root"])
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.main", *files, *SMALL_FLAGS, *workdir, *overrides],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_module("parcae_jax.main", [*files, *SMALL_FLAGS, *workdir, *overrides],
+                         cwd=ROOT, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
     assert says in lines[0], lines[0]
@@ -169,7 +168,7 @@ def test_the_other_tools_answer_bad_input_in_one_line_too(places, case):
     new = os.path.join(places["root"], f"new_tool_{list(TOOLS).index(case)}")
     args = [a.format(**{**places, "N": new}) for a in args]
     before = tree_hash(places["root"])
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_module(module, [*args], cwd=ROOT, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
     assert says in lines[0], lines[0]

@@ -19,6 +19,7 @@ def test_a_roof_is_2n3_flops_over_the_best_time(monkeypatch):
     assert roof.gemm_flops_per_sec(jnp.bfloat16, 64, repeats=3) == 2 * 64**3 / 0.5
 
 
+@pytest.mark.slow
 def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_time_went():
     config = small_config()
     config.optim.name = "adamw"  # Muon's orthogonalisation adds matmuls that describe does not count
@@ -53,6 +54,7 @@ def test_published_peaks_name_the_chip_or_nothing():
     assert roof.published_bf16_peak("cpu") is None
 
 
+@pytest.mark.slow
 def test_accelerator_check_runs_end_to_end_at_toy_shapes(tmp_path):
     """launch/bench_accelerator.sh --smoke: the same commands as on a GPU, at toy shapes; one
     JSON line per model, appended to $OUT; on CPU there is no published peak or allocator."""
@@ -103,6 +105,7 @@ def test_compile_only_estimate_equals_the_real_compiled_steps_temp_bytes():
     assert estimate["argument_bytes"] == real.argument_size_in_bytes
 
 
+@pytest.mark.slow
 def test_memory_table_compiles_each_point_once_and_prints_the_table(tmp_path):
     """One point (the tiny config on the 8xH100 layout) through the real subprocess path; the
     second run finds it in the JSON and compiles nothing."""

@@ -3,14 +3,13 @@
 import dataclasses
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 
 from parcae_jax import defaults
 from parcae_jax.model import build
 from parcae_jax.model.config import ConfigError, ModelConfig
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 from tests.helpers import TINY
 
@@ -69,8 +68,7 @@ def test_bad_model_config_names_the_field_and_the_fix(change, message):
 
 def run_main(*args):
     env = {**os.environ, "JAX_LOG_COMPILES": "1"}  # a compile would add log lines to stderr
-    return subprocess.run([sys.executable, "-m", "parcae_jax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_module("parcae_jax.main", [*args], cwd=ROOT, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("args,message", [

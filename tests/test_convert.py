@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 from parcae_jax.convert import ConversionError, _read_config, load_reference, save_reference
 from parcae_jax.reference_config import config_to_reference
 from parcae_jax.model import build, init_params
+from tests.forkserver import run_module
 from tests.conftest import FIXTURES, ROOT
 from tests.helpers import tiny
 
@@ -65,6 +64,7 @@ def _copy(tmp_path, name="reference_parcae_tiny"):
     return dst
 
 
+@pytest.mark.slow
 def test_refuses_what_it_cannot_represent(tmp_path):
     with pytest.raises(ConversionError, match="missing config.json"):
         load_reference(str(tmp_path))
@@ -101,8 +101,7 @@ def test_unsupported_training_options_load_and_are_written_back(tmp_path):
 
 
 def test_cli(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "parcae_jax.convert", *a], cwd=ROOT,  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
+    run = lambda *a: run_module("parcae_jax.convert", a, cwd=ROOT, timeout=300)  # noqa: E731
     assert run("--help").returncode == 0
     out = run(f"--reference={FIXTURES / 'reference_parcae_tiny'}", f"--out={tmp_path / 'x'}")
     assert out.returncode == 0, out.stderr

@@ -33,6 +33,7 @@ def test_published_parameter_counts(name):
         assert info["params_unrolled_at_mean_recurrence"] == entry["unrolled_params_at_mean_recurrence"]
 
 
+@pytest.mark.slow
 def test_describe_cli_for_1p3b_is_one_json_object_and_allocates_no_weights(tmp_path):
     # The child's own peak is VmHWM of its process image, read as it exits: ru_maxrss would
     # also count the pre-exec copy of this pytest process, which grows with the tests before.

@@ -2,8 +2,6 @@
 log-likelihoods: one request at a time, unpadded, unbatched, through `model.apply`."""
 
 import json
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -17,6 +15,7 @@ from parcae_jax.evaluate import TaskFileError, local_task
 from parcae_jax.infer.generator import Generator
 from parcae_jax.infer.harness import HarnessLM, eval_initial_state
 from parcae_jax.model import build, init_params
+from tests.forkserver import run_module
 from tests.conftest import FIXTURES, ROOT
 from tests.helpers import tiny
 
@@ -114,8 +113,7 @@ def test_the_sample_task_scores_what_the_reference_loop_says(parcae, tmp_path, m
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "parcae_jax.evaluate", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env=env)
+    return run_module("parcae_jax.evaluate", [*args], cwd=ROOT, timeout=600, env=env)
 
 
 def test_the_command_prints_a_table_and_writes_json(tmp_path):

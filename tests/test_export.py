@@ -12,6 +12,7 @@ from parcae_jax.convert import load_reference
 from parcae_jax.train import train
 from parcae_jax.transfer import restore_params
 from parcae_jax.validate import validate
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 from tests.test_train import small_config
 
@@ -26,10 +27,10 @@ def run(tmp_path_factory):
 
 
 def export(*args):
-    return subprocess.run([sys.executable, "-m", "parcae_jax.convert", "export", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("parcae_jax.convert", ["export", *map(str, args)], cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_an_exported_run_reads_back_bit_equal_with_equal_logits(run, tmp_path):
     out = export(f"--workdir={run}", f"--output={tmp_path / 'out'}")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -49,6 +50,7 @@ def test_an_exported_run_reads_back_bit_equal_with_equal_logits(run, tmp_path):
     assert not np.array_equal(first["embed"]["embedding"], params["embed"]["embedding"])  # another step's weights
 
 
+@pytest.mark.slow
 def test_export_refuses_in_one_line_and_overwrites_nothing(run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -65,6 +67,7 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow
 def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
     from tests.test_train import SMALL, losses
 
@@ -92,6 +95,7 @@ def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_generate_reads_a_training_run_with_its_tokenizer(run):
     """`generate --checkpoint=RUN --step=N` restores that step's parameters and the run's tokenizer."""
     import json
@@ -99,9 +103,9 @@ def test_generate_reads_a_training_run_with_its_tokenizer(run):
     from parcae_jax.data.tokenizer import ByteTokenizer
     from parcae_jax.infer.generator import Generator
 
-    done = subprocess.run([sys.executable, "-m", "parcae_jax.generate", f"--checkpoint={run}", "--step=2",
+    done = run_module("parcae_jax.generate", [f"--checkpoint={run}", "--step=2",
                            "--prompt=def f(x):", "--max_new_tokens=5", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     _, cfg, params = restore_params(str(run), 2)
     tok = ByteTokenizer()

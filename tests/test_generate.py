@@ -17,6 +17,7 @@ from parcae_jax.infer import decode
 from parcae_jax.infer.generator import GenerationError, Generator
 from parcae_jax.infer.sampling import Sampling
 from parcae_jax.model import build, init_params
+from tests.forkserver import run_module
 from tests.conftest import FIXTURES
 
 PARCAE, GPT = FIXTURES / "reference_parcae_tiny", FIXTURES / "reference_gpt_tiny"
@@ -44,6 +45,7 @@ def test_the_fixture_covers_what_the_issue_names():
                                                          "compress-s", "compress-r", "compress-boundaries"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recurrence,strategy", official_cases())
 def test_greedy_generation_matches_the_official_code(parcae, recurrence, strategy):
     cfg, params = parcae
@@ -80,6 +82,7 @@ def _decode_every_prefix(cfg, params, ids, x0, plan, prompt=8):
 EXACT = ["full", "compress-first4", "compress-stride1", "compress-s4", "compress-r1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", EXACT)
 def test_decoding_with_the_cache_equals_the_full_forward_on_each_prefix(parcae, strategy):
     cfg, params = parcae
@@ -117,6 +120,7 @@ def _variant(name):
     return cfg, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,batch,prompt", [("gqa-untied", 1, 1), ("core-only", 2, 5)])
 def test_decoding_other_shapes_equals_the_full_forward(name, batch, prompt):
     cfg, params = _variant(name)
@@ -127,6 +131,7 @@ def test_decoding_other_shapes_equals_the_full_forward(name, batch, prompt):
     np.testing.assert_allclose(cached, full, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ids_that_only_pad_the_vocabulary_are_never_generated():
     cfg, params = _variant("gqa-untied")  # vocab 250 in a table of 256
     first = int(Generator(cfg, params, recurrence=2).generate([[1, 2, 3]], 1).tokens[0][0])
@@ -138,6 +143,7 @@ def test_ids_that_only_pad_the_vocabulary_are_never_generated():
         assert max(out.tokens[0]) < cfg.vocab_size
 
 
+@pytest.mark.slow
 def test_a_padded_row_generates_what_it_generates_alone_from_drawn_states(parcae):
     """Without the caller's x0: the states are drawn per real position, and sampling per row."""
     cfg, params = parcae
@@ -193,6 +199,7 @@ def test_a_prompt_longer_than_the_block_size_is_refused_before_compiling(parcae)
         Generator(cfg, params).generate([[1] * 60], 8)
 
 
+@pytest.mark.slow
 def test_an_exit_threshold_of_zero_changes_nothing(parcae):
     cfg, params = parcae
     g = np.load(PARCAE / "generation.npz")
@@ -203,6 +210,7 @@ def test_an_exit_threshold_of_zero_changes_nothing(parcae):
         assert out.mean_depth == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["delta", "kl"])
 def test_a_settled_token_stops_and_its_skipped_slots_hold_its_last_keys(parcae, rule):
     cfg, params = parcae
@@ -222,6 +230,7 @@ def test_a_settled_token_stops_and_its_skipped_slots_hold_its_last_keys(parcae, 
             np.testing.assert_array_equal(kv_after[slots[5, j]][:, :8], kv_before[slots[5, j]][:, :8])
 
 
+@pytest.mark.slow
 def test_exit_under_a_strategy_that_shares_a_slot_within_an_iteration(parcae):
     """compress-r5 at n_core = 2 puts both core layers of iteration 1, then layer 0 of the
     skipped iteration 2, in one slot. A first token (nothing before it to attend to) settles
@@ -245,6 +254,7 @@ def test_exit_under_a_strategy_that_shares_a_slot_within_an_iteration(parcae):
         np.testing.assert_allclose(shared.core_v[s][:, 0], full.core_v[full_slots[r, j]][:, 0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_one_token_prompt_runs_every_iteration(parcae):
     cfg, params = parcae
     plain = Generator(cfg, params, recurrence=6).generate([[7]], 3, return_logits=True)
@@ -254,6 +264,7 @@ def test_a_one_token_prompt_runs_every_iteration(parcae):
     assert exits.mean_depth == (6 + 2 + 2) / 3
 
 
+@pytest.mark.slow
 def test_rows_exit_independently(parcae):
     """A row's tokens and depth do not depend on the rows batched with it."""
     cfg, params = parcae
@@ -294,15 +305,12 @@ def test_sampling_draws_from_the_tempered_distribution():
 
 
 def _cli(*args):
-    import subprocess
-    import sys
-
     from tests.conftest import ROOT
 
-    return subprocess.run([sys.executable, "-m", "parcae_jax.generate", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return run_module("parcae_jax.generate", [*args], cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_command_line_generates_what_the_api_does(parcae):
     import json
 

@@ -4,14 +4,13 @@ Weights & Biases in offline mode (the same run continued after a resume), the sl
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from parcae_jax.metrics import slow_hosts
 from parcae_jax.train import Trainer, train
 from parcae_jax.validate import validate
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 from tests.test_train import SMALL, losses, small_config
 
@@ -70,6 +69,7 @@ def test_profiler_trace_and_wandb_offline_follow_the_run_and_its_resume(tmp_path
     assert {s: r["loss"] for s, r in {**first, **second}.items()} == logged
 
 
+@pytest.mark.slow
 def test_a_second_identical_run_loads_its_steps_from_the_compilation_cache(tmp_path):
     """On one CPU device: the cache is off by default on CPU (see compile_cache.py), where only
     a single device pairs cached and fresh executables safely."""
@@ -80,8 +80,8 @@ def test_a_second_identical_run_loads_its_steps_from_the_compilation_cache(tmp_p
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     entries = []
     for name in ("a", "b"):
-        out = subprocess.run([sys.executable, "-m", "parcae_jax.main", f"--workdir={tmp_path / name}", *flags],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        out = run_module("parcae_jax.main", [f"--workdir={tmp_path / name}", *flags],
+                             cwd=ROOT, timeout=300, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         entries.append(sorted(os.listdir(cache)))
     assert any(e.startswith("jit_train_step-") for e in entries[0]), entries[0]

@@ -58,6 +58,7 @@ def pod(shared_pod):
     shared_pod.kill_all()
 
 
+@pytest.mark.slow
 def test_each_subcommand_issues_the_right_gcloud_commands(pod, stub_repo):
     sha = git(stub_repo, "rev-parse", "HEAD")
     queued = ["compute", "tpus", "queued-resources"]
@@ -107,6 +108,7 @@ def assert_ssh_to_all(call: list[str], needle: str) -> None:
     assert call[-1].startswith("--command=bash -c ") and needle in call[-1], call
 
 
+@pytest.mark.slow
 def test_setup_and_sync_again_change_nothing(pod, stub_repo):
     sha = git(stub_repo, "rev-parse", "HEAD")
     out = pod.launch("setup", *POD, *SETUP).stdout
@@ -212,6 +214,7 @@ def test_dry_run_prints_the_commands_and_runs_none(pod, stub_repo, tmp_path):
         assert pod.calls() == direct
 
 
+@pytest.mark.slow
 def test_a_python_310_worker_fails_setup_with_one_line_and_no_venv(tmp_path, stub_repo):
     pod = Pod(tmp_path / "pod")
     pod.launch("sync", *POD, f"--repo={stub_repo}")

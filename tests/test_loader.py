@@ -26,6 +26,7 @@ def embedded():
     return corpus.embedded_corpus()  # into $PARCAE_JAX_CACHE, a temporary directory (conftest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restored_iterator_continues_with_exactly_the_same_batches(small, workers):
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags

@@ -72,6 +72,7 @@ def _dot_operand_types(hlo_text: str) -> set[tuple[str, str, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_a_bfloat16_training_gradient_has_only_bf16_dots():
     """The whole model's forward and backward (loop, attention, head): every dot multiplies
     two bf16 operands into float32; autodiff alone would leave float32 cotangent dots."""
@@ -91,6 +92,7 @@ def test_a_bfloat16_training_gradient_has_only_bf16_dots():
     assert types == {("bf16", "bf16", "f32")}, types
 
 
+@pytest.mark.slow
 def test_bench_step_gradient_in_bf16_is_within_two_percent_of_float32():
     """One training gradient of the `bench_cpu` model (batch 2 of 128 tokens, weights perturbed
     so that no block is the identity): bf16 matmuls move the whole gradient by < 2% of its

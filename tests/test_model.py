@@ -54,6 +54,7 @@ def np_block(p, x, ve, H, G):
     return x + (0.5 * np.maximum(h @ p["mlp"]["fc"]["kernel"], 0) ** 2) @ p["mlp"]["proj"]["kernel"]
 
 
+@pytest.mark.slow
 def test_block_with_gqa_and_value_embedding_matches_numpy():
     cfg = tiny(n_heads=8, n_kv_heads=2)
     spec = next(s for s in block_specs(cfg) if s.segment == "coda")
@@ -89,6 +90,7 @@ def test_value_embedding_layout_matches_the_reference_rules():
         assert all(s.gate == s.applies_ve and (s.table is not None) == s.applies_ve for s in block_specs(cfg))
 
 
+@pytest.mark.slow
 def test_core_of_another_width_and_head_dim_applies_value_embeddings():
     cfg = tiny(d_rec=96, d_rec_mlp=192, n_rec_heads=3)  # head dim 32 in the core, 16 outside
     assert table_widths(cfg)["1"] == 96  # read by core block 0, sized by it
@@ -99,6 +101,7 @@ def test_core_of_another_width_and_head_dim_applies_value_embeddings():
     assert logits.shape == (2, 20, 256) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["parcae", "gpt"])
 def test_document_masking_equals_running_each_document_alone(arch):
     """Attention is relative (RoPE, then a norm that rotation leaves alone), so a document
@@ -118,6 +121,7 @@ def test_document_masking_equals_running_each_document_alone(arch):
     np.testing.assert_allclose(packed[:, :10], first, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_softcap_scale_untied_head_and_bfloat16():
     ids = jnp.arange(32).reshape(2, 16)
     x0 = jnp.zeros((2, 16, 64))
@@ -132,6 +136,7 @@ def test_softcap_scale_untied_head_and_bfloat16():
     assert low.dtype == jnp.float32 and np.abs(low - plain).max() < 0.05 * np.abs(plain).max()
 
 
+@pytest.mark.slow
 def test_every_parameter_carries_logical_axis_names():
     for cfg in (tiny(), tiny(arch="gpt", n_layers=2, tie_embeddings=False), tiny(injection="linear")):
         boxed = init_params(build(cfg), jax.random.key(0))

@@ -5,8 +5,6 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +13,7 @@ import pytest
 
 from parcae_jax.data.prepare import prepare
 from parcae_jax.data.readers import DataError, expand_inputs, read_documents
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 
 DOCS = [f"document {i}: " + "héllo wörld " * (i % 7) + "\n" * (i % 3) for i in range(230)]
@@ -133,17 +132,16 @@ def make_tfds(data_dir):
 
 def test_tfds_source_through_data_source(tmp_path):
     name = make_tfds(tmp_path / "tfds")
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.data.prepare", f"--tfds={name}",
+    out = run_module("parcae_jax.data.prepare", [f"--tfds={name}",
                           f"--tfds_data_dir={tmp_path / 'tfds'}", f"--output={tmp_path / 'out'}", "--val_every=0",
-                          "--workers=0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--workers=0"], cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     got = [bytes(r[:-1].astype(np.uint8)).decode() for r in records(tmp_path / "out", "train")]
     assert got == DOCS[:60]
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, "-m", "parcae_jax.data.prepare", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_module("parcae_jax.data.prepare", [*args], cwd=ROOT, timeout=300)
 
 
 def test_bad_inputs_get_one_clear_line(tmp_path):
@@ -196,6 +194,7 @@ def test_config_sources_resolve_to_prepared_data(tmp_path):
         dataset.check(data, model_vocab_size=257)
 
 
+@pytest.mark.slow
 def test_another_input_into_a_prepared_output_is_refused_unless_overwrite(tmp_path):
     from tests.test_bad_inputs import tree_hash
 

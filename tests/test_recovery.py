@@ -152,6 +152,7 @@ def test_a_refused_resume_touches_nothing_and_an_accepted_batch_change_resumes_a
     assert sorted(losses(work)) == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_an_update_that_makes_the_parameters_non_finite_is_skipped():
     from parcae_jax.model import build
 

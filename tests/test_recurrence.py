@@ -37,6 +37,7 @@ def python_loop_state(cfg, model, params, ids, x0, R):
     return np.asarray(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,k", [(0, 1), (3, 2), (5, 0)])
 def test_scanned_loop_equals_python_loop(ref, n, k):
     cfg, model, params, ids, x0 = ref
@@ -46,6 +47,7 @@ def test_scanned_loop_equals_python_loop(ref, n, k):
         np.testing.assert_allclose(inter["intermediates"]["state"][0], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_per_sequence_masking_equals_each_row_alone(ref):
     cfg, model, params, _, _ = ref
     B = 3
@@ -81,6 +83,7 @@ def _grad_temp_bytes(cfg, n, k):
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_no_gradient_steps_keep_no_activations():
     cfg = tiny(remat_policy="none")
     state_bytes = 2 * 64 * cfg.d_rec * 4
@@ -126,6 +129,7 @@ def test_fixed_and_per_batch_schemes():
     assert n.tolist() == [0] * 5 and k.tolist() == [3] * 5
 
 
+@pytest.mark.slow
 def test_loop_inputs_are_a_pure_function_of_the_key_and_the_model_draws_nothing(ref):
     cfg, model, params, ids, _ = ref
     B, T = ids.shape

@@ -18,6 +18,7 @@ def _grad_fn(cfg, B=2):
     return loss_and_grad(cfg, B, perturb=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["parcae", "gpt"])
 def test_every_remat_policy_gives_bit_identical_loss_and_the_same_gradient(arch):
     base = tiny(arch=arch, n_layers=3)

@@ -23,6 +23,7 @@ def run(tmp_path_factory):
     return workdir, config
 
 
+@pytest.mark.slow
 def test_test_time_reproduces_the_runs_own_evaluations_and_writes_its_files(run, tmp_path):
     workdir, config = run
     out = science("test_time", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
@@ -74,6 +75,7 @@ def test_bad_test_time_requests_are_one_line_and_exit_2(args, message, tmp_path)
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_parcae_and_its_gpt_train_on_equal_tokens_with_nearly_equal_parameters(tmp_path):
     base = tmp_path / "small.py"
     base.write_text(SMALL_BASE.format(small=SMALL) + "\n_get = get_config\n\ndef get_config(arg=None):\n"

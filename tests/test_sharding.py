@@ -27,6 +27,7 @@ def test_fsdp_leaves_no_large_state_tensor_replicated(name, mesh):
 
 
 
+@pytest.mark.slow
 def test_no_device_holds_an_activation_of_the_whole_global_batch():
     """Tiny Parcae (value embeddings, per-sequence depths) on an 8-device FSDP mesh, 2 rows per
     device: after partitioning, no array of the step is [global batch, length, ...]. Each such

@@ -23,6 +23,7 @@ def test_divergence_and_spikes_are_marked_where_the_series_says():
     assert marks(rows, 1e3, 0.5)["diverged_at"] == 6
 
 
+@pytest.mark.slow
 def test_the_stability_command_trains_every_variant_and_rate_and_reads_finished_runs_back(tmp_path):
     base = tmp_path / "small.py"
     base.write_text(SMALL_BASE.format(small=SMALL))

@@ -81,6 +81,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_sa
     assert status.returncode == 0 and status.stdout.count("| done |") == 2
 
 
+@pytest.mark.slow
 def test_fit_recovers_the_exponent_a_synthetic_sweep_was_drawn_from(tmp_path):
     """Final losses written where a run logs them, from isoFLOP curves whose minimum moves
     as 2 * (C / C0)^0.4: `sweep fit` must find 0.4 within its interval."""
@@ -154,6 +155,7 @@ def trained_point(tmp_path_factory):
     return file, point
 
 
+@pytest.mark.slow
 def test_a_final_checkpoint_without_its_evaluation_is_evaluated_not_trained_again(trained_point):
     from parcae_jax.science import sweep
 
@@ -179,6 +181,7 @@ def test_a_final_checkpoint_without_its_evaluation_is_evaluated_not_trained_agai
             f.write(text)
 
 
+@pytest.mark.slow
 def test_a_workdir_trained_with_other_settings_is_refused_not_reused(trained_point, tmp_path):
     from parcae_jax.science import grid, sweep
 

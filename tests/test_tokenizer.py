@@ -1,8 +1,6 @@
 """Tokenizers: exact round trips, stable fingerprints, GPT-4 pre-tokenisation, the CLI."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +9,7 @@ from hypothesis import strategies as st
 from parcae_jax.data import corpus
 from parcae_jax.data.readers import DataError
 from parcae_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)  # any valid unicode
@@ -83,8 +82,7 @@ def test_bad_tokenizers(tmp_path, bpe):
 def test_training_cli(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("\n".join(json.dumps({"text": d}) for _, d in zip(range(60), corpus.documents())))
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.data.tokenizer", "train", f"--input={src}",
-                          "--vocab_size=400", f"--output={tmp_path / 'tok.json'}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = run_module("parcae_jax.data.tokenizer", ["train", f"--input={src}",
+                          "--vocab_size=400", f"--output={tmp_path / 'tok.json'}"], cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert load_tokenizer(str(tmp_path / "tok.json")).vocab_size == 400

@@ -6,8 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import jax
@@ -17,6 +15,7 @@ import pytest
 from parcae_jax.convert import load_reference
 from parcae_jax.reference_config import ConversionError
 from parcae_jax.torch_pickle import UnsafeCheckpoint, read_state_dict
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -79,8 +78,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, pr
     _torch_like_archive(folder / "pytorch_model.bin", {"transformer.wte.weight": _RunsCode(marker)}, protocol)
     with pytest.raises(UnsafeCheckpoint, match=r"refused to load (posix|os)\.system"):
         read_state_dict(str(folder / "pytorch_model.bin"))
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.convert", f"--reference={folder}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = run_module("parcae_jax.convert", [f"--reference={folder}"], cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "refused to load" in out.stderr, out.stderr
     assert not marker.exists()  # nothing ran, in this process or the CLI's
 
@@ -121,8 +119,7 @@ def _folder_with(tmp_path, source, change=None, drop=()):
 
 
 def _cli_error(folder) -> str:
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.convert", f"--reference={folder}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = run_module("parcae_jax.convert", [f"--reference={folder}"], cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     return out.stderr
 

@@ -17,6 +17,7 @@ from parcae_jax.configs import tiny
 from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
 from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate
+from tests.forkserver import run_module
 from tests.conftest import ROOT
 
 # float32 compute (the tiny config says "fast": bf16 on CPUs with BF16 instructions), so that
@@ -54,6 +55,7 @@ def assert_trees_close(a, b, atol):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
 
 
+@pytest.mark.slow
 def test_one_step_on_a_2x2x2_mesh_equals_one_device():
     config = small_config()
     single_params, single_loss = one_step(config, jax.devices()[:1])
@@ -63,6 +65,7 @@ def test_one_step_on_a_2x2x2_mesh_equals_one_device():
     assert_trees_close(mesh_params, single_params, 1e-5)
 
 
+@pytest.mark.slow
 def test_k_micro_batches_equal_one_batch_k_times_larger():
     config = small_config()
     whole_params, whole_loss = one_step(config, jax.devices()[:1])
@@ -72,6 +75,7 @@ def test_k_micro_batches_equal_one_batch_k_times_larger():
     assert_trees_close(micro_params, whole_params, 1e-5)
 
 
+@pytest.mark.slow
 def test_a_non_finite_gradient_step_is_skipped():
     config = small_config()
     trainer = Trainer(config, validate(config, n_devices=1, check_data=False), jax.devices()[:1])
@@ -207,6 +211,7 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, sig, code, u
     assert losses(tmp_path) == uninterrupted_30
 
 
+@pytest.mark.slow
 def test_the_tiny_run_leaves_metrics_events_and_checkpoints(tmp_path):
     config = small_config(steps=6, eval_every=3, log_every=2)
     config.ckpt.every = 3
@@ -225,7 +230,7 @@ def test_the_tiny_run_leaves_metrics_events_and_checkpoints(tmp_path):
 
 
 def main_error(*args):
-    out = subprocess.run([sys.executable, "-m", "parcae_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
+    out = run_module("parcae_jax.main", [*args], cwd=ROOT,
                          timeout=120, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     return out.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,7 @@ def _head(W_DxV, cap=None):
     return logits_fn
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(T=st.integers(1, 23), chunk=st.integers(1, 9), cap=st.sampled_from([None, 3.0]), seed=st.integers(0, 99))
 def test_chunked_equals_full_in_value_and_gradient(T, chunk, cap, seed):
@@ -44,6 +46,7 @@ def test_chunked_equals_full_in_value_and_gradient(T, chunk, cap, seed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_loss_is_the_same_chunked_or_not_and_the_logits_are_never_whole():
     """The model's training loss and gradient with loss_chunk=16 equal the unchunked ones; the
     compiled gradient's temporaries shrink by at least the [B, T, V] float32 logits less the
