@@ -31,7 +31,11 @@ def test_every_remat_policy_gives_bit_identical_loss_and_the_same_gradient(arch)
     for (block, loop), (l, g) in zip(settings[1:], results[1:]):
         assert float(l) == float(l0), (block, loop)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9, err_msg=f"block_remat={block} remat_policy={loop}")
+            # An entry that is a sum of cancelling terms moves by ulps of its terms, not of itself:
+            # the floor is ~8 float32 ulps of the leaf's largest entry (the suite's fast-compile
+            # emitters move such entries by up to ~4; a wrong recomputation moves every entry).
+            floor = 1e-6 * float(np.abs(a).max())
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=floor, err_msg=f"block_remat={block} remat_policy={loop}")
 
 
 def _remat_policies(jaxpr) -> list:
