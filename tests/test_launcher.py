@@ -193,6 +193,7 @@ def test_run_trains_one_run_across_both_workers(pod, tmp_path):
     assert "[worker 0] step 3/3" in out and "[worker 1] " in out, out
 
 
+@pytest.mark.slow  # its `logs` needs the run that test_run_trains_one_run_across_both_workers starts
 def test_dry_run_prints_the_commands_and_runs_none(pod, stub_repo, tmp_path):
     sha = git(stub_repo, "rev-parse", "HEAD")
     commands = [["create", "--spot"], ["sync", f"--repo={stub_repo}"], ["setup", *SETUP],
