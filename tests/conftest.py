@@ -5,6 +5,8 @@ import pathlib
 import tempfile
 import sys
 
+import pytest
+
 # The suite compiles far more than it runs, so its programs are compiled for compile speed:
 # LLVM's optimisations skipped (a quarter to a half of the compile) and fusions emitted by
 # XLA:CPU's older elemental emitters rather than its MLIR fusion emitters (a third less: the
@@ -43,8 +45,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     if not config.getoption("--full-compile"):
         skip = pytest.mark.skip(reason="opt-in: pass --full-compile")
         for item in items:

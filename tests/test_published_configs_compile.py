@@ -13,7 +13,6 @@ A full compile of every config (1.3b: ~4 min on 2 cores) is opt-in: `pytest -m f
 --full-compile` here, and `python -m parcae_jax.bench.memory_table` compiles every point for
 its table. Other meshes are tested at small widths in test_train.py and test_sharding.py."""
 
-import importlib
 import re
 
 import jax
@@ -21,20 +20,17 @@ import numpy as np
 import pytest
 
 from parcae_jax.bench.step import compile_only, lower_only
+from parcae_jax.defaults import load_shipped
 from parcae_jax.validate import validate
 
 PUBLISHED = ["140m", "370m", "770m", "1p3b", "gpt_140m", "gpt_370m", "gpt_770m", "gpt_1p3b"]
 SMALLEST = ["140m", "gpt_140m"]
 
 
-def _config(name):
-    return importlib.import_module(f"parcae_jax.configs.{name}").get_config()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_config_lowers_its_sharded_step_on_8_devices(name):
-    config = _config(name)
+    config = load_shipped(name)  # as --config=NAME loads it
     assert jax.device_count() == 8
     run = validate(config, check_data=False)
     assert list(run.mesh_shape) == [8, 1, 1]  # the config's own mesh: data parallel
@@ -62,7 +58,7 @@ def test_published_config_lowers_its_sharded_step_on_8_devices(name):
 
 
 def _compiles(name):
-    config = _config(name)
+    config = load_shipped(name)  # as --config=NAME loads it
     out = compile_only(config, validate(config, check_data=False))
     assert out["mesh_shape"] == [8, 1, 1] and out["device_count"] == 8
     assert out["batch_size"] == 256 and out["seq_len"] == 2048
