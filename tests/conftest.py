@@ -44,21 +44,50 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "full_compile: compiles a published config in full; needs --full-compile")
 
 
+def _shared_work(item) -> list[str]:
+    """The fixtures of ours that `item` uses and that outlive it (module, package or session
+    scope): built once per worker, so tests sharing one belong on one worker. pytest's own
+    (tmp_path_factory and the like) cost nothing and do not count."""
+    keys = []
+    for name, defs in item._fixtureinfo.name2fixturedefs.items():
+        fixture = defs[-1] if defs else None
+        if fixture is None or fixture.scope == "function" or not fixture.func.__module__.startswith("tests"):
+            continue
+        keys.append(name if fixture.scope == "session" else f"{item.module.__name__}.{name}")
+    return sorted(keys)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook turns the markers into group names
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--full-compile"):
         skip = pytest.mark.skip(reason="opt-in: pass --full-compile")
         for item in items:
             if "full_compile" in item.keywords:
                 item.add_marker(skip)
-    # Workers (pytest-xdist, --dist loadgroup) get tests in groups: tests that share a module-
-    # or session-scoped fixture (a trained run, a compiled model) go to one worker, which builds
-    # it once; every other test is a group of its own, so that one long file does not hold one
-    # worker while the other idles. Groups with slow tests are dealt out first.
-    groups = {}
+    # Workers (pytest-xdist, --dist loadgroup) get tests in groups: tests that share a fixture of
+    # ours that outlives a test (a trained run, a compiled model) go to one worker, which builds it
+    # once; every other test is a group of its own, so that one long file does not hold one worker
+    # while the other idles. Groups are dealt out in the order of this list (pyproject.toml turns
+    # xdist's reordering off): those with the most slow tests first, so that no long test starts
+    # last while the other worker idles.
+    groups = {item: ",".join(_shared_work(item)) for item in items}
     for item in items:
-        shared = sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()
-                        if defs and defs[-1].scope in ("module", "package", "session"))
-        groups[item] = f"{item.module.__name__}:{','.join(shared)}" if shared else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
-    slow = {groups[i] for i in items if "slow" in i.keywords}
-    items.sort(key=lambda i: groups[i] not in slow)
+        if groups[item]:
+            item.add_marker(pytest.mark.xdist_group(groups[item]))
+        else:
+            groups[item] = item.nodeid
+    slow = {}
+    for item in items:
+        slow[groups[item]] = slow.get(groups[item], 0) + ("slow" in item.keywords)
+    first = {g: i for i, g in reversed(list(enumerate(groups[item] for item in items)))}
+    items.sort(key=lambda i: (-slow[groups[i]], first[groups[i]]))
+
+
+def pytest_collection_finish(session):
+    """In an xdist worker: fail loudly if the groups above were not applied (pytest-xdist names
+    a grouped test `nodeid@group`; pytest 9.2 broke that silently, and then every worker
+    rebuilt the shared fixtures it happened to need)."""
+    if getattr(session.config.option, "loadgroup", False):
+        if any("@" not in item.nodeid for item in session.items if item.get_closest_marker("xdist_group")):
+            raise pytest.UsageError("pytest-xdist ignored the --dist loadgroup groups: install the pytest and "
+                                    "pytest-xdist versions pinned in requirements.txt")

@@ -65,7 +65,9 @@ def test_accelerator_check_runs_end_to_end_at_toy_shapes(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on the accelerator
+    from tests.conftest import COMPILE_FAST
+
+    env = {**os.environ, "XLA_FLAGS": COMPILE_FAST}  # one device, as on the accelerator
     env.update(OUT=str(tmp_path / "out.jsonl"), PYTHON=sys.executable)
     done = subprocess.run(["bash", str(repo / "launch/bench_accelerator.sh"), "--smoke"], env=env,
                           capture_output=True, text=True, timeout=600)

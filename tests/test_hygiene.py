@@ -11,7 +11,7 @@ from parcae_jax.metrics import slow_hosts
 from parcae_jax.train import Trainer, train
 from parcae_jax.validate import validate
 from tests.forkserver import run_module
-from tests.conftest import ROOT
+from tests.conftest import COMPILE_FAST, ROOT
 from tests.test_train import SMALL, losses, small_config
 
 
@@ -77,7 +77,7 @@ def test_a_second_identical_run_loads_its_steps_from_the_compilation_cache(tmp_p
     flags = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
         "--config.train.steps=2", "--config.train.batch_size=8", "--config.train.eval_every=0",
         "--config.train.eval_batches=1", f"--config.compilation_cache_dir={cache}"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {COMPILE_FAST}"}
     entries = []
     for name in ("a", "b"):
         out = run_module("parcae_jax.main", [f"--workdir={tmp_path / name}", *flags],

@@ -12,7 +12,7 @@ import time
 import portpicker
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import COMPILE_FAST, ROOT
 from tests.test_train import SMALL, losses
 
 STEPS = 16
@@ -25,8 +25,7 @@ FLAGS = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
 def _env(cache, devices, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     env.update(JAX_PLATFORMS="cpu", PARCAE_JAX_CACHE=str(cache), PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true", **extra)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COMPILE_FAST}", **extra)
     return env
 
 
