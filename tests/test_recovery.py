@@ -20,7 +20,7 @@ from parcae_jax.step import init_state, make_train_step
 from parcae_jax.train import Trainer, train
 from parcae_jax.validate import validate
 from tests.helpers import tiny
-from tests.test_train import losses, run_main, small_config
+from tests.test_train import losses, one_device, run_main, small_config
 
 
 def steady_config(steps):
@@ -34,12 +34,13 @@ def steady_config(steps):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(trainer, the uninterrupted 12-step losses, a workdir stopped at step 8: checkpoints 4, 8)."""
+    """(trainer on one device, the uninterrupted 12-step losses, a workdir stopped at step 8:
+    checkpoints 4, 8)."""
     config = steady_config(12)
-    trainer = Trainer(config, validate(config))
+    trainer, run = one_device(config)
     full, base = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("base")
-    train(config, str(full), validate(config), trainer)
-    train(steady_config(8), str(base), validate(config), trainer)
+    train(config, str(full), run, trainer)
+    train(steady_config(8), str(base), run, trainer)
     return trainer, losses(full), base
 
 
@@ -79,7 +80,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes_exa
     with open(work / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "loss": 1.2')  # and a torn last line, as a crash mid-write leaves
     config = steady_config(12)
-    train(config, str(work), validate(config), trainer)
+    train(config, str(work), validate(config, n_devices=1), trainer)
     assert losses(work) == want  # steps 1..12, bit for bit
     aside = sorted(os.listdir(work / "checkpoints_unreadable"))
     assert [name.split("-")[0] for name in aside] == (["20"] if damage == "an empty newer folder" else ["8"])
@@ -94,7 +95,7 @@ def test_the_data_position_comes_from_the_step_so_a_damaged_or_wrong_iterator_st
     shutil.copytree(base, work)
     (work / "checkpoints" / "8" / "data" / "process_0-of-1.json").write_text(iterator)
     config = steady_config(12)
-    train(config, str(work), validate(config), trainer)
+    train(config, str(work), validate(config, n_devices=1), trainer)
     assert losses(work) == want  # resumed from checkpoint 8 at loader batch 8, bit for bit
     assert not (work / "checkpoints_unreadable").exists()
 
@@ -204,7 +205,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line_and_the_run_resumes_exactly_once_there_is_room(small_disk, tmp_path):
+def test_a_full_disk_is_one_line_and_the_run_resumes_exactly_once_there_is_room(small_disk, uninterrupted_30):
     workdir = small_disk / "run"
     proc = run_main(workdir, "--config.train.steps=30", "--config.ckpt.every=2", "--config.ckpt.keep=30")
     out, err = proc.communicate(timeout=300)
@@ -215,7 +216,4 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly_once_there_is_room(
     resumed = run_main(workdir, "--config.train.steps=30", "--config.ckpt.every=2", "--config.ckpt.keep=30")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-5000:]
-    config = small_config(steps=30)
-    config.ckpt.update(every=2, keep=30)
-    train(config, str(tmp_path / "whole"), validate(config))
-    assert losses(workdir) == losses(tmp_path / "whole")
+    assert losses(workdir) == uninterrupted_30[0]  # checkpoints every 2 steps or every 5: the same losses

@@ -18,7 +18,7 @@ from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
 from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate
 from tests.forkserver import run_module
-from tests.conftest import ROOT
+from tests.conftest import COMPILE_FAST, ROOT, XLA_CACHE
 
 # float32 compute (the tiny config says "fast": bf16 on CPUs with BF16 instructions), so that
 # the equivalence checks below are about sharding and accumulation, not bf16 roundings.
@@ -37,14 +37,21 @@ def small_config(**train):
     return config
 
 
+def one_device(config):
+    """(Trainer, Run) of `config` on one device: the in-process reference for runs that
+    `run_main` stops and resumes, which also train on one device."""
+    run = validate(config, n_devices=1)
+    return Trainer(config, run, jax.devices()[:1]), run
+
+
 def batch(trainer, seed=0, B=8, T=32):
     ids = np.random.default_rng(seed).integers(0, 257, (B, T + 1)).astype(np.int32)
     local = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((B, T), np.int32)}
     return {k: jax.device_put(v, trainer.batch_sharding) for k, v in local.items()}
 
 
-def one_step(config, devices):
-    trainer = Trainer(config, validate(config, n_devices=len(devices), check_data=False), devices)
+def one_step(config, devices, trainer=None):
+    trainer = trainer or Trainer(config, validate(config, n_devices=len(devices), check_data=False), devices)
     with trainer.context():
         state = trainer.fresh_state()
         state, metrics = trainer.train_step(state, batch(trainer))
@@ -55,10 +62,19 @@ def assert_trees_close(a, b, atol):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
 
 
-@pytest.mark.slow
-def test_one_step_on_a_2x2x2_mesh_equals_one_device():
+@pytest.fixture(scope="module")
+def first_step():
+    """The small config's Trainer on one device, and its first step from the fresh state
+    (params, loss): the baseline that sharded and micro-batched steps must equal."""
     config = small_config()
-    single_params, single_loss = one_step(config, jax.devices()[:1])
+    trainer = Trainer(config, validate(config, n_devices=1, check_data=False), jax.devices()[:1])
+    return trainer, one_step(config, jax.devices()[:1], trainer)
+
+
+@pytest.mark.slow
+def test_one_step_on_a_2x2x2_mesh_equals_one_device(first_step):
+    config = small_config()
+    single_params, single_loss = first_step[1]
     config.mesh.shape = (2, 2, 2)
     mesh_params, mesh_loss = one_step(config, jax.devices())
     assert abs(mesh_loss - single_loss) < 1e-5
@@ -66,9 +82,9 @@ def test_one_step_on_a_2x2x2_mesh_equals_one_device():
 
 
 @pytest.mark.slow
-def test_k_micro_batches_equal_one_batch_k_times_larger():
+def test_k_micro_batches_equal_one_batch_k_times_larger(first_step):
     config = small_config()
-    whole_params, whole_loss = one_step(config, jax.devices()[:1])
+    whole_params, whole_loss = first_step[1]
     config.train.microbatches = 4
     micro_params, micro_loss = one_step(config, jax.devices()[:1])
     assert abs(micro_loss - whole_loss) < 1e-5
@@ -76,9 +92,8 @@ def test_k_micro_batches_equal_one_batch_k_times_larger():
 
 
 @pytest.mark.slow
-def test_a_non_finite_gradient_step_is_skipped():
-    config = small_config()
-    trainer = Trainer(config, validate(config, n_devices=1, check_data=False), jax.devices()[:1])
+def test_a_non_finite_gradient_step_is_skipped(first_step):
+    trainer = first_step[0]
     with trainer.context():
         state = trainer.fresh_state()
         before = jax.device_get(state)
@@ -107,15 +122,22 @@ def final_params(config, workdir):
     return step, jax.device_get(state.params)
 
 
+# One CPU device: it compiles and steps faster than 8 fake ones sharing 2 cores, and there
+# XLA's persistent compilation cache is safe (see parcae_jax/compile_cache.py).
+ONE_DEVICE_ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {COMPILE_FAST}"}
+
+
 def run_main(workdir, *flags, env=None):
-    """python -m parcae_jax.main with the small config (as a subprocess, killable)."""
+    """python -m parcae_jax.main with the small config on one device (a subprocess, killable),
+    through the compilation cache: a test's second run of a command loads the steps the first
+    compiled. Its in-process reference: `one_device`."""
     overrides = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
         "--config.train.steps=20", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.ckpt.every=5", "--config.ckpt.keep=5",
-        "--config.optim.muon_dtype=float32"]
+        "--config.optim.muon_dtype=float32", f"--config.compilation_cache_dir={XLA_CACHE}"]
     return subprocess.Popen([sys.executable, "-m", "parcae_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
                              *overrides, *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **ONE_DEVICE_ENV, **(env or {})})
 
 
 def wait_for_step(workdir, step, proc, timeout=300):
@@ -131,10 +153,13 @@ def wait_for_step(workdir, step, proc, timeout=300):
 
 @pytest.fixture(scope="module")
 def uninterrupted_20(tmp_path_factory):
+    """(the workdir of the small config's uninterrupted 20-step run on one device, its Trainer
+    and Run: resumes of the same config reuse its compiled steps)."""
     workdir = tmp_path_factory.mktemp("whole")
     config = small_config()
-    train(config, str(workdir), validate(config))
-    return workdir
+    trainer, run = one_device(config)
+    train(config, str(workdir), run, trainer)
+    return workdir, trainer, run
 
 
 def _kill_mid_save(workdir, proc):
@@ -153,6 +178,7 @@ def _kill_mid_save(workdir, proc):
 @pytest.mark.parametrize("moment", ["between checkpoints", "while a checkpoint is written"])
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted_20, moment):
     config = small_config()
+    whole, trainer, run = uninterrupted_20
     killed = run_main(tmp_path / "cut")
     if moment == "between checkpoints":
         wait_for_step(tmp_path / "cut", 12, killed)
@@ -162,9 +188,9 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted_
     killed.wait()
     cut_at = Checkpointer(str(tmp_path / "cut" / "checkpoints"), 5).latest_step()
     assert cut_at is not None and 5 <= cut_at < 20
-    train(config, str(tmp_path / "cut"), validate(config))  # resumes from the checkpoint
-    assert losses(tmp_path / "cut") == losses(uninterrupted_20)  # every step, bit for bit
-    (s1, p1), (s2, p2) = final_params(config, uninterrupted_20), final_params(config, tmp_path / "cut")
+    train(config, str(tmp_path / "cut"), run, trainer)  # resumes from the checkpoint
+    assert losses(tmp_path / "cut") == losses(whole)  # every step, bit for bit
+    (s1, p1), (s2, p2) = final_params(config, whole), final_params(config, tmp_path / "cut")
     assert s1 == s2 == 20
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
 
@@ -185,14 +211,6 @@ def test_checkpoint_from_mesh_1x8x1_resumes_on_2x4x1(tmp_path):
     assert sorted(losses(tmp_path / "a")) == list(range(1, 10))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_30(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    config = small_config(steps=30)
-    train(config, str(workdir), validate(config))
-    return losses(workdir)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, sig, code, uninterrupted_30):
@@ -207,8 +225,9 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, sig, code, u
     assert f"stopped by {sig.name} after step {saved}; checkpoint saved" in err
     assert 3 <= saved < 30 and max(losses(tmp_path)) == saved
     config = small_config(steps=30)
-    train(config, str(tmp_path), validate(config))
-    assert losses(tmp_path) == uninterrupted_30
+    losses_30, trainer, run = uninterrupted_30
+    train(config, str(tmp_path), run, trainer)
+    assert losses(tmp_path) == losses_30
 
 
 @pytest.mark.slow
