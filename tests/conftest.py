@@ -31,6 +31,9 @@ os.environ.setdefault("PARCAE_JAX_CACHE", tempfile.mkdtemp(prefix="parcae_jax_te
 # do not pair cached and fresh executables: parcae_jax/compile_cache.py). Never set in this
 # process, which has 8 devices.
 XLA_CACHE = os.path.join(os.environ["PARCAE_JAX_CACHE"], "xla")
+# The environment of a subprocess whose test needs no particular device count: one CPU device
+# compiles and steps faster than 8 fake ones sharing 2 cores, and may use XLA_CACHE.
+ONE_DEVICE_ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {COMPILE_FAST}"}
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +49,17 @@ def uninterrupted_30(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted_30")
     train(config, str(workdir), run, trainer)
     return losses(workdir), trainer, run
+
+
+def pytest_runtest_teardown(item):
+    """XLA_CACHE is for one-device subprocesses: a test that turns the cache on in this
+    8-device process (science.sweep.run_all does, from its config) would leave it on for the
+    tests after it, where cached executables can deadlock."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", None)
+        pytest.fail(f"{item.nodeid} turned XLA's compilation cache on in the test process; run it in a "
+                    "one-device subprocess (tests/conftest.py ONE_DEVICE_ENV)")
 
 
 def pytest_addoption(parser):

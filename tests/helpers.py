@@ -55,10 +55,14 @@ def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0):
 
 
 def science(module: str, *args) -> subprocess.CompletedProcess:
-    """`python -m parcae_jax.science.<module> args` from the repository root, output captured."""
-    from tests.conftest import ROOT
+    """`python -m parcae_jax.science.<module> args` from the repository root on one device,
+    output captured."""
+    import os
 
-    return run_module(f"parcae_jax.science.{module}", [*map(str, args)], cwd=ROOT, timeout=600)
+    from tests.conftest import ONE_DEVICE_ENV, ROOT
+
+    return run_module(f"parcae_jax.science.{module}", [*map(str, args)], cwd=ROOT, timeout=600,
+                      env={**os.environ, **ONE_DEVICE_ENV})
 
 
 # A base config file for the science commands: the tests' small model (tests/test_train.py SMALL).

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ONE_DEVICE_ENV, ROOT, XLA_CACHE
 from tests.helpers import science
 from tests.test_train import SMALL, small_config
 
@@ -28,7 +28,8 @@ def get_config(arg=None):
 '''
 SMALL_SET = [(f"model.{k}", v) for k, v in SMALL.items()] + [
     ("train.batch_size", 8), ("train.log_every", 1), ("train.eval_batches", 1), ("train.eval_every", 0),
-    ("ckpt.every", 4), ("ckpt.keep", 2), ("ckpt.async_save", False), ("optim.muon_dtype", "float32")]
+    ("ckpt.every", 4), ("ckpt.keep", 2), ("ckpt.async_save", False), ("optim.muon_dtype", "float32"),
+    ("compilation_cache_dir", XLA_CACHE)]  # the runs are on one device (helpers.science): a resume loads its steps
 
 
 def write_sweep(path, root, recurrences, budgets, overrides=SMALL_SET, extra=""):
@@ -58,10 +59,11 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_sa
     files = {name: write_sweep(tmp_path / f"{name}.py", tmp_path / name, (1, 2), (budget,)) for name in ("a", "b")}
     whole = grid.points(grid.load(str(files["a"])))
     assert [p.steps for p in whole][0] == 14 and 1 <= whole[1].steps < 14
-    sweep.run_all(whole)  # uninterrupted
+    assert science("sweep", "run", files["a"]).returncode == 0  # uninterrupted
     cut = grid.points(grid.load(str(files["b"])))
     proc = subprocess.Popen([sys.executable, "-m", "parcae_jax.science.sweep", "run", str(files["b"])], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_DEVICE_ENV})
     second = cut[1].workdir
     while not (os.path.isdir(os.path.join(second, "checkpoints", "4"))):  # the second point is under way
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -150,8 +152,8 @@ def trained_point(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("point")
     file = write_sweep(tmp / "s.py", tmp / "root", (2,), (_budget_for(6, 2),))
     (point,) = grid.points(grid.load(str(file)))
-    sweep.run_all([point])
-    assert sweep.state(point) == "done"
+    trained = science("sweep", "run", file)
+    assert trained.returncode == 0 and sweep.state(point) == "done", trained.stderr[-3000:]
     return file, point
 
 

@@ -18,7 +18,7 @@ from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
 from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate
 from tests.forkserver import run_module
-from tests.conftest import COMPILE_FAST, ROOT, XLA_CACHE
+from tests.conftest import ONE_DEVICE_ENV, ROOT, XLA_CACHE
 
 # float32 compute (the tiny config says "fast": bf16 on CPUs with BF16 instructions), so that
 # the equivalence checks below are about sharding and accumulation, not bf16 roundings.
@@ -120,11 +120,6 @@ def final_params(config, workdir):
         state = ckpt.restore(step, abstract_with_shardings(trainer.abstract, trainer.state_sharding))
     ckpt.close()
     return step, jax.device_get(state.params)
-
-
-# One CPU device: it compiles and steps faster than 8 fake ones sharing 2 cores, and there
-# XLA's persistent compilation cache is safe (see parcae_jax/compile_cache.py).
-ONE_DEVICE_ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {COMPILE_FAST}"}
 
 
 def run_main(workdir, *flags, env=None):
