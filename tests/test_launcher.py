@@ -24,6 +24,7 @@ import tempfile
 import portpicker
 import pytest
 
+from tests.test_train import SMALL
 from tests.conftest import ROOT
 from tests.fake_gcloud.harness import FAKES, Pod, git, stub_repository, wait_for
 
@@ -170,8 +171,9 @@ def test_run_trains_one_run_across_both_workers(pod, tmp_path):
     pod.launch("sync", *POD, f"--repo={repo}")
     pod.launch("setup", *POD, *SETUP)
     port = str(portpicker.pick_unused_port())
-    pod.launch("run", *POD, "configs/tiny.py", str(workdir), "--", "--config.train.steps=3",
-               "--config.train.log_every=1", "--config.train.eval_every=0", "--config.ckpt.every=0",
+    small = [f"--config.model.{k}={v}" for k, v in SMALL.items()]  # the wiring is under test, not the model
+    pod.launch("run", *POD, "configs/tiny.py", str(workdir), "--", *small, "--config.train.batch_size=8",
+               "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=0", "--config.ckpt.every=0",
                "--config.mesh.shape=(-1,1,1)", FAKE_GCLOUD_COORDINATOR_PORT=port, PARCAE_JAX_CACHE=str(cache))
     logs = [home / "parcae_jax" / "logs" / f"shared_workdir.worker{i}.log" for i, home in enumerate(pod.homes)]
 

@@ -20,7 +20,7 @@ from tests.test_train import small_config
 
 GPT = {"model.arch": "gpt", "model.n_layers": 2}
 # Every non-default value of every option appears in at least one case. Options that do not
-# interact share a case (its id names each), which halves the compiles: ~10 s each here.
+# interact share a case (its id names each): each case is a compile of its own (~10 s here).
 CASES = {
     "parcae": {},
     "gpt": GPT,
@@ -29,21 +29,23 @@ CASES = {
     "gpt+no-value-embeds+no-qk-norm+document-masking+microbatches-2": {
         **GPT, "model.value_embeds": False, "model.qk_norm": False, "data.document_masking": True,
         "train.microbatches": 2},
-    "injection-linear+state-init-normal": {"model.injection": "linear", "model.state_init": "normal"},
-    "injection-add+state-init-zero": {"model.injection": "add", "model.state_init": "zero"},
-    "sampling-fixed+state-init-embed": {"model.sampling_scheme": "fixed", "model.state_init": "embed"},
-    "sampling-per-batch+state-init-unit": {"model.sampling_unit": "per-batch", "model.state_init": "unit"},
-    "untied-softcap+schedule-cosine": {"model.tie_embeddings": False, "model.logit_softcap": 10.0,
-                                       "optim.schedule": "cosine", "optim.warmup_steps": 1},
-    "tied-softcap-scale+schedule-constant": {"model.logit_softcap": 10.0, "model.logit_scale": 0.5,
-                                             "optim.schedule": "constant"},
-    "no-value-embeds+remat-dots": {"model.value_embeds": False, "model.remat_policy": "dots"},
-    "no-qk-norm+remat-dots-no-batch": {"model.qk_norm": False, "model.remat_policy": "dots_no_batch"},
-    "no-prelude-norm+remat-none": {"model.prelude_norm": False, "model.remat_policy": "none"},
-    "microbatches-2+document-masking": {"train.microbatches": 2, "data.document_masking": True},
-    "adamw": {"optim.name": "adamw", "optim.lr": 1e-3},
+    "injection-linear+state-init-normal+no-prelude-norm+remat-none": {
+        "model.injection": "linear", "model.state_init": "normal", "model.prelude_norm": False,
+        "model.remat_policy": "none"},
+    "injection-add+state-init-zero+adamw": {"model.injection": "add", "model.state_init": "zero",
+                                            "optim.name": "adamw", "optim.lr": 1e-3},
+    "sampling-fixed+state-init-embed+no-value-embeds+remat-dots": {
+        "model.sampling_scheme": "fixed", "model.state_init": "embed", "model.value_embeds": False,
+        "model.remat_policy": "dots"},
+    "sampling-per-batch+state-init-unit+no-qk-norm+remat-dots-no-batch": {
+        "model.sampling_unit": "per-batch", "model.state_init": "unit", "model.qk_norm": False,
+        "model.remat_policy": "dots_no_batch"},
+    "untied-softcap+schedule-cosine+microbatches-2+document-masking": {
+        "model.tie_embeddings": False, "model.logit_softcap": 10.0, "optim.schedule": "cosine",
+        "optim.warmup_steps": 1, "train.microbatches": 2, "data.document_masking": True},
+    "tied-softcap-scale+schedule-constant+float16": {"model.logit_softcap": 10.0, "model.logit_scale": 0.5,
+                                                     "optim.schedule": "constant", "model.dtype": "float16"},
     "bfloat16+muon-bfloat16": {"model.dtype": "bfloat16", "optim.muon_dtype": "bfloat16"},
-    "float16": {"model.dtype": "float16"},
 }
 PARCAE_ONLY = {"rho", "state_norm", "depth_mean", "depth_max_nograd", "depth_max_grad"}
 
