@@ -82,6 +82,7 @@ def test_accelerator_check_runs_end_to_end_at_toy_shapes(tmp_path):
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
+@pytest.mark.slow
 def test_compile_only_estimate_equals_the_real_compiled_steps_temp_bytes():
     """The memory table's numbers come from compile_only (abstract shapes, cheap compile
     options); for a 2-layer model on a 1x4x2 mesh they equal XLA's analysis of the step

@@ -111,6 +111,7 @@ def _cli(*args, env=None):
     return run_module("parcae_jax.evaluate", [*args], cwd=ROOT, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_the_command_prints_a_table_and_writes_the_scores_the_reference_loop_gives(parcae, tmp_path):
     """`evaluate` on the shipped task: the table, the JSON, and acc and acc_norm at each
     recurrence recomputed from reference log-likelihoods."""

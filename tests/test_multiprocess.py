@@ -134,6 +134,7 @@ def test_a_mesh_that_does_not_split_over_the_processes_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_fewer_processes_than_announced_stop_at_start_up_with_one_line(tmp_path):
     """num_processes=3 but two started: both give up after init_timeout_s, saying why."""
     logs = tmp_path / "logs"
