@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from parcae_jax.model.config import ModelConfig
@@ -71,6 +72,17 @@ def key_map(cfg: ModelConfig) -> list[Entry]:
     if not cfg.tie_embeddings:  # the official GPT head (a fused-CE module) stores its weight as [d, V]
         entries.append(Entry("lm_head.weight", ("lm_head", "kernel"), cfg.arch == "parcae"))
     return entries
+
+
+WEIGHT_DTYPES = frozenset(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
+
+
+def torch_shape(entry: Entry, shape) -> tuple[int, ...]:
+    """The official tensor's shape for our parameter `shape`: linear weights are torch's
+    [out, in], with our kernel's leading `n_in_axes` axes flattened into `in`."""
+    if not entry.linear:
+        return tuple(shape)
+    return math.prod(shape[entry.n_in_axes:]), math.prod(shape[:entry.n_in_axes])
 
 
 def rope_table(cfg: ModelConfig) -> np.ndarray:
@@ -127,10 +139,17 @@ def load_reference(path: str) -> tuple[ModelConfig, dict]:
         want = shapes
         for p in entry.path:
             want = want[p]
-        if view.size != math.prod(want.shape) or (not entry.linear and view.shape != tuple(want.shape)):
+        if view.shape != torch_shape(entry, want.shape):  # exactly: a transposed [in, out] would scramble
             raise ConversionError(f"{path}: {entry.key} is {list(view.shape)} in {source}, but config.json gives a "
-                                  f"model whose {'/'.join(entry.path)} is {list(want.shape)}")
+                                  f"model whose {'/'.join(entry.path)} is {list(want.shape)} "
+                                  f"(stored as {list(torch_shape(entry, want.shape))})")
+        if view.dtype not in WEIGHT_DTYPES:  # what load_state_dict copies into a float parameter
+            raise ConversionError(f"{path}: {entry.key} is {view.dtype} in {source}; weights are floating point "
+                                  f"({', '.join(sorted(str(d) for d in WEIGHT_DTYPES))})")
         w = np.array(view, np.float32)  # one tensor at a time, checked before it is copied
+        if not np.isfinite(w).all():
+            raise ConversionError(f"{path}: {entry.key} in {source} holds {int((~np.isfinite(w)).sum())} "
+                                  "non-finite values (NaN or inf)")
         node = params
         for p in entry.path[:-1]:
             node = node.setdefault(p, {})

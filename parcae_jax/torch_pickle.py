@@ -15,11 +15,14 @@ before anything is called.
 Storages are memory-mapped from the archive, so a tensor is a read-only NumPy view into the
 file: reading a 5 GB checkpoint costs no memory until a tensor is copied.
 
-What a hostile file could still try with the admitted names is refused too: a tensor must
-view a storage (never another tensor) within its bounds and with no more elements than the
-storage (no expanded views); the objects find_class hands out are fresh and sealed (BUILD
-cannot retype a storage for later reads); storages must be stored uncompressed, as torch
-writes them, and the pickle small; a dict met twice or nested deeply is refused.
+What a hostile or damaged file could still try with the admitted names is refused too: a
+tensor must view a storage (never another tensor) from a non-negative offset, within its
+bounds and with no more elements than the storage (no expanded views); a storage must hold
+exactly its element count of its type (as torch writes it), lie inside its own zip entry
+(never in the next one's bytes) and match the entry's CRC, since the memory map bypasses
+zipfile's check; the objects find_class hands out are fresh and sealed (BUILD cannot retype a
+storage for later reads); storages must be stored uncompressed and the pickle small; a dict
+met twice or nested deeply is refused. Any damage is one UnsafeCheckpoint line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -99,8 +103,8 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     """torch._utils._rebuild_tensor_v2: a strided view of `storage`, bounds checked."""
     del requires_grad, backward_hooks, metadata
     ints = lambda xs: isinstance(xs, tuple) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
-    if not isinstance(storage, _Storage) or type(offset) is not int or not ints(size) or not ints(stride) \
-            or len(size) != len(stride):
+    if not isinstance(storage, _Storage) or not ints((offset,)) or not ints(size) or not ints(stride) \
+            or len(size) != len(stride):  # a negative offset would make the view start before the storage
         raise UnsafeCheckpoint("a tensor record is malformed")
     array = storage.array
     elements = 1
@@ -172,14 +176,43 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise UnsafeCheckpoint("not a torch zip archive (files saved by torch < 1.6 are not read; "
                                "re-save it with a current torch, or convert it to safetensors)")
+    try:
+        return _flatten(_load(path))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error) as e:
+        if isinstance(e, UnsafeCheckpoint):
+            raise
+        raise UnsafeCheckpoint(f"damaged archive ({type(e).__name__}: {e})") from None
+
+
+def _member_ends(archive: zipfile.ZipFile) -> dict[int, int]:
+    """Local header offset -> where that member's room ends (the next member's header, or the
+    central directory): a member whose size claims more would read its neighbour's bytes."""
+    offsets = sorted({i.header_offset for i in archive.infolist()} | {archive.start_dir})
+    if offsets[0] < 0:
+        raise UnsafeCheckpoint("a zip entry starts before the archive")
+    return dict(zip(offsets, offsets[1:]))
+
+
+def _crc32(data: np.ndarray, chunk: int = 64 << 20) -> int:
+    crc = 0
+    for i in range(0, data.size, chunk):
+        crc = zlib.crc32(data[i:i + chunk], crc)
+    return crc
+
+
+def _load(path: str):
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise UnsafeCheckpoint("no single <root>/data.pkl in the archive")
         root = pickles[0][: -len("data.pkl")]
-        byteorder = archive.read(root + "byteorder").decode().strip() if root + "byteorder" in archive.namelist() else "little"
+        byteorder = archive.read(root + "byteorder").decode(errors="replace").strip() \
+            if root + "byteorder" in archive.namelist() else "little"
+        if byteorder not in ("little", "big"):
+            raise UnsafeCheckpoint(f"byteorder says {byteorder[:20]!r}, neither little nor big")
         order = "<" if byteorder == "little" else ">"
         whole = np.memmap(path, np.uint8, mode="r")  # one read-only mapping; storages are views of it
+        ends = _member_ends(archive)
 
         def storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
             try:
@@ -187,12 +220,19 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             except KeyError:
                 raise UnsafeCheckpoint(f"storage {key!r} is missing from the archive") from None
             dtype = np.dtype(dtype).newbyteorder(order) if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
-            if info.file_size < numel * dtype.itemsize:
-                raise UnsafeCheckpoint(f"storage {key!r} holds {info.file_size} bytes, fewer than {numel} elements")
             if info.compress_type != zipfile.ZIP_STORED:  # torch stores storages; inflating could be unbounded
                 raise UnsafeCheckpoint(f"storage {key!r} is compressed; torch.save writes storages uncompressed")
+            if info.file_size != numel * dtype.itemsize:  # torch writes exactly numel elements: a storage
+                # typed or sized otherwise than it was saved would read its bytes as something else
+                raise UnsafeCheckpoint(f"storage {key!r} holds {info.file_size} bytes, not {numel} x "
+                                       f"{dtype.itemsize}-byte elements")
             start = _member_offset(archive, info)
-            return whole[start:start + numel * dtype.itemsize].view(dtype)
+            if start + info.file_size > ends[info.header_offset]:
+                raise UnsafeCheckpoint(f"storage {key!r} runs past its place in the archive")
+            data = whole[start:start + info.file_size]
+            if _crc32(data) != info.CRC:  # memory-mapped bytes bypass zipfile's own check
+                raise UnsafeCheckpoint(f"storage {key!r} is damaged (CRC mismatch)")
+            return data.view(dtype)
 
         info = archive.getinfo(pickles[0])
         if info.file_size > MAX_PICKLE_BYTES:
@@ -204,7 +244,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             raise
         except Exception as e:  # a damaged or hostile pickle: never half-loaded
             raise UnsafeCheckpoint(f"unreadable pickle ({type(e).__name__}: {e})") from None
-    return _flatten(obj)
+    return obj
 
 
 def _flatten(obj, prefix: str = "", seen: set | None = None) -> dict[str, np.ndarray]:
