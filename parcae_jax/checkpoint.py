@@ -12,6 +12,7 @@ before it restored.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -58,7 +59,7 @@ class Checkpointer:
             if wait:
                 self.manager.wait_until_finished()
         except OSError as e:  # e.g. the disk filled up during the (asynchronous) write
-            raise self._cannot_write(step, e.strerror or str(e)) from None
+            raise self._cannot_write(step, e.strerror or str(e), e.errno == errno.ENOSPC) from None
         return True
 
     def _check_space(self, step: int, state: Any) -> None:
@@ -69,13 +70,14 @@ class Checkpointer:
         need = int(1.1 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))) + (4 << 20)
         free = shutil.disk_usage(self.directory).free
         if free < need:
-            raise self._cannot_write(step, f"{free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB needed")
+            raise self._cannot_write(step, f"{free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB needed", True)
 
-    def _cannot_write(self, step: int, why: str) -> storage.StorageError:
+    def _cannot_write(self, step: int, why: str, out_of_space: bool) -> storage.StorageError:
         kept = [s for s in self.manager.all_steps() if s != step]
         intact = f"checkpoint {max(kept)} is intact" if kept else "no checkpoint was saved yet"
-        return storage.StorageError(f"{self.directory}: cannot write checkpoint {step} ({why}); {intact}: free "
-                                    "space, then run the same command to resume")
+        fix = "free space" if out_of_space else "fix that"
+        return storage.StorageError(f"{self.directory}: cannot write checkpoint {step} ({why}); {intact}: {fix}, "
+                                    "then run the same command to resume")
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -118,6 +120,10 @@ class Checkpointer:
         `checkpoints_unreadable/` beside the checkpoints (never deleted); then the one before it
         is tried."""
         steps = sorted(self.manager.all_steps(), reverse=True)
+        aside = self._aside_dir()
+        if not steps and aside.exists() and any(aside.iterdir()):  # never silently start again from step 0
+            raise CheckpointError(f"{self.directory} has no checkpoint left, but {aside} holds the ones set aside "
+                                  "as unreadable; inspect them, then delete that folder to start over from step 0")
         for step in steps:
             try:
                 saved = self.saved_config(step)
@@ -125,6 +131,12 @@ class Checkpointer:
                 self._unreadable(step, e, set_aside)
                 continue
             data_index = check(saved, step) if check else None  # a refusal is not damage: it propagates
+            mismatch = self._mismatch(step, abstract_state)
+            if mismatch:  # the request does not fit an intact checkpoint: the user's to fix, nothing moved
+                raise CheckpointMismatch(
+                    f"checkpoint {step} in {self.directory} does not fit this config ({mismatch}); arrays "
+                    "cannot change shape on resume, even with ckpt.allow_changes: resume with the run's own "
+                    "config, or use a new workdir")
             try:
                 return step, self.restore(step, abstract_state, data_iterator, data_index)
             except Exception as e:  # noqa: BLE001
@@ -133,6 +145,25 @@ class Checkpointer:
             raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored"
                                   + (f" (moved to {self._aside_dir()})" if set_aside else "")
                                   + "; delete them or use a new workdir to start over")
+        return None
+
+    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """The first array whose saved shape or dtype differs from the requested one (or that
+        one side lacks), from the checkpoint's own metadata; None if they agree or the metadata
+        cannot be read (then the checkpoint is damaged)."""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            saved = _by_path(saved.tree if hasattr(saved, "tree") else saved)
+        except Exception:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
+            return None
+        wanted = _by_path(abstract_state)
+        for path in sorted(set(saved) | set(wanted), key=lambda p: (not p.startswith("params"), p)):  # params first
+            if path not in saved:
+                return f"{path} is not in the checkpoint"
+            if path not in wanted:
+                return f"the checkpoint holds {path}, which this config lacks"
+            if saved[path] != wanted[path]:
+                return f"{path} is {_show(saved[path])} in the checkpoint, {_show(wanted[path])} here"
         return None
 
     def _aside_dir(self):
@@ -159,9 +190,31 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except OSError as e:
-            raise self._cannot_write(max(self.manager.all_steps(), default=0), e.strerror or str(e)) from None
+            raise self._cannot_write(max(self.manager.all_steps(), default=0), e.strerror or str(e),
+                                     e.errno == errno.ENOSPC) from None
         finally:
             self.manager.close()
+
+
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint whose arrays do not fit the requested state (one line)."""
+
+
+def _by_path(tree: Any) -> dict[str, tuple]:
+    """{'params/embed/embedding': (shape, dtype)} whatever the tree's node types (a TrainState
+    here, nested dicts in orbax's metadata)."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
+
+
+def _show(shape_dtype: tuple) -> str:
+    return f"{list(shape_dtype[0])} {shape_dtype[1]}"
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

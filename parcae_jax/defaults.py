@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         keep=3,
         allow_changes=config_dict.placeholder(str),  # resume despite these changed keys, e.g. "seed,train.batch_size"
         async_save=True,
+        lock_lease_s=60,  # gs:// only: a dead trainer's workdir lock is free this long after its last renewal
     ))
     config.dist = ml_collections.ConfigDict(dict(
         initialize="auto",  # auto (Cloud TPU pods, Slurm, or a coordinator address) | always | never

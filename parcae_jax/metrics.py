@@ -55,20 +55,30 @@ def read_rows(workdir: str) -> list[dict]:
 
 
 def _kept_lines(text: str, resume_step: int) -> list[str]:
-    """The rows of a metrics.jsonl up to resume_step; a torn last line (a crash mid-write) is dropped."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    kept = []
-    for i, line in enumerate(lines):
+    """The rows of a metrics.jsonl up to resume_step, one per step (the last written wins), in
+    step order. A torn last line (a crash mid-write) is dropped; any other line that is not a
+    row with an integer step is dropped with a warning naming its line number."""
+    lines = text.splitlines()
+    by_step: dict[int, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            step = row["step"]
+            if type(step) is not int:
+                raise TypeError(step)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):
                 logging.warning("metrics.jsonl: dropping a torn last line (%d bytes)", len(line))
-                break
-            raise
-        if row["step"] <= resume_step:
-            kept.append(line + "\n")
-    return kept
+            else:
+                logging.warning("metrics.jsonl: line %d is not a metrics row; dropped", number)
+            continue
+        if step in by_step:
+            logging.warning("metrics.jsonl: step %d appears again at line %d; the later row is kept", step, number)
+        if step <= resume_step:
+            by_step[step] = line + "\n"
+    return [by_step[s] for s in sorted(by_step)]
 
 
 class MetricsWriter:

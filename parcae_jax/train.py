@@ -27,6 +27,7 @@ from parcae_jax.model import build, init_params
 from parcae_jax.optim import make_optimizer
 from parcae_jax.step import TrainState, init_state, make_eval_step, make_train_step
 from parcae_jax.validate import Run
+from parcae_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
 
 class Trainer:
@@ -115,16 +116,25 @@ def _data_wait(local_s: float, step_time_s: float, nproc: int) -> float:
 def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dict[str, float]:
     """Trains to config.train.steps, resuming from the latest checkpoint in workdir.
 
-    `trainer` (built from the same config and run) lets callers reuse its compiled steps."""
+    `trainer` (built from the same config and run) lets callers reuse its compiled steps.
+    Process 0 holds the workdir's lock throughout (workdir_lock.py): a second trainer stops."""
+    storage.make_dir(workdir)
+    if jax.process_index() != 0:
+        return _train(config, workdir, run, trainer, lambda: True)
+    with WorkdirLock(workdir, config.ckpt.lock_lease_s) as lock:
+        return _train(config, workdir, run, trainer, lock.held)
+
+
+def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir) -> dict[str, float]:
     t, pid, nproc = config.train, jax.process_index(), jax.process_count()
-    root = storage.make_dir(workdir)
+    root = storage.resolve(workdir)
     trainer = trainer or Trainer(config, run)
     tok = run.tokenizer
     train_split, val_split = dataset.open_splits(config.data, tok, progress=pid == 0)
     seq = run.model.seq_len
     loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(root / "checkpoints", config.ckpt.keep, config.ckpt.async_save)
+    ckpt = Checkpointer(storage.make_dir(root / "checkpoints"), config.ckpt.keep, config.ckpt.async_save)
     config_dict = config.to_dict()
     guard = lambda saved, step: resume.check(saved, config_dict, step, config.ckpt.allow_changes)  # noqa: E731
     with trainer.context():
@@ -191,6 +201,10 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
                     last = m
                     tick, tick_step = time.perf_counter(), step
                 if stop or (config.ckpt.every and step % config.ckpt.every == 0) or step == t.steps:
+                    if not owns_workdir():
+                        raise WorkdirBusy(f"{workdir}: another trainer took over this workdir's lock (the lease "
+                                          "was not renewed in time); this run stops without saving step "
+                                          f"{step}; checkpoint {ckpt.latest_step()} is its last")
                     saved = ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
                     writer.sync()
                 if stop:

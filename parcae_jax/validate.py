@@ -85,6 +85,8 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
         _need(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
     _need(t.eval_every >= 0 and c.every >= 0, "train.eval_every and ckpt.every must be >= 0 (0: never)")
     _need(c.keep >= 1, f"ckpt.keep={c.keep} must be >= 1")
+    _need(math.isfinite(c.lock_lease_s) and c.lock_lease_s >= 3,
+          f"ckpt.lock_lease_s={c.lock_lease_s} must be a number of seconds >= 3")
     _need(t.batch_size % t.microbatches == 0,
           f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
     micro = t.batch_size // t.microbatches

@@ -3,12 +3,14 @@ exit code 2, and nothing in the workdir or the data folder changed (hashed befor
 
 import hashlib
 import os
+import shutil
 
 import pytest
 
 from parcae_jax.data.prepare import prepare
 from parcae_jax.train import train
 from parcae_jax.validate import validate
+from parcae_jax.workdir_lock import WorkdirLock
 from tests.forkserver import run_module
 from tests.conftest import ROOT
 from tests.test_train import SMALL, small_config
@@ -18,7 +20,9 @@ SMALL_FLAGS = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
 
 # (flags, what the one line must say). {W}: a trained workdir, {N}: a path that does not
 # exist (and must not afterwards), {F}: a file, {D}: a prepared data folder, {C}: a folder of
-# broken config files.
+# broken config files, {L}: a trained workdir whose lock another trainer holds, {A}: a workdir
+# whose checkpoints were all set aside as unreadable, {K}: a workdir whose checkpoints is a file,
+# {V}: prepared data whose manifest names a 70000-id tokenizer, {G}: one whose manifest is garbage.
 CASES = {
     "unknown key": (["--config.train.stepz=3"], "--config.train.stepz: no such config key"),
     "unknown section": (["--config.trainz.steps=3"], "--config.trainz.steps: no such config key"),
@@ -77,6 +81,16 @@ CASES = {
                                   "model.d_model 32 -> 64"),
     "eval with another width": (["--mode=eval", "--workdir={W}", "--config.model.d_model=64",
                                  "--config.model.d_rec=64"], "evaluate with the config the run was trained with"),
+    "workdir in use": (["--workdir={L}"], "is in use by another trainer (process "),
+    "resume with another width, accepted": (["--workdir={W}", "--config.model.d_model=64", "--config.model.d_rec=64",
+                                            "--config.ckpt.allow_changes=model.d_model,model.d_rec"],
+                                           "does not fit this config (params/"),
+    "every checkpoint set aside": (["--workdir={A}"], "holds the ones set aside as unreadable"),
+    "checkpoints is a file": (["--workdir={K}"], "checkpoints: exists and is not a directory"),
+    "data of a larger vocabulary": (["--config.data.source=prepared", "--config.data.path={V}"],
+                                    "was tokenized with 70000 ids but model.vocab_size=257"),
+    "manifest not JSON": (["--config.data.source=prepared", "--config.data.path={G}"],
+                          "manifest.json: not a manifest prepare wrote"),
     "coordinator without process count": (["--config.dist.coordinator_address=127.0.0.1:1"],
                                           "set config.dist.num_processes and process_id"),
     "process id out of range": (["--config.dist.coordinator_address=127.0.0.1:1", "--config.dist.num_processes=2",
@@ -111,8 +125,22 @@ def places(tmp_path_factory):
     (broken / "syntax.py").write_text("def get_config(:\n")
     (broken / "noget.py").write_text("x = 1\n")
     (broken / "garbage.json").write_text("{not json")
-    return {"W": str(root / "trained"), "N": str(root / "nothing_here"), "F": str(root / "a_file"),
-            "D": str(root / "data"), "C": str(broken), "T": str(root / "doc.txt"), "root": root}
+    shutil.copytree(root / "trained", root / "locked")
+    shutil.copytree(root / "trained", root / "aside")
+    (root / "aside" / "checkpoints").rename(root / "aside" / "checkpoints_unreadable")
+    (root / "aside" / "checkpoints").mkdir()
+    for name, change in (("big_vocab", lambda m: m.replace('"vocab_size": 257', '"vocab_size": 70000')),
+                         ("garbage_manifest", lambda m: "{garbage")):
+        shutil.copytree(root / "data", root / name)
+        manifest = root / name / "manifest.json"
+        manifest.write_text(change(manifest.read_text()))
+    (root / "ckpt_file").mkdir()
+    (root / "ckpt_file" / "checkpoints").write_text("not a folder")  # once a hang: orbax's save thread failed
+    with WorkdirLock(str(root / "locked")):  # another trainer's, for the module's tests
+        yield {"W": str(root / "trained"), "N": str(root / "nothing_here"), "F": str(root / "a_file"),
+               "D": str(root / "data"), "C": str(broken), "T": str(root / "doc.txt"), "L": str(root / "locked"),
+               "A": str(root / "aside"), "K": str(root / "ckpt_file"), "V": str(root / "big_vocab"),
+               "G": str(root / "garbage_manifest"), "root": root}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -126,7 +154,7 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(places, case):
     before = tree_hash(places["root"])
     out = run_module("parcae_jax.main", [*files, *SMALL_FLAGS, *workdir, *overrides],
                          cwd=ROOT, timeout=120)
-    lines = out.stderr.strip().splitlines()
+    lines = [line for line in out.stderr.strip().splitlines() if "] resuming with " not in line]  # accepted changes
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
     assert says in lines[0], lines[0]
     assert tree_hash(places["root"]) == before
@@ -152,8 +180,6 @@ TOOLS = {
 
 @pytest.mark.parametrize("case", list(TOOLS))
 def test_the_other_tools_answer_bad_input_in_one_line_too(places, case):
-    import shutil
-
     from tests.conftest import FIXTURES
 
     module, args, says = TOOLS[case]

@@ -159,3 +159,40 @@ def test_gs_data_is_staged_once_with_checksums(gcs, documents, tmp_path):
         staging.stage_prepared(remote, cache)
     with pytest.raises(DataError, match="no manifest.json there"):
         staging.stage_prepared(f"gs://{BUCKET}/nothing_here", cache)
+
+
+def test_a_gs_workdir_lock_is_a_lease_taken_over_only_from_the_dead(gcs):
+    """The lock object: a second trainer is refused while the lease runs; a holder that is a
+    dead process of this host, or whose lease ended, is taken over; a holder whose object was
+    taken over learns it at its next renewal; a release deletes the object."""
+    from etils import epath
+
+    from parcae_jax.workdir_lock import WorkdirBusy, WorkdirLock
+
+    workdir = f"gs://{BUCKET}/locked"
+    obj = epath.Path(workdir) / "lock"
+    with WorkdirLock(workdir, lease_s=60):
+        with pytest.raises(WorkdirBusy, match=r"in use by another trainer \(process \d+ on .*its lease ends in 60 s"):
+            WorkdirLock(workdir).__enter__()
+    assert not obj.exists()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid of this host that no longer exists
+    for owner in (dict(host=socket.gethostname(), pid=dead.pid, since=time.time(), lease_end=time.time() + 600),
+                  dict(host="elsewhere", pid=1, since=time.time() - 700, lease_end=time.time() - 1)):
+        obj.write_text(json.dumps(owner))
+        with WorkdirLock(workdir, lease_s=60):
+            assert json.loads(obj.read_text())["pid"] == os.getpid()
+    obj.write_text(json.dumps(dict(host="elsewhere", pid=1, since=time.time(), lease_end=time.time() + 600)))
+    with pytest.raises(WorkdirBusy, match="elsewhere"):
+        WorkdirLock(workdir).__enter__()
+    obj.unlink()
+
+    lock = WorkdirLock(workdir, lease_s=3).__enter__()
+    obj.write_text(json.dumps(dict(host="elsewhere", pid=1, since=time.time(), lease_end=time.time() + 600)))
+    deadline = time.time() + 10
+    while lock.held() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not lock.held()
+    lock.release()  # does not delete the new holder's object
+    assert json.loads(obj.read_text())["host"] == "elsewhere"

@@ -140,3 +140,17 @@ def test_refusals(small, tmp_path):
         make_loader(open_split(str(small), "validation"), 255, 64, num_epochs=1)
     with pytest.raises(DataError, match="not divisible by the 3 processes"):
         ProcessShare(PackedWindows(open_split(str(small), "train"), 15), 8, 0, 3)
+
+
+def test_a_token_id_beyond_the_datas_vocabulary_is_one_line_at_its_first_read(small):
+    """A shard that prepare did not write could hold ids past the embedding table: the document
+    that holds one is refused when read (training and validation alike), never indexed."""
+    import dataclasses
+
+    data = open_split(str(small), "train")
+    narrow = dataclasses.replace(data, manifest={**data.manifest, "tokenizer": {**data.manifest["tokenizer"],
+                                                                                "vocab_size": 100}})
+    with pytest.raises(DataError, match=r"document \d+ of the train split holds token id \d+, but the data's "
+                                        "tokenizer has 100 ids"):
+        PackedWindows(narrow, 31, seed=0)[0]
+    PackedWindows(data, 31, seed=0)[0]  # the real bound passes

@@ -35,7 +35,11 @@ def check(data, model_vocab_size: int) -> Tokenizer:
         elif not os.path.isdir(data.path):
             raise DataError(f"data.path={data.path}: no such directory")
         else:
-            read_manifest(data.path)  # one line if it is not a finished preparation
+            made_with = read_manifest(data.path)["tokenizer"]  # one line if it is not a finished preparation
+            if int(made_with["vocab_size"]) > model_vocab_size:  # its ids reach past the model's embedding table
+                raise DataError(f"{data.path} was tokenized with {made_with['vocab_size']} ids but "
+                                f"model.vocab_size={model_vocab_size}; set model.vocab_size to at least "
+                                f"{made_with['vocab_size']}, or prepare the data with the model's tokenizer")
     if data.source == "tfds" and not data.tfds_name:
         raise DataError("data.source=tfds needs data.tfds_name")
     if data.source == "embedded" and data.tokenizer != "bytes":

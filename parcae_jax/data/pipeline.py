@@ -46,8 +46,14 @@ def read_manifest(directory: str) -> dict:
         if os.path.exists(os.path.join(directory, "plan.json")):
             raise DataError(f"{directory}: preparation did not finish (no manifest.json); re-run the same prepare command")
         raise DataError(f"{directory}: no manifest.json; make the data with python -m parcae_jax.data.prepare")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["fingerprint"], manifest["splits"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a manifest prepare wrote ({type(e).__name__}: {e}); prepare the data "
+                        "again") from None
+    return manifest
 
 
 def open_split(directory: str, split: str, fingerprint: str | None = None) -> TokenSplit:
@@ -132,7 +138,12 @@ class PackedWindows:
                 import grain
 
                 self._source = grain.sources.ArrayRecordDataSource(self.data.paths)
-            self._docs[d] = np.frombuffer(self._source[d], self.data.dtype)
+            doc = np.frombuffer(self._source[d], self.data.dtype)
+            vocab = self.data.manifest["tokenizer"]["vocab_size"]
+            if doc.size and int(doc.max()) >= vocab:  # a shard not written by prepare: never index past the table
+                raise DataError(f"{self.data.directory}: document {d} of the {self.data.split} split holds token id "
+                                f"{int(doc.max())}, but the data's tokenizer has {vocab} ids; prepare the data again")
+            self._docs[d] = doc
             if len(self._docs) > 64:
                 self._docs.popitem(last=False)
         return self._docs[d]
