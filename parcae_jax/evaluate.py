@@ -103,6 +103,12 @@ def main(argv: list[str]) -> None:
         recurrences = [int(r) for r in RECURRENCES.value] if RECURRENCES.value else None
     except ValueError:
         fail(bad_r)
+    for flag, value, low in (("limit", _LIMIT.value, 1), ("num_fewshot", _FEWSHOT.value, 0),
+                             ("eval_batch_size", _BATCH.value, 1)):
+        if value is not None and value < low:
+            fail(f"--{flag}={value} must be >= {low}")
+    if _OUTPUT.value:
+        _check_writable(_OUTPUT.value)  # before the evaluation, whose results would otherwise be lost
     try:
         tasks = [local_task(t) if t.endswith((".yaml", ".yml")) else t for t in _TASKS.value]
     except TaskFileError as e:
@@ -118,8 +124,20 @@ def main(argv: list[str]) -> None:
                       limit=_LIMIT.value, num_fewshot=_FEWSHOT.value)
     print(table(result["scores"], recurrences))
     if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
+        tmp = f"{_OUTPUT.value}.tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, _OUTPUT.value)  # whole or not at all
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"--output={path} is a directory; name a file")
+    if not os.path.isdir(folder):
+        fail(f"--output={path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        fail(f"--output={path} cannot be written (permissions); choose another path")
 
 
 def evaluate(cfg, params, tokenizer, tasks: list, recurrences: list[int], *, batch_size: int = 16, seed: int = 0,

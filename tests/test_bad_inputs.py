@@ -2,6 +2,7 @@
 exit code 2, and nothing in the workdir or the data folder changed (hashed before and after)."""
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -175,6 +176,8 @@ TOOLS = {
     "convert: config.json without a field": ("parcae_jax.convert", ["--reference={C}/no_field"], "no field"),
     "convert: garbage safetensors": ("parcae_jax.convert", ["--reference={C}/bad_tensors"],
                                      "not a readable safetensors file"),
+    "convert: a context of 10**12 positions": ("parcae_jax.convert", ["--reference={C}/huge_block"],
+                                               "is beyond any model here"),
 }
 
 
@@ -185,8 +188,11 @@ def test_the_other_tools_answer_bad_input_in_one_line_too(places, case):
     module, args, says = TOOLS[case]
     broken = places["root"] / "broken"
     if not (broken / "bad_tensors").exists():  # official-format folders, each damaged one way
-        for name in ("bad_json", "no_field", "bad_tensors"):
+        for name in ("bad_json", "no_field", "bad_tensors", "huge_block"):
             shutil.copytree(FIXTURES / "reference_parcae_tiny", broken / name, ignore=shutil.ignore_patterns("*.npz"))
+        fields = json.loads((broken / "huge_block" / "config.json").read_text())
+        fields.get("config", fields)["block_size"] = 10**12
+        (broken / "huge_block" / "config.json").write_text(json.dumps(fields))
         (broken / "bad_json" / "config.json").write_text("{bad")
         (broken / "no_field" / "config.json").write_text('{"n_embd": 64}')
         (broken / "bad_tensors" / "model.safetensors").write_bytes(b"garbage")

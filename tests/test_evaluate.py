@@ -146,3 +146,18 @@ def test_a_malformed_task_line_is_named(tmp_path):
     done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", f"--tasks={tmp_path / 't.yaml'}")
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and last.startswith("error: ") and "t.jsonl:2: not valid JSON" in last, done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--limit=0"], "--limit=0 must be >= 1"),
+    (["--num_fewshot=-1"], "--num_fewshot=-1 must be >= 0"),
+    (["--eval_batch_size=0"], "--eval_batch_size=0 must be >= 1"),
+    (["--output={tmp}"], "is a directory; name a file"),
+    (["--output={tmp}/no/such/scores.json"], "no such directory"),
+])
+def test_bad_evaluation_requests_are_one_line_before_any_evaluation(tmp_path, args, message):
+    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", f"--tasks={TASK}",
+                *[a.format(tmp=tmp_path) for a in args])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

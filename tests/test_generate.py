@@ -330,6 +330,11 @@ def test_the_command_line_generates_what_the_api_does(parcae):
     (["--prompt=a", "--top_p=0"], "top_p must be in (0, 1]"),
     (["--prompt=a", "--recurrence=0"], "recurrence must be >= 1"),
     ([], "pass at least one --prompt"),
+    (["--prompt=a", "--temperature=nan"], "temperature must be a finite number >= 0"),
+    (["--prompt=a", "--exit_rule=delta", "--exit_threshold=nan"], "exit threshold must be a finite number >= 0"),
+    (["--prompt=a", "--exit_rule=kl", "--exit_threshold=-1"], "exit threshold must be a finite number >= 0"),
+    (["--prompt=a", "--cache_strategy=compress-s0"], "cache strategy 'compress-s0' needs K >= 1"),
+    (["--prompt=a", "--cache_strategy=compress-stride0"], "needs K >= 1"),
 ])
 def test_bad_generation_requests_are_one_line_and_exit_2(args, message):
     done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", *args)

@@ -35,9 +35,12 @@ STRATEGY = re.compile(r"full|compress-(first|last|stride|s|r)(\d+)|compress-(bou
 
 def check_strategy(strategy: str) -> None:
     """One line naming the accepted forms, for a strategy this module does not know."""
-    if not STRATEGY.fullmatch(strategy):
+    m = STRATEGY.fullmatch(strategy)
+    if not m:
         raise ValueError(f"cache strategy {strategy!r} is unknown; use full, compress-firstK, compress-lastK, "
                          "compress-strideK, compress-sK, compress-rK, compress-boundaries or compress-anchor")
+    if m.group(2) is not None and int(m.group(2)) < 1:  # K iterations or slots: 0 would divide by zero
+        raise ValueError(f"cache strategy {strategy!r} needs K >= 1")
 
 
 def slot(step: int, n_prelude: int, n_core: int, recurrence: int, strategy: str = "full") -> int:

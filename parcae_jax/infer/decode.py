@@ -32,6 +32,7 @@ row ran. The prompt always runs all R iterations.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -74,6 +75,8 @@ class Plan:
             raise ValueError(f"exit rule {self.exit_rule!r} is unknown; use one of {', '.join(EXIT_RULES)}")
         if self.recurrence < 1:
             raise ValueError(f"recurrence must be >= 1, got {self.recurrence}")
+        if not (math.isfinite(self.exit_threshold) and self.exit_threshold >= 0):  # nan would never exit, silently
+            raise ValueError(f"exit threshold must be a finite number >= 0, got {self.exit_threshold}")
 
     @property
     def is_gpt(self) -> bool:

@@ -38,6 +38,9 @@ class ConfigError(ValueError):
     """A bad setting. The message is one line that names the field and the fix."""
 
 
+MAX_SIZE = 1 << 22  # largest accepted vocabulary, context or width: 4M, far above any published model
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Parcae looped model or of its fixed-depth GPT baseline.
@@ -218,6 +221,8 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         _choice(prefix, cfg, field, options)
     for field in ("vocab_size", "padding_multiple", "block_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "d_mlp"):
         need(getattr(cfg, field) >= 1, f"{field}={getattr(cfg, field)} must be >= 1")
+        # a size from a hostile config.json must not reach an allocation (block_size=10**12: a 3.6 TiB RoPE table)
+        need(getattr(cfg, field) <= MAX_SIZE, f"{field}={getattr(cfg, field)} is beyond any model here (> {MAX_SIZE})")
     need(cfg.seq_len <= cfg.block_size, f"seq_len={cfg.seq_len} exceeds block_size={cfg.block_size}; lower seq_len or raise block_size")
     need(cfg.d_model % cfg.n_heads == 0,
          f"n_heads={cfg.n_heads} does not divide d_model={cfg.d_model}; pick n_heads among the divisors of d_model")
