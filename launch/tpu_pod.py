@@ -16,9 +16,11 @@ library only. What runs on the workers is in tpu_worker.py; launch/README.md has
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,22 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tpu_worker  # noqa: E402  (beside this file, whatever the working directory)
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT_END = "TPU_POD_SCRIPT"  # here-document delimiters: lines no script contains
-ARG_END = "GCLOUD_ARG"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # TPU, zone and run names: never an option, a path or a quote
+PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")  # project ids (legacy ones hold "domain.com:name")
 
 
 def shell_line(cmd: list[str]) -> str:
-    """`cmd` as one shell command that passes exactly these words: shlex quoting, except that
-    a word with newlines (a worker script) is spelled as a quoted here-document, verbatim."""
-    words = []
-    for word in cmd:
-        if "\n" in word and not word.endswith("\n"):
-            prefix, value = word.split("=", 1) if word.startswith("--") else ("", word)
-            assert ARG_END not in value.splitlines()
-            words.append(f"{prefix}{'=' if prefix else ''}\"$(cat <<'{ARG_END}'\n{value}\n{ARG_END}\n)\"")
-        else:
-            words.append(shlex.quote(word))
-    return " ".join(words)
+    """`cmd` as one shell command that passes exactly these words."""
+    return shlex.join(cmd)
 
 
 class LaunchError(Exception):
@@ -75,12 +68,17 @@ class Gcloud:
 
     def ssh(self, what: str, script: str) -> None:
         """Runs the bash `script` on every worker (concurrently: gcloud --worker=all). The
-        script travels verbatim in a quoted here-document, whatever the login shell is."""
-        assert SCRIPT_END not in script.splitlines()
-        command = f"bash -c \"$(cat <<'{SCRIPT_END}'\n{script}\n{SCRIPT_END}\n)\""
+        script travels base64-encoded, so no value inside it (a flag holding a newline, a quote
+        or a here-document delimiter) can end it early or reach the remote shell as a command,
+        whatever the login shell is; --dry-run also prints it decoded, as comment lines."""
+        encoded = base64.b64encode(script.encode()).decode()
+        command = f'bash -c "$(echo {encoded} | base64 -d)"'
         argv = ["compute", "tpus", "tpu-vm", "ssh", self.tpu, f"--zone={self.zone}", "--worker=all",
                 f"--command={command}"]
         self.call(argv, f"gcloud {shlex.join(argv[:7])} --command=<{what} script; --dry-run prints it>")
+        if self.dry_run:
+            print("\n".join(f"#   {line}" for line in [f"{what} script, as each worker runs it:",
+                                                          *script.splitlines()]), flush=True)
 
     def scp(self, local: str, remote: str) -> None:
         """Copies a local file to `remote` (relative to the home folder) on every worker."""
@@ -142,7 +140,8 @@ def cmd_sync(args, gcloud: Gcloud) -> None:
     repo = Path(args.repo).resolve()
     sha = commit_to_ship(repo, args.commit, args.allow_dirty)
     name = f"parcae_jax-{sha}.tar.gz"
-    local = os.path.join(tempfile.gettempdir(), name)
+    folder = tempfile.mkdtemp(prefix="parcae_jax_sync_") if not gcloud.dry_run else tempfile.gettempdir()
+    local = os.path.join(folder, name)  # a folder of its own: two launchers shipping one commit do not collide
     if not gcloud.dry_run:
         git(repo, "archive", "--format=tar.gz", f"--prefix={sha}/", "-o", local, sha)
     try:
@@ -150,7 +149,7 @@ def cmd_sync(args, gcloud: Gcloud) -> None:
         gcloud.ssh("sync", tpu_worker.sync(args.root, args.venv, sha, name))
     finally:
         if not gcloud.dry_run:
-            os.unlink(local)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def cmd_setup(args, gcloud: Gcloud) -> None:
@@ -162,9 +161,19 @@ def cmd_setup(args, gcloud: Gcloud) -> None:
 
 def run_name(args) -> str:
     name = args.name or args.workdir.rstrip("/").rsplit("/", 1)[-1]
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    if not NAME.fullmatch(name):
         raise LaunchError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (pass --name=...)")
     return name
+
+
+def check_names(args) -> None:
+    """Every name that reaches gcloud's argv or a worker's path, by one rule, in every
+    subcommand: a TPU named '-x' would be read as an option, a log name '../x' as a path."""
+    for flag, value, rule in (("--tpu", args.tpu, NAME), ("--zone", args.zone, NAME),
+                              ("--project", args.project, PROJECT), ("--name", getattr(args, "name", None), NAME)):
+        if value is not None and not rule.fullmatch(value):
+            raise LaunchError(f"{flag}={value!r}: use letters, digits, '.', '_' and '-', starting with a letter or "
+                              "digit")
 
 
 def cmd_run(args, gcloud: Gcloud) -> None:
@@ -271,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line entry point; returns the exit code."""
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
+        check_names(args)
         args.func(args, Gcloud(args))
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)

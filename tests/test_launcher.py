@@ -12,6 +12,7 @@ interpreter, plus a .pth file naming this environment's site-packages: what a fi
 leaves), with `--jax-extra= --pip-args=--no-index`, so pip checks every pin offline.
 """
 
+import base64
 import json
 import os
 import pathlib
@@ -71,8 +72,10 @@ def test_each_subcommand_issues_the_right_gcloud_commands(pod, stub_repo):
 
     pod.launch("sync", *POD, f"--repo={stub_repo}")
     scp, ssh = pod.calls()
-    assert scp == ["compute", "tpus", "tpu-vm", "scp", os.path.join(tempfile.gettempdir(), f"parcae_jax-{sha}.tar.gz"),
-                   f"pod1:parcae_jax-{sha}.tar.gz", "--zone=us-east5-a", "--worker=all"]
+    assert scp[:4] + scp[5:] == ["compute", "tpus", "tpu-vm", "scp", f"pod1:parcae_jax-{sha}.tar.gz",
+                                 "--zone=us-east5-a", "--worker=all"]
+    assert re.fullmatch(rf"{re.escape(tempfile.gettempdir())}/parcae_jax_sync_[^/]+/parcae_jax-{sha}\.tar\.gz", scp[4])
+    assert not os.path.exists(os.path.dirname(scp[4]))  # removed after the copy
     assert_ssh_to_all(ssh, f"sha={sha}")
     out = pod.launch("setup", *POD, *SETUP).stdout
     assert_ssh_to_all(pod.calls()[0], "pip install")
@@ -106,7 +109,9 @@ def test_each_subcommand_issues_the_right_gcloud_commands(pod, stub_repo):
 def assert_ssh_to_all(call: list[str], needle: str) -> None:
     """`call` is `tpu-vm ssh pod1 --worker=all` with a bash script that contains `needle`."""
     assert call[:-1] == ["compute", "tpus", "tpu-vm", "ssh", "pod1", "--zone=us-east5-a", "--worker=all"], call
-    assert call[-1].startswith("--command=bash -c ") and needle in call[-1], call
+    encoded = re.fullmatch(r'--command=bash -c "\$\(echo ([A-Za-z0-9+/=]+) \| base64 -d\)"', call[-1])
+    assert encoded, call  # the script travels as base64: nothing in it can end the command early
+    assert needle in base64.b64decode(encoded.group(1)).decode(), call
 
 
 @pytest.mark.slow
@@ -145,10 +150,12 @@ def test_sync_refuses_a_working_tree_with_changes_and_names_them(pod, stub_repo,
     assert "WARNING" in done.stdout and "WITHOUT them" in done.stdout
 
 
-def test_trainer_flags_arrive_intact(pod, stub_repo):
+def test_trainer_flags_arrive_intact(pod, stub_repo, tmp_path):
     pod.launch("sync", *POD, f"--repo={stub_repo}")
+    marker = tmp_path / "ran"  # what a value that closed a here-document around the script would run
     flags = ["--config.mesh.shape=(-1,8,1)", "--config.data.path=/data/my corpus/shards",
-             """--config.note=it's "quoted": $HOME `date` ; | & \\ * ?""", "--config.empty=", "--config.nl=a\nb"]
+             """--config.note=it's "quoted": $HOME `date` ; | & \\ * ?""", "--config.empty=", "--config.nl=a\nb",
+             f"--config.x=1\nTPU_POD_SCRIPT\ntouch {marker}\n", f"--config.y=1\nGCLOUD_ARG\n)\"; touch {marker}; \""]
     pod.launch("run", *POD, "configs/tiny.py", "gs://bucket/runs/q 1", "--name=quoting",
                "--env=STUB_NOTE=a 'b' $c", "--", *flags)
     for i in range(pod.workers):
@@ -156,7 +163,21 @@ def test_trainer_flags_arrive_intact(pod, stub_repo):
         (start,) = pod.started(i, "quoting")
         assert start["argv"] == ["--config=configs/tiny.py", "--workdir=gs://bucket/runs/q 1", *flags]
         assert start["env"]["STUB_NOTE"] == "a 'b' $c"
+    assert not marker.exists()
     pod.launch("stop", *POD, "--grace=30")
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["logs", "--tpu=-oProxyCommand=x", "--zone=z"], "--tpu='-oProxyCommand=x': use letters"),
+    (["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=../../etc"], "--name='../../etc': use letters"),
+    (["stop", "--tpu=pod1", "--zone=--quiet"], "--zone='--quiet': use letters"),
+    (["delete", "--tpu=pod1", "--zone=z", "--project=-p"], "--project='-p': use letters"),
+    (["run", "--tpu=pod1", "--zone=z", "configs/tiny.py", "gs://b/r", "--name=a/b"], "--name='a/b': use letters"),
+])
+def test_names_that_would_be_options_or_paths_are_one_line_in_every_subcommand(pod, argv, says):
+    done = pod.launch(*argv, check=False)
+    assert done.returncode == 2 and done.stdout.count("\n") == 1 and says in done.stdout, done.stdout
+    assert pod.calls() == []
 
 
 @pytest.mark.slow
