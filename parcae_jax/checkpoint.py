@@ -111,15 +111,17 @@ class Checkpointer:
 
     def restore_newest(self, abstract_state: Any, data_iterator=None,
                        check: Callable[[dict, int], int | None] | None = None,
-                       set_aside: bool = True) -> tuple[int, Any] | None:
+                       set_aside: bool = True, read: Callable[[int, dict], Any] | None = None,
+                       only: int | None = None) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores, or None if there is none.
 
         `check(saved_config, step)` may refuse (by raising) or return a data index for
         `restore`. A checkpoint that cannot be read (truncated or garbage files, a missing item,
         an empty folder) is reported in one line and, with set_aside, moved to
         `checkpoints_unreadable/` beside the checkpoints (never deleted); then the one before it
-        is tried."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        is tried. Readers of a run (generate, export, test_time) pass `read(step, saved_config)`
+        to restore what they need, set_aside=False, and `only` for a step the user named."""
+        steps = sorted(self.manager.all_steps(), reverse=True) if only is None else [only]
         aside = self._aside_dir()
         if not steps and aside.exists() and any(aside.iterdir()):  # never silently start again from step 0
             raise CheckpointError(f"{self.directory} has no checkpoint left, but {aside} holds the ones set aside "
@@ -131,20 +133,25 @@ class Checkpointer:
                 self._unreadable(step, e, set_aside)
                 continue
             data_index = check(saved, step) if check else None  # a refusal is not damage: it propagates
-            mismatch = self._mismatch(step, abstract_state)
+            mismatch = self._mismatch(step, abstract_state) if abstract_state is not None else None
             if mismatch:  # the request does not fit an intact checkpoint: the user's to fix, nothing moved
                 raise CheckpointMismatch(
                     f"checkpoint {step} in {self.directory} does not fit this config ({mismatch}); arrays "
                     "cannot change shape on resume, even with ckpt.allow_changes: resume with the run's own "
                     "config, or use a new workdir")
             try:
-                return step, self.restore(step, abstract_state, data_iterator, data_index)
+                return step, (read(step, saved) if read else self.restore(step, abstract_state, data_iterator,
+                                                                          data_index))
             except Exception as e:  # noqa: BLE001
+                if isinstance(e, CheckpointMismatch):
+                    raise
                 self._unreadable(step, e, set_aside)
+        if steps and set_aside:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored (moved to "
+                                  f"{self._aside_dir()}); delete them or use a new workdir to start over")
         if steps:
-            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored"
-                                  + (f" (moved to {self._aside_dir()})" if set_aside else "")
-                                  + "; delete them or use a new workdir to start over")
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be read; see the "
+                                  "errors above, or train again")
         return None
 
     def _mismatch(self, step: int, abstract_state: Any) -> str | None:

@@ -234,13 +234,11 @@ def _export(argv: list[str]) -> None:
     parser.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
     parser.add_argument("--output", required=True, help="a new or empty directory")
     args = parser.parse_args(argv)
+    from parcae_jax.errors import one_line_errors
     from parcae_jax.transfer import export_run  # the orbax side, only for this subcommand
 
-    try:
+    with one_line_errors():  # every user error (no readable checkpoint included): one line, exit 2
         print(json.dumps(export_run(args.workdir, args.output, args.step)))
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def load():
     """(ModelConfig in the chosen dtype, params, tokenizer) from the flags, or fail()."""
     import jax
 
+    from parcae_jax.checkpoint import CheckpointError
     from parcae_jax.data.readers import DataError
+    from parcae_jax.storage import StorageError
     from parcae_jax.data.tokenizer import load_tokenizer
     from parcae_jax.model.config import ConfigError
     from parcae_jax.reference_config import ConversionError
@@ -44,5 +46,5 @@ def load():
         tokenizer = load_tokenizer(tok_spec)
         dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else None)
         return (cfg.replace(dtype=dtype) if dtype else cfg), params, tokenizer
-    except (ConversionError, ConfigError, DataError) as e:
+    except (ConversionError, ConfigError, DataError, CheckpointError, StorageError) as e:  # no readable checkpoint
         fail(str(e).splitlines()[0])

@@ -67,25 +67,28 @@ def restore_run(workdir: str, step: int | None = None) -> tuple[int, dict, dict]
     if not directory.exists():  # and create nothing in a misspelled workdir
         raise ConversionError(f"{directory}: no checkpoints; is --workdir a training run?")
     ckpt = Checkpointer(directory, keep=1 << 30, async_save=False)
+    configs: dict[int, dict] = {}
+
+    def params_of(s: int, saved: dict):
+        configs[s] = saved
+        abstract = M.param_shapes(ModelConfig.from_mapping(saved["model"]))
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=one, dtype=a.dtype), abstract)
+        return ckpt.manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+
     try:
         steps = sorted(ckpt.manager.all_steps())
         if not steps:
             raise ConversionError(f"{directory}: no checkpoints; is --workdir a training run?")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             shown = steps if len(steps) <= 6 else [*steps[:3], "...", *steps[-3:]]
             raise ConversionError(f"{directory}: no checkpoint at step {step}; saved steps: {shown}")
-        saved = ckpt.saved_config(step)
-        cfg = ModelConfig.from_mapping(saved["model"])
-        abstract = M.param_shapes(cfg)
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=one, dtype=a.dtype), abstract)
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+        # the newest that reads (as training resumes), or exactly the step named; nothing is moved
+        step, restored = ckpt.restore_newest(None, set_aside=False, read=params_of, only=step)
     finally:
         ckpt.close()
-    return step, saved, jax.tree.map(np.asarray, restored["state"]["params"])
+    return step, configs[step], jax.tree.map(np.asarray, restored["state"]["params"])
 
 
 def _count(params) -> int:

@@ -112,3 +112,30 @@ def test_generate_reads_a_training_run_with_its_tokenizer(run):
     want = Generator(cfg, params).generate([tok.encode("def f(x):").tolist()], 5, stop_ids=(tok.eod_id,))
     got = json.loads(done.stdout)
     assert got["tokens"] == want.tokens and got["completions"] == [tok.decode(want.tokens[0])]
+
+
+def test_readers_of_a_run_fall_back_from_a_damaged_newest_checkpoint_as_training_does(run, tmp_path):
+    """generate, export and test_time read through transfer.restore_run: a garbage `_METADATA`
+    in the newest checkpoint gives the one before (nothing moved), and a damaged step named
+    with --step, or a run with none readable, is one line."""
+    import shutil
+
+    from parcae_jax.checkpoint import CheckpointError
+    from parcae_jax.transfer import restore_run
+
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    (damaged / "checkpoints" / "4" / "state" / "_METADATA").write_text("{garbage")
+    step, saved, params = restore_run(str(damaged))
+    assert step == 2 and saved["train"]["steps"] == 4
+    jax.tree.map(np.testing.assert_array_equal, params, restore_run(str(run), 2)[2])
+    assert (damaged / "checkpoints" / "4").is_dir() and not (damaged / "checkpoints_unreadable").exists()
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints \[4\] .* can be read"):
+        restore_run(str(damaged), 4)
+    out = export(f"--workdir={damaged}", f"--output={tmp_path / 'out'}")  # the command, end to end
+    assert out.returncode == 0 and (tmp_path / "out" / "model.safetensors").exists(), out.stderr[-2000:]
+    (damaged / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbage")
+    out = export(f"--workdir={damaged}", f"--output={tmp_path / 'out2'}")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "none of the checkpoints [4, 2]" in errors[0], out.stderr[-2000:]
+    assert not (tmp_path / "out2").exists()
