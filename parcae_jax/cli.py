@@ -21,7 +21,17 @@ def run(main: Callable[[list[str]], None], module_name: str, flags_parser: Calla
     if any(a in HELP for a in args):
         print(help_text(module_name))
         sys.exit(0)
-    app.run(main, **({"flags_parser": flags_parser} if flags_parser else {}))
+    app.run(main, flags_parser=flags_parser or parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag (unknown, wrong type, missing value) one `error:` line and
+    exit 2 like every other user error, instead of absl's FATAL message and exit 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 def help_text(module_name: str) -> str:

@@ -176,6 +176,13 @@ TOOLS = {
     "convert: config.json without a field": ("parcae_jax.convert", ["--reference={C}/no_field"], "no field"),
     "convert: garbage safetensors": ("parcae_jax.convert", ["--reference={C}/bad_tensors"],
                                      "not a readable safetensors file"),
+    **{f"{m.rsplit('.', 1)[-1]}: flag of the wrong type": (m, [flag], f"flag {flag}: invalid literal")
+       for m, flag in (("parcae_jax.generate", "--max_new_tokens=abc"), ("parcae_jax.evaluate", "--limit=x"),
+                       ("parcae_jax.science.test_time", "--seed=1.5"))},
+    **{f"{m.rsplit('.', 1)[-1]}: unknown flag": (m, ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'")
+       for m in ("parcae_jax.science.sweep", "parcae_jax.science.stability", "parcae_jax.science.compare",
+                 "parcae_jax.science.report", "parcae_jax.data.prepare", "parcae_jax.data.tokenizer",
+                 "parcae_jax.bench.memory_table")},
     "convert: a context of 10**12 positions": ("parcae_jax.convert", ["--reference={C}/huge_block"],
                                                "is beyond any model here"),
 }
