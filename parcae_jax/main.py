@@ -11,6 +11,7 @@ file, or the name of a shipped one (`tiny`, `1p3b`, `gpt_370m`, ...) from any fo
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import NoReturn
@@ -161,6 +162,7 @@ def _main(argv: list[str]) -> None:
         supervise.set_phase("connecting")
         distributed.maybe_initialize(config.dist)
         supervise.set_phase("running")
+    _check_backend()
     run = validate(config, check_data=mode in ("train", "eval", "import"))
     if mode == "train":
         make_dir(_WORKDIR.value)  # after validation (bad input writes nothing), before compiling
@@ -188,6 +190,23 @@ def _main(argv: list[str]) -> None:
         from parcae_jax.train import train
 
         train(config, _WORKDIR.value, run)
+
+
+def _check_backend() -> None:
+    """One line when the platform asked for is not on this machine (JAX_PLATFORMS=tpu on a
+    CPU host raises from deep inside jax's backend start-up)."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:  # a platform without its plugin fails an assert in jax
+        if not os.environ.get("JAX_PLATFORMS") or (isinstance(e, RuntimeError)
+                                                   and "Unable to initialize backend" not in str(e)):
+            raise
+        why = (config_files.first_line(e) if str(e) else "no backend for it is installed").split(
+            " (set JAX_PLATFORMS")[0]
+        fail(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')}: {why}; unset JAX_PLATFORMS to use what this "
+             "machine has, or install the matching jax extra (jax[tpu], jax[cuda12])")
 
 
 def run() -> None:

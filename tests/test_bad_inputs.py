@@ -88,6 +88,7 @@ CASES = {
                                            "does not fit this config (params/"),
     "every checkpoint set aside": (["--workdir={A}"], "holds the ones set aside as unreadable"),
     "checkpoints is a file": (["--workdir={K}"], "checkpoints: exists and is not a directory"),
+    "cache_dir is a file": (["--config.data.cache_dir={F}"], "a_file: exists and is not a directory"),
     "data of a larger vocabulary": (["--config.data.source=prepared", "--config.data.path={V}"],
                                     "was tokenized with 70000 ids but model.vocab_size=257"),
     "manifest not JSON": (["--config.data.source=prepared", "--config.data.path={G}"],
@@ -160,6 +161,16 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(places, case):
     assert says in lines[0], lines[0]
     assert tree_hash(places["root"]) == before
     assert not os.path.exists(new)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_platform_this_machine_lacks_is_one_line(places, platform, tmp_path):
+    out = run_module("parcae_jax.main", [*SMALL_FLAGS, f"--workdir={tmp_path / 'run'}"], cwd=ROOT, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": platform})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: JAX_PLATFORMS={platform}: "), \
+        out.stderr[-3000:]
+    assert "unset JAX_PLATFORMS" in lines[0] and not (tmp_path / "run").exists()
 
 
 # The other command-line tools: (module, arguments, what the one line must say). {R}: an
