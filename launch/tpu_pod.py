@@ -168,7 +168,7 @@ def run_name(args) -> str:
 
 def check_names(args) -> None:
     """Every name that reaches gcloud's argv or a worker's path, by one rule, in every
-    subcommand: a TPU named '-x' would be read as an option, a log name '../x' as a path."""
+    subcommand: a TPU named '-x' would be read as an option, a log name holding a slash as a path."""
     for flag, value, rule in (("--tpu", args.tpu, NAME), ("--zone", args.zone, NAME),
                               ("--project", args.project, PROJECT), ("--name", getattr(args, "name", None), NAME)):
         if value is not None and not rule.fullmatch(value):

@@ -169,7 +169,8 @@ def test_trainer_flags_arrive_intact(pod, stub_repo, tmp_path):
 
 @pytest.mark.parametrize("argv,says", [
     (["logs", "--tpu=-oProxyCommand=x", "--zone=z"], "--tpu='-oProxyCommand=x': use letters"),
-    (["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=../../etc"], "--name='../../etc': use letters"),
+    (["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=" + os.path.join("..", "..", "etc")], "use letters"),
+    (["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=.."], "--name='..': use letters"),
     (["stop", "--tpu=pod1", "--zone=--quiet"], "--zone='--quiet': use letters"),
     (["delete", "--tpu=pod1", "--zone=z", "--project=-p"], "--project='-p': use letters"),
     (["run", "--tpu=pod1", "--zone=z", "configs/tiny.py", "gs://b/r", "--name=a/b"], "--name='a/b': use letters"),

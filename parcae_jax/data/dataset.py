@@ -29,6 +29,7 @@ def check(data, model_vocab_size: int) -> Tokenizer:
         raise DataError(f"data.source={data.source!r} is unknown; set it to one of {'|'.join(SOURCES)}")
     if data.cache_dir and os.path.exists(data.cache_dir) and not os.path.isdir(data.cache_dir):
         raise DataError(f"data.cache_dir={data.cache_dir}: exists and is not a directory; choose another path")
+    made_with = None  # the tokenizer a local prepared directory records
     if data.source == "prepared":
         if not data.path:
             raise DataError("data.source=prepared needs data.path, the directory prepare wrote")
@@ -38,10 +39,6 @@ def check(data, model_vocab_size: int) -> Tokenizer:
             raise DataError(f"data.path={data.path}: no such directory")
         else:
             made_with = read_manifest(data.path)["tokenizer"]  # one line if it is not a finished preparation
-            if int(made_with["vocab_size"]) > model_vocab_size:  # its ids reach past the model's embedding table
-                raise DataError(f"{data.path} was tokenized with {made_with['vocab_size']} ids but "
-                                f"model.vocab_size={model_vocab_size}; set model.vocab_size to at least "
-                                f"{made_with['vocab_size']}, or prepare the data with the model's tokenizer")
     if data.source == "tfds" and not data.tfds_name:
         raise DataError("data.source=tfds needs data.tfds_name")
     if data.source == "embedded" and data.tokenizer != "bytes":
@@ -50,6 +47,10 @@ def check(data, model_vocab_size: int) -> Tokenizer:
     if tok.vocab_size > model_vocab_size:
         raise DataError(f"data.tokenizer has {tok.vocab_size} ids but model.vocab_size={model_vocab_size}; "
                         f"set model.vocab_size to at least {tok.vocab_size}")
+    if made_with is not None and int(made_with["vocab_size"]) > model_vocab_size:  # ids past the embedding table
+        raise DataError(f"{data.path} was tokenized with {made_with['vocab_size']} ids but "
+                        f"model.vocab_size={model_vocab_size}; set model.vocab_size to at least "
+                        f"{made_with['vocab_size']}, or prepare the data with the model's tokenizer")
     return tok
 
 
