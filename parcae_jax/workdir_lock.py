@@ -40,7 +40,18 @@ class WorkdirBusy(StorageError):
 
 
 def _owner(lease_s: float) -> dict:
-    return dict(host=socket.gethostname(), pid=os.getpid(), since=time.time(), lease_end=time.time() + lease_s)
+    return dict(host=socket.gethostname(), pid=os.getpid(), started=_start_time(os.getpid()), since=time.time(),
+                lease_end=time.time() + lease_s)
+
+
+def _start_time(pid) -> str | None:
+    """When process `pid` started (Linux: clock ticks since boot), to tell it from a later
+    process that reuses its pid; None where /proc is not there."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
 
 
 def _describe(owner: dict) -> str:
@@ -48,14 +59,18 @@ def _describe(owner: dict) -> str:
     return f"process {owner.get('pid', '?')} on {owner.get('host', '?')} (since {since})"
 
 
-def _pid_alive(pid) -> bool:
+def _holder_alive(owner: dict) -> bool:
+    """Whether the owner record's process (of this host) still runs: its pid exists and, where
+    both are known, started when the record says (a reused pid is another process)."""
+    pid = owner.get("pid")
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, TypeError, OverflowError):
         return True  # someone else's process, or an owner record we cannot read: assume alive
-    return True
+    started, now = owner.get("started"), _start_time(pid)
+    return started is None or now is None or started == now
 
 
 class WorkdirLock:
@@ -121,7 +136,7 @@ class WorkdirLock:
             holder = _read_owner(current.value.decode(errors="replace"))
             mine = holder.get("host") == socket.gethostname()
             ended = float(holder.get("lease_end", 0)) < time.time()
-            if not ended and not (mine and not _pid_alive(holder.get("pid"))):
+            if not ended and not (mine and not _holder_alive(holder)):
                 left = float(holder.get("lease_end", 0)) - time.time()
                 raise WorkdirBusy(f"{self.path.parent} is in use by another trainer ({_describe(holder)}); wait for "
                                   f"it to finish (if it has died, its lease ends in {left:.0f} s), or use another "

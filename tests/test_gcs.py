@@ -179,6 +179,8 @@ def test_a_gs_workdir_lock_is_a_lease_taken_over_only_from_the_dead(gcs):
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid of this host that no longer exists
     for owner in (dict(host=socket.gethostname(), pid=dead.pid, since=time.time(), lease_end=time.time() + 600),
+                  dict(host=socket.gethostname(), pid=os.getpid(), started="1", since=time.time(),  # a reused pid
+                       lease_end=time.time() + 600),
                   dict(host="elsewhere", pid=1, since=time.time() - 700, lease_end=time.time() - 1)):
         obj.write_text(json.dumps(owner))
         with WorkdirLock(workdir, lease_s=60):
