@@ -10,11 +10,10 @@ import pytest
 
 from parcae_jax.data.prepare import prepare
 from parcae_jax.train import train
-from parcae_jax.validate import validate
 from parcae_jax.workdir_lock import WorkdirLock
 from tests.forkserver import run_module
 from tests.conftest import ROOT
-from tests.test_train import SMALL, small_config
+from tests.test_train import SMALL, one_device, small_config
 
 SMALL_FLAGS = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
     "--config.train.batch_size=8", "--config.train.eval_batches=1", "--config.optim.muon_dtype=float32"]
@@ -117,7 +116,8 @@ def tree_hash(*roots) -> str:
 def places(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     config = small_config(steps=2)
-    train(config, str(root / "trained"), validate(config))
+    trainer, run = one_device(config)  # a checkpoint restores on any device count
+    train(config, str(root / "trained"), run, trainer)
     prepare((f"document {i} " * 30 for i in range(60)), str(root / "data"), docs_per_shard=20, val_every=10,
             progress=False)
     (root / "a_file").write_text("not a folder")

@@ -1,7 +1,6 @@
 """A trained run written out in the official format and read back: `convert export`."""
 
-import subprocess
-import sys
+import os
 
 import jax
 import numpy as np
@@ -11,10 +10,9 @@ from parcae_jax import model as M
 from parcae_jax.convert import load_reference
 from parcae_jax.train import train
 from parcae_jax.transfer import restore_params
-from parcae_jax.validate import validate
 from tests.forkserver import run_module
-from tests.conftest import ROOT
-from tests.test_train import small_config
+from tests.conftest import ONE_DEVICE_ENV, ROOT
+from tests.test_train import one_device, small_config
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +20,8 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = small_config(steps=4)
     config.ckpt.update(every=2, async_save=False)
-    train(config, str(workdir), validate(config))
+    trainer, one = one_device(config)  # a checkpoint does not record the device count it came from
+    train(config, str(workdir), one, trainer)
     return workdir
 
 
@@ -77,8 +76,8 @@ def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
              "--config.train.steps=1", "--config.train.batch_size=8", "--config.train.log_every=1",
              "--config.train.eval_every=0", "--config.optim.muon_dtype=float32"]
     new = tmp_path / "finetune"
-    cli = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                    timeout=300)
+    cli = lambda module, *a: run_module(module, a, cwd=ROOT, timeout=300,  # noqa: E731
+                                        env={**os.environ, **ONE_DEVICE_ENV})
     out = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={new}", *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     step, _, params = restore_params(str(new), 0)

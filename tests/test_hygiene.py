@@ -8,11 +8,10 @@ import struct
 import pytest
 
 from parcae_jax.metrics import slow_hosts
-from parcae_jax.train import Trainer, train
-from parcae_jax.validate import validate
+from parcae_jax.train import train
 from tests.forkserver import run_module
 from tests.conftest import COMPILE_FAST, ROOT
-from tests.test_train import SMALL, losses, small_config
+from tests.test_train import SMALL, losses, one_device, small_config
 
 
 def wandb_history(run_dir) -> tuple[str, dict[int, dict]]:
@@ -50,8 +49,7 @@ def test_profiler_trace_and_wandb_offline_follow_the_run_and_its_resume(tmp_path
     config.ckpt.update(every=2)
     config.profile.update(start_step=1, steps=2)
     config.wandb.update(project="parcae-test", mode="offline")
-    run = validate(config)
-    trainer = Trainer(config, run)
+    trainer, run = one_device(config)  # what is under test does not depend on the device count
     workdir = tmp_path / "run"
     config.train.steps = 4
     train(config, str(workdir), run, trainer)

@@ -8,10 +8,9 @@ import pytest
 
 from parcae_jax.science import test_time
 from parcae_jax.train import train
-from parcae_jax.validate import validate
 from tests.conftest import FIXTURES
 from tests.helpers import SMALL_BASE, science
-from tests.test_train import SMALL, small_config
+from tests.test_train import SMALL, one_device, small_config
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,8 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = small_config(steps=4, eval_every=4, eval_batches=2)
     config.ckpt.update(every=4, async_save=False)
-    train(config, str(workdir), validate(config))
+    trainer, run = one_device(config)  # as the science commands here evaluate (helpers.science)
+    train(config, str(workdir), run, trainer)
     return workdir, config
 
 
