@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging as logging_std
 import shutil
 import time
 from typing import Any, Callable
@@ -28,6 +29,18 @@ from parcae_jax.step import all_finite
 
 
 _all_finite = jax.jit(all_finite)  # one compiled reduction, not one eager op per leaf
+
+
+class _NoSaveCadenceAdvice(logging_std.Filter):
+    """Orbax warns when a save waited over a second for the previous one ("consider
+    checkpointing less frequently"): the cadence is the user's ckpt.every, and on a loaded
+    machine the line lands between a run's real messages."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return "Waiting for previous save to complete took" not in record.getMessage()
+
+
+logging_std.getLogger("absl").addFilter(_NoSaveCadenceAdvice())
 
 
 class CheckpointError(RuntimeError):
