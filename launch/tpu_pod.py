@@ -35,11 +35,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # TPU, zone and run names: nev
 PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")  # project ids (legacy ones hold "domain.com:name")
 
 
-def shell_line(cmd: list[str]) -> str:
-    """`cmd` as one shell command that passes exactly these words."""
-    return shlex.join(cmd)
-
-
 class LaunchError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
@@ -55,9 +50,9 @@ class Gcloud:
         """Runs `gcloud argv...`; stops the launcher with gcloud's exit code if it fails."""
         cmd = ["gcloud", *argv, *self.tail]
         if self.dry_run:
-            print(shell_line(cmd), flush=True)
+            print(shlex.join(cmd), flush=True)
             return ""
-        print(f"+ {summary or shell_line(cmd)}", file=sys.stderr, flush=True)
+        print(f"+ {summary or shlex.join(cmd)}", file=sys.stderr, flush=True)
         try:
             done = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
         except FileNotFoundError:

@@ -190,7 +190,7 @@ def save_reference(path: str, model_config: ModelConfig, params: dict) -> None:
             node = node[p]
         w = np.asarray(node, np.float32)
         if entry.linear:
-            w = w.reshape(math.prod(w.shape[:entry.n_in_axes]), -1).T
+            w = w.reshape(torch_shape(entry, w.shape)[::-1]).T  # [*in, *out] -> [in, out] -> torch's [out, in]
         tensors[entry.key] = np.ascontiguousarray(w)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -28,12 +28,8 @@ def load():
     """(ModelConfig in the chosen dtype, params, tokenizer) from the flags, or fail()."""
     import jax
 
-    from parcae_jax.checkpoint import CheckpointError
-    from parcae_jax.data.readers import DataError
-    from parcae_jax.storage import StorageError
     from parcae_jax.data.tokenizer import load_tokenizer
-    from parcae_jax.model.config import ConfigError
-    from parcae_jax.reference_config import ConversionError
+    from parcae_jax.errors import user_errors
     from parcae_jax.transfer import load_model
 
     if not CHECKPOINT.value:
@@ -46,5 +42,5 @@ def load():
         tokenizer = load_tokenizer(tok_spec)
         dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else None)
         return (cfg.replace(dtype=dtype) if dtype else cfg), params, tokenizer
-    except (ConversionError, ConfigError, DataError, CheckpointError, StorageError) as e:  # no readable checkpoint
+    except user_errors() as e:  # the project's one list of user errors (no readable checkpoint included)
         fail(str(e).splitlines()[0])

@@ -81,7 +81,7 @@ class WorkdirLock:
         self.path = resolve(workdir) / LOCK_NAME
         self.remote = is_remote(self.path)
         self.lease_s = float(lease_s)
-        self._file = None
+        self._fd: int | None = None  # local: the open folder the flock is on
         self._kv = self._generation = None
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -118,7 +118,7 @@ class WorkdirLock:
             who = f"process {holder} on this host" if holder else "a process on this host"
             raise WorkdirBusy(f"{folder} is in use by another trainer ({who}); wait for it to finish, or use "
                               "another --workdir") from None
-        self._file = fd
+        self._fd = fd
 
     # --- gs://: a leased object -----------------------------------------------------------------
 
@@ -166,9 +166,9 @@ class WorkdirLock:
             self._generation = written.generation
 
     def release(self) -> None:
-        if self._file is not None:
-            os.close(self._file)  # closing releases the flock
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
         if self._thread is not None:
             self._stop.set()
             self._thread.join()

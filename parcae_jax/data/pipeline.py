@@ -49,8 +49,8 @@ def read_manifest(directory: str) -> dict:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["fingerprint"], manifest["splits"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        int(manifest["tokenizer"]["vocab_size"]), str(manifest["tokenizer"]["fingerprint"]), dict(manifest["splits"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a manifest prepare wrote ({type(e).__name__}: {e}); prepare the data "
                         "again") from None
     return manifest
