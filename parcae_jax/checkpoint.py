@@ -16,6 +16,7 @@ import errno
 import json
 import logging as logging_std
 import shutil
+import threading
 import time
 from typing import Any, Callable
 
@@ -31,16 +32,23 @@ from parcae_jax.step import all_finite
 _all_finite = jax.jit(all_finite)  # one compiled reduction, not one eager op per leaf
 
 
-class _NoSaveCadenceAdvice(logging_std.Filter):
+class _OrbaxLogFilter(logging_std.Filter):
     """Orbax warns when a save waited over a second for the previous one ("consider
     checkpointing less frequently"): the cadence is the user's ckpt.every, and on a loaded
-    machine the line lands between a run's real messages."""
+    machine the line lands between a run's real messages. And orbax logs a failed background
+    save with its traceback from each thread that sees it (hundreds of lines): the failure
+    reaches the main thread whole (Checkpointer._finish), so its log lines keep their message."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.exc_info:
+            record.exc_info = record.exc_text = None
         return "Waiting for previous save to complete took" not in record.getMessage()
 
 
-logging_std.getLogger("absl").addFilter(_NoSaveCadenceAdvice())
+logging_std.getLogger("absl").addFilter(_OrbaxLogFilter())
+
+# orbax's names: a save in progress (any store), and a committed step (GCS, no atomic rename)
+_TMP_SUFFIX, _COMMIT_MARKER = ".orbax-checkpoint-tmp", "commit_success.txt"
 
 
 class CheckpointError(RuntimeError):
@@ -48,11 +56,21 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
+    """One run's checkpoints. Saves are asynchronous: a thread per save waits for orbax to
+    commit it, checks that it did, then deletes what `keep` no longer holds (`_finish`). A
+    failure there is raised in the training loop by the next `check()`, within a step."""
+
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = storage.resolve(directory)  # local or gs://
+        self.keep = keep
+        # Old steps are deleted here, not by orbax: its deleter stops the run on a step that a
+        # killed run already deleted in part (on GCS a step is many objects, removed one by one).
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True))
+        self._finishing: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._reported = False  # a failure was raised: orbax will raise it again on close
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -64,16 +82,60 @@ class Checkpointer:
         if not bool(_all_finite(state.params)):
             logging.error("step %d: parameters are not finite; not saving over the last good checkpoint", step)
             return False
+        self._join()  # orbax would wait for the previous save here anyway
         self._check_space(step, state)
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
                 config=ocp.args.JsonSave(config)))
-            if wait:
-                self.manager.wait_until_finished()
-        except OSError as e:  # e.g. the disk filled up during the (asynchronous) write
+        except OSError as e:  # e.g. the disk filled up during the (synchronous part of the) write
             raise self._cannot_write(step, e.strerror or str(e), e.errno == errno.ENOSPC) from None
+        self._finishing = threading.Thread(target=self._finish, args=(step,), name=f"checkpoint {step}", daemon=True)
+        self._finishing.start()
+        if wait:
+            self._join()
         return True
+
+    def check(self) -> None:
+        """Raises, as one line, the failure of a save that finished in the background."""
+        if self._failure is not None:
+            self._join()
+
+    def _join(self) -> None:
+        if self._finishing is not None:
+            self._finishing.join()
+            self._finishing = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            self._reported = True
+            raise failure
+
+    def _finish(self, step: int) -> None:
+        """The save thread's end: orbax's commit, proof that it happened, then the old steps go."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.reload()  # what the store holds now, not what this manager wrote
+            if step not in self.manager.all_steps():  # orbax logged the cause and skipped the commit
+                raise OSError(f"checkpoint {step} was not committed (see the log above)")
+            if jax.process_index() == 0:
+                self.collect(step)
+        except OSError as e:  # the store refused: one line in the main thread
+            why = (e.strerror or str(e) or type(e).__name__).splitlines()[0][:200]
+            self._failure = self._cannot_write(step, why, e.errno == errno.ENOSPC)
+        except BaseException as e:  # noqa: BLE001 - a bug: raised in the main thread with its traceback
+            self._failure = e
+
+    def collect(self, newest: int) -> None:
+        """Deletes the committed steps beyond the newest `keep`, and what killed runs left of
+        saves or deletions older than `newest`; idempotent, so what a run killed here left is
+        finished by the next save or resume. Only the workdir's owner (its lock) calls it."""
+        committed = sorted(self.manager.all_steps())
+        kept = set(committed[-self.keep:])
+        for path in storage.fresh_listing(self.directory):
+            number = path.name.split(_TMP_SUFFIX)[0]
+            if number.isdigit() and int(number) < newest and (int(number) not in kept or path.name != number):
+                storage.remove_tree(path, first=_COMMIT_MARKER)
+        self.manager.reload()
 
     def _check_space(self, step: int, state: Any) -> None:
         """Refuses, before orbax starts, a save that a local disk cannot hold: a full disk found
@@ -207,13 +269,15 @@ class Checkpointer:
                       type(error).__name__, reason, where)
 
     def close(self) -> None:
+        """Waits for the last save (raising its failure) and closes orbax's threads."""
         try:
-            self.manager.wait_until_finished()
-        except OSError as e:
-            raise self._cannot_write(max(self.manager.all_steps(), default=0), e.strerror or str(e),
-                                     e.errno == errno.ENOSPC) from None
+            self._join()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                if not self._reported:  # else orbax raises again the failure _join reported
+                    raise
 
 
 class CheckpointMismatch(CheckpointError):

@@ -76,6 +76,35 @@ def _exists(path: epath.Path) -> bool:
         return False
 
 
+def fresh_listing(path: epath.Path) -> list[epath.Path]:
+    """The folder's entries as the store holds them now (gcsfs caches listings within a
+    process, and orbax writes through tensorstore, which that cache never sees)."""
+    if is_remote(path):
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
+    try:
+        return list(path.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def remove_tree(path: epath.Path, first: str | None = None) -> None:
+    """Deletes a folder that may already be partly or wholly gone (a run killed while
+    deleting it). `first`, if given, is a file inside removed before the rest: for a
+    checkpoint, the marker that makes it count as complete."""
+    if first is not None:
+        try:
+            (path / first).unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+    for _ in range(2):  # GCS: a folder placeholder object can hide the files under it from one pass
+        try:
+            path.rmtree(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+
 class Mirror:
     """A local folder whose files are copied whole to a remote folder on `sync`.
 

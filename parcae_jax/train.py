@@ -144,6 +144,8 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
     start = int(jax.device_get(state.step))
     if found is not None:
         logging.warning("resumed from checkpoint %d in %s", start, ckpt.directory)
+        if pid == 0:
+            ckpt.collect(start)  # what a run killed while saving or deleting left behind
     writer = MetricsWriter(workdir, start, t.steps, enabled=pid == 0, wandb_config=config.wandb, run_config=config_dict)
     proc_log = ProcessLog(root, pid, nproc, f"{jax.local_device_count()} local / {jax.device_count()} devices "
                           f"({jax.devices()[0].device_kind}), jax {jax.__version__}, resuming from step {start}")
@@ -171,6 +173,7 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
                 pending.append(metrics)
                 step += 1
                 profiler.after(step, state)
+                ckpt.check()  # a save that failed in the background stops the run here, within a step
                 stop = preempt.should_stop(step)
                 evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
                 if step % t.log_every == 0 or evaluating or stop or step == t.steps:
@@ -205,8 +208,8 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
                         raise WorkdirBusy(f"{workdir}: another trainer took over this workdir's lock (the lease "
                                           "was not renewed in time); this run stops without saving step "
                                           f"{step}; checkpoint {ckpt.latest_step()} is its last")
+                    writer.sync()  # first: a committed checkpoint never has metrics rows still to upload
                     saved = ckpt.save(step, state, data_iter, config_dict, wait=stop or step == t.steps)
-                    writer.sync()
                 if stop:
                     logging.warning("stopped by %s after step %d; %s", signal.Signals(preempt.signum).name, step,
                                     "checkpoint saved" if saved else "NO checkpoint: the parameters are not finite")

