@@ -15,6 +15,7 @@ CPU unless --dtype. Bad input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from absl import flags
@@ -47,6 +48,13 @@ def local_task(path: str) -> dict:
         raise TaskFileError(f"{path}: not a task YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict) or "task" not in config:
         raise TaskFileError(f"{path}: a task YAML needs a `task:` name")
+    if "include" not in config:  # an included base file may supply the rest: lm-eval checks that one
+        needed = ["dataset_path", "doc_to_text", "doc_to_target"]
+        needed += ["doc_to_choice"] if config.get("output_type") == "multiple_choice" else []
+        missing = [k for k in needed if config.get(k) is None and not (k == "dataset_path" and "custom_dataset" in config)]
+        if missing:
+            raise TaskFileError(f"{path}: a task YAML needs `{missing[0]}:` (lm-eval's task fields: "
+                                f"{', '.join(needed)})")
     files = (config.get("dataset_kwargs") or {}).get("data_files")
     if files is not None:
         here = os.path.dirname(os.path.abspath(path))
@@ -75,6 +83,25 @@ def _check_jsonl(path: str) -> None:
                     raise TaskFileError(f"{path}:{n}: a document must be a JSON object, got {type(doc).__name__}")
     except OSError as e:
         raise TaskFileError(f"{path}: {e.strerror}") from None
+
+
+def build_tasks(tasks: list, manager) -> None:
+    """Builds each task as lm-eval will (its name looked up, its config checked, its dataset
+    loaded or fetched) before any model is loaded: what lm-eval refuses is one line naming
+    the task, instead of a traceback after the model was loaded."""
+    for task in tasks:
+        name = task["task"] if isinstance(task, dict) else task
+        try:
+            manager.load([task])
+        except KeyError:
+            raise TaskFileError(f"--tasks: {name!r} is not a task lm-eval knows; check the name (python -m "
+                                "lm_eval ls tasks lists them) or pass a task YAML path") from None
+        except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds for one cause
+            why = (str(e).strip().splitlines() or [""])[0][:200] or "no message"
+            fix = ("check the network, or set HF_DATASETS_OFFLINE=1 with the dataset in its cache"
+                   if isinstance(e, (ConnectionError, OSError)) or "offline" in why.lower() or "reach" in why.lower()
+                   else "fix the task's config")
+            raise TaskFileError(f"task {name}: lm-eval cannot build it ({type(e).__name__}: {why}); {fix}") from None
 
 
 def headline(task_results: dict) -> dict[str, float]:
@@ -109,8 +136,13 @@ def main(argv: list[str]) -> None:
             fail(f"--{flag}={value} must be >= {low}")
     if _OUTPUT.value:
         _check_writable(_OUTPUT.value)  # before the evaluation, whose results would otherwise be lost
+    logging.getLogger("datasets").setLevel(logging.WARNING)  # its "JAX version ... available" on every run
+    from lm_eval.tasks import TaskManager
+
     try:
         tasks = [local_task(t) if t.endswith((".yaml", ".yml")) else t for t in _TASKS.value]
+        manager = TaskManager()
+        build_tasks(tasks, manager)
     except TaskFileError as e:
         fail(str(e))
     cfg, params, tokenizer = load()
@@ -120,8 +152,13 @@ def main(argv: list[str]) -> None:
     if cfg.arch == "gpt" and len(recurrences) > 1:
         recurrences = recurrences[:1]  # a GPT has no loop: one column
 
-    result = evaluate(cfg, params, tokenizer, tasks, recurrences, batch_size=_BATCH.value, seed=SEED.value,
-                      limit=_LIMIT.value, num_fewshot=_FEWSHOT.value)
+    from parcae_jax.infer.generator import GenerationError
+
+    try:
+        result = evaluate(cfg, params, tokenizer, tasks, recurrences, batch_size=_BATCH.value, seed=SEED.value,
+                          limit=_LIMIT.value, num_fewshot=_FEWSHOT.value, manager=manager)
+    except GenerationError as e:  # e.g. a tokenizer that is not the model's
+        fail(str(e).splitlines()[0])
     print(table(result["scores"], recurrences))
     if _OUTPUT.value:
         tmp = f"{_OUTPUT.value}.tmp"
@@ -141,15 +178,16 @@ def _check_writable(path: str) -> None:
 
 
 def evaluate(cfg, params, tokenizer, tasks: list, recurrences: list[int], *, batch_size: int = 16, seed: int = 0,
-             limit: int | None = None, num_fewshot: int | None = None) -> dict:
+             limit: int | None = None, num_fewshot: int | None = None, manager=None) -> dict:
     """Every task at every recurrence: {"recurrences", "scores": {task: {R: {metric: value}}},
-    "lm_eval": {R: lm-eval's results}}. tasks: lm-eval names or local_task dicts."""
+    "lm_eval": {R: lm-eval's results}}. tasks: lm-eval names or local_task dicts; manager: an
+    lm-eval TaskManager (indexing its registry takes seconds: pass the one build_tasks used)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from parcae_jax.infer.harness import HarnessLM
 
-    manager = TaskManager()
+    manager = manager or TaskManager()
     scores: dict = {}
     raw: dict = {}
     for r in recurrences:

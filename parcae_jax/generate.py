@@ -47,6 +47,17 @@ _BENCH_PROMPTS = flags.DEFINE_list("bench_prompt_lens", ["64", "1024"], "--bench
 _BENCH_BATCHES = flags.DEFINE_list("bench_batches", ["1", "8"], "--bench: batch sizes.")
 
 
+def _encode(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids, or one line saying why this tokenizer gives none."""
+    try:
+        ids = tokenizer.encode(prompt).tolist()
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises its own types (e.g. a vocabulary without [UNK])
+        fail(f"--prompt={prompt[:40]!r}: the tokenizer cannot encode it ({(str(e).splitlines() or [''])[0][:120]})")
+    if not ids:
+        fail(f"--prompt={prompt[:40]!r}: the tokenizer maps it to no tokens; give a prompt it can encode")
+    return ids
+
+
 def _bench() -> None:
     from parcae_jax.bench.decode import bench_decode
     from parcae_jax.defaults import load_shipped, shipped_config
@@ -83,7 +94,7 @@ def main(argv: list[str]) -> None:
         stop = tuple(int(s) for s in _STOP.value) if _STOP.value is not None else (tokenizer.eod_id,)
         gen = Generator(cfg, params, recurrence=_RECURRENCE.value, strategy=_STRATEGY.value,
                         exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value, dtype=cfg.dtype)
-        prompts = [tokenizer.encode(p).tolist() for p in _PROMPT.value]
+        prompts = [_encode(tokenizer, p) for p in _PROMPT.value]
         t0 = time.perf_counter()
         out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=SEED.value)
         seconds = time.perf_counter() - t0

@@ -12,7 +12,6 @@ from lm_eval.api.instance import Instance
 
 from parcae_jax import convert
 from parcae_jax.data.tokenizer import ByteTokenizer
-from parcae_jax.evaluate import TaskFileError, local_task
 from parcae_jax.infer.generator import Generator
 from parcae_jax.infer.harness import HarnessLM, eval_initial_state
 from parcae_jax.model import build, init_params
@@ -135,29 +134,3 @@ def test_the_command_prints_a_table_and_writes_the_scores_the_reference_loop_giv
             acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, d["choices"])]) == d["answer"])  # lm-eval: the choice's characters
         got = saved["scores"]["parcae_sample_mc"][str(r)]
         assert got["acc"] == acc / len(docs) and got["acc_norm"] == acc_norm / len(docs), (r, got, acc, acc_norm)
-
-
-def test_a_malformed_task_line_is_named(tmp_path):
-    (tmp_path / "t.jsonl").write_text('{"question": "a", "choices": [" b"], "answer": 0}\n{"question": oops}\n')
-    task = TASK.read_text().replace("sample_mc.jsonl", "t.jsonl")
-    (tmp_path / "t.yaml").write_text(task)
-    with pytest.raises(TaskFileError, match=r"t.jsonl:2: not valid JSON"):
-        local_task(str(tmp_path / "t.yaml"))
-    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", f"--tasks={tmp_path / 't.yaml'}")
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2 and last.startswith("error: ") and "t.jsonl:2: not valid JSON" in last, done.stderr
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--limit=0"], "--limit=0 must be >= 1"),
-    (["--num_fewshot=-1"], "--num_fewshot=-1 must be >= 0"),
-    (["--eval_batch_size=0"], "--eval_batch_size=0 must be >= 1"),
-    (["--output={tmp}"], "is a directory; name a file"),
-    (["--output={tmp}/no/such/scores.json"], "no such directory"),
-])
-def test_bad_evaluation_requests_are_one_line_before_any_evaluation(tmp_path, args, message):
-    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", f"--tasks={TASK}",
-                *[a.format(tmp=tmp_path) for a in args])
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], done.stderr[-2000:]
-    assert list(tmp_path.iterdir()) == []

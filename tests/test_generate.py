@@ -322,27 +322,3 @@ def test_the_command_line_generates_what_the_api_does(parcae):
     prompts = [list("def f(x):".encode()), list(b"import")]
     want = Generator(cfg, params, recurrence=2).generate(prompts, 6, Sampling(0.7, 20), stop_ids=(256,), seed=5)
     assert got["tokens"] == want.tokens and got["mean_depth"] == 2
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--prompt=" + "x" * 60], "a prompt of 60 tokens plus 64 new tokens exceeds the model's block size 64"),
-    (["--prompt=a", "--cache_strategy=compress-q2"], "cache strategy 'compress-q2' is unknown"),
-    (["--prompt=a", "--top_p=0"], "top_p must be in (0, 1]"),
-    (["--prompt=a", "--recurrence=0"], "recurrence must be >= 1"),
-    ([], "pass at least one --prompt"),
-    (["--prompt=a", "--temperature=nan"], "temperature must be a finite number >= 0"),
-    (["--prompt=a", "--exit_rule=delta", "--exit_threshold=nan"], "exit threshold must be a finite number >= 0"),
-    (["--prompt=a", "--exit_rule=kl", "--exit_threshold=-1"], "exit threshold must be a finite number >= 0"),
-    (["--prompt=a", "--cache_strategy=compress-s0"], "cache strategy 'compress-s0' needs K >= 1"),
-    (["--prompt=a", "--cache_strategy=compress-stride0"], "needs K >= 1"),
-])
-def test_bad_generation_requests_are_one_line_and_exit_2(args, message):
-    done = _cli(f"--checkpoint={PARCAE}", "--tokenizer=bytes", *args)
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2 and last.startswith("error: ") and message in last, done.stderr
-    assert len([line for line in done.stderr.splitlines() if line.startswith("error")]) == 1
-
-
-def test_a_folder_without_a_tokenizer_needs_one_named():
-    done = _cli(f"--checkpoint={PARCAE}", "--prompt=a")
-    assert done.returncode == 2 and "names no tokenizer; pass --tokenizer" in done.stderr

@@ -144,33 +144,6 @@ def run_prepare(*args):
     return run_module("parcae_jax.data.prepare", [*args], cwd=ROOT, timeout=300)
 
 
-def test_bad_inputs_get_one_clear_line(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1"))
-    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
-    cases = [
-        ([f"--input={tmp_path / 'missing.txt'}"], "no such file or directory"),
-        ([f"--input={tmp_path / 'empty'}"], "holds no .txt"),
-        ([f"--input={tmp_path / 'empty.txt'}"], "holds no documents"),
-        ([f"--input={tmp_path / 'nofield.jsonl'}"], "nofield.jsonl:1: no field 'text' (found ['body']); set --text_field"),
-        ([f"--input={tmp_path / 'nocol.parquet'}"], "no column 'text' (columns: ['body'])"),
-        ([f"--input={tmp_path / 'latin1.txt'}"], "latin1.txt: not UTF-8 at byte 3"),
-        ([f"--input={tmp_path / 'latin1.jsonl'}"], "latin1.jsonl:2: not UTF-8 at byte"),
-        (["--tfds=no_such_dataset", f"--tfds_data_dir={tmp_path}"], "no_such_dataset"),
-        ([], "no input"),
-    ]
-    for i, (args, message) in enumerate(cases):
-        out = run_prepare(*args, f"--output={tmp_path / f'out{i}'}", "--workers=0")
-        assert out.returncode == 2, (args, out.stderr)
-        assert out.stderr.count("\n") == 1 and message in out.stderr, (args, out.stderr)
-        shards = [n for n in os.listdir(tmp_path / f"out{i}") if n.endswith(".arrayrecord")] \
-            if (tmp_path / f"out{i}").exists() else []
-        assert shards == [] or not (tmp_path / f"out{i}" / "manifest.json").exists()
-
-
 def test_config_sources_resolve_to_prepared_data(tmp_path):
     """data.source = tfds | prepared | embedded, as the training job resolves them."""
     from parcae_jax import defaults

@@ -8,7 +8,6 @@ import pytest
 
 from parcae_jax.science import test_time
 from parcae_jax.train import train
-from tests.conftest import FIXTURES
 from tests.helpers import SMALL_BASE, science
 from tests.test_train import SMALL, one_device, small_config
 
@@ -60,19 +59,6 @@ def test_a_synthetic_curve_is_fitted_and_drawn(tmp_path):
     assert result["points"][0]["bits_per_byte"] == pytest.approx(points[0][1] * 1000 / math.log(2) / 4000)
     paths = test_time.write(result, str(tmp_path))
     assert all((tmp_path / f"test_time.{e}").exists() for e in ("json", "csv", "png")) and len(paths) == 3
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--recurrences=0,2"], "every T must be >= 1"),
-    (["--recurrences=a"], "give integers"),
-    ([f"--checkpoint={FIXTURES / 'reference_parcae_tiny'}", "--tokenizer=bytes"], "pass --data_path"),
-    (["--checkpoint=/nonexistent/run"], "no checkpoints"),
-])
-def test_bad_test_time_requests_are_one_line_and_exit_2(args, message, tmp_path):
-    if not any(a.startswith("--checkpoint") for a in args):
-        args = [f"--checkpoint={tmp_path}", *args]
-    out = science("test_time", *args)
-    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
 
 
 @pytest.mark.slow

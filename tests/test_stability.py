@@ -53,17 +53,3 @@ def test_the_stability_command_trains_every_variant_and_rate_and_reads_finished_
     other = science("stability", *args[:-1], "--variants=linear,diagonal", "--steps=13")
     assert other.returncode == 2 and "holds a run of other settings (train.steps 12 -> 13)" in other.stderr
     assert other.stderr.count("\n") == 1 and [m.stat().st_mtime_ns for m in metrics] == stamps
-
-
-@pytest.mark.parametrize("args,message", [
-    ([], "pass --out_dir"),
-    (["--out_dir=/tmp/x", "--variants=diagonal,concat"], "'concat' is unknown"),
-    (["--out_dir=/tmp/x", "--lr_multipliers=1,-2"], "must be > 0"),
-    (["--out_dir=/tmp/x", "--base=/nonexistent.py"], "cannot load"),
-    (["--out_dir=/tmp/x", "--variants="], "--variants is empty"),
-    (["--out_dir=/tmp/x", "--base=gpt_140m"], "has no injection; give a Parcae config"),
-    (["--out_dir=/tmp/x", "--spike_nats=0"], "must be > 0"),
-])
-def test_bad_stability_requests_are_one_line_and_exit_2(args, message):
-    out = science("stability", *args)
-    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]

@@ -22,6 +22,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from typing import Iterable, Iterator
@@ -97,11 +98,17 @@ def prepare(documents: Iterable[str], output: str, tokenizer: str = "bytes", *, 
     if os.path.exists(output) and not os.path.isdir(output):
         raise DataError(f"--output={output} exists and is not a directory; choose another path")
     load_tokenizer(tokenizer, eod_token)  # a bad tokenizer is one line before anything is written
+    created = not os.path.exists(output)
     os.makedirs(output, exist_ok=True)
-    with _locked(output):
-        return _prepare(documents, output, tokenizer, eod_token=eod_token, docs_per_shard=docs_per_shard,
-                        val_every=val_every, workers=workers, description=description, progress=progress,
-                        source=source, overwrite=overwrite)
+    try:
+        with _locked(output):
+            return _prepare(documents, output, tokenizer, eod_token=eod_token, docs_per_shard=docs_per_shard,
+                            val_every=val_every, workers=workers, description=description, progress=progress,
+                            source=source, overwrite=overwrite)
+    except DataError:  # bad input: a folder this call made holds nothing worth resuming (the fix changes the input)
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

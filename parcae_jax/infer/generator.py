@@ -37,6 +37,15 @@ class GenerationError(ValueError):
     """A request the model cannot serve (one line, names the fix)."""
 
 
+def check_vocabulary(ids: list[int], vocab_size: int) -> None:
+    """GenerationError for a token id the model has no row for (an embedding lookup would
+    clamp it silently): the tokenizer is not the one the model was trained with."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise GenerationError(f"a prompt token (id {bad[0]}) is outside the model's vocabulary [0, {vocab_size}); "
+                              "use the tokenizer the model was trained with")
+
+
 @dataclasses.dataclass
 class Output:
     tokens: list[list[int]]  # new tokens per prompt, stop token excluded
@@ -89,9 +98,7 @@ class Generator:
         """New tokens for every prompt. x0 [B, >= P + N, d_rec] overrides the drawn initial
         states, indexed by cache position (P the padded prompt length); used by parity tests."""
         self.check([len(p) for p in prompts], max_new_tokens)
-        V = self.cfg.vocab_size
-        if any(not 0 <= t < V for p in prompts for t in p):
-            raise GenerationError(f"a prompt token is outside the vocabulary [0, {V})")
+        check_vocabulary([t for p in prompts for t in p], self.cfg.vocab_size)
         B, P = len(prompts), _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
         if x0 is not None:
             P = max(len(p) for p in prompts)  # the caller's states are indexed by the unpadded positions
