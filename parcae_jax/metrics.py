@@ -14,7 +14,7 @@ from typing import Any
 
 from absl import logging
 
-from parcae_jax.storage import Mirror
+from parcae_jax.storage import Mirror, check_writable, is_remote
 
 
 # Dense bfloat16 peak FLOP/s per chip, for MFU (no entry: MFU is not reported).
@@ -81,6 +81,16 @@ def _kept_lines(text: str, resume_step: int) -> list[str]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+TENSORBOARD = "tensorboard"  # the events' folder in the workdir
+
+
+def check_outputs(workdir: str) -> None:
+    """One line now, before a run restores or compiles anything, for a folder MetricsWriter
+    could not write in (TensorBoard's writer would raise a traceback later)."""
+    if not is_remote(workdir):
+        check_writable(os.path.join(workdir, TENSORBOARD))
+
+
 class MetricsWriter:
     """metrics.jsonl and TensorBoard events in the workdir (local or gs://, via storage.Mirror)."""
 
@@ -93,6 +103,7 @@ class MetricsWriter:
         self.mirror = Mirror(workdir)
         self.mirror.fetch("metrics.jsonl")
         self.path = os.path.join(self.mirror.local, "metrics.jsonl")
+        events = os.path.join(self.mirror.local, TENSORBOARD)
         if os.path.exists(self.path):  # drop what a killed run logged past its last checkpoint
             with open(self.path) as f:
                 kept = _kept_lines(f.read(), resume_step)
@@ -101,7 +112,7 @@ class MetricsWriter:
             os.replace(self.path + ".tmp", self.path)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(self.mirror.local, "tensorboard"))
+        self.tb = SummaryWriter(events)
         if wandb_config is not None and wandb_config.project:
             self.wandb = _start_wandb(wandb_config, workdir, self.mirror.local, run_config)
         self.mirror.sync(force=True)

@@ -64,9 +64,22 @@ def make_dir(path: str | os.PathLike) -> epath.Path:
         raise StorageError(f"{p}: exists and is not a directory; choose another path") from e
     except OSError as e:
         raise StorageError(f"{p}: cannot create it ({type(e).__name__}: {e}); check the path and permissions") from e
-    if not is_remote(p) and not p.is_dir():
-        raise StorageError(f"{p}: exists and is not a directory; choose another path")
+    if not is_remote(p):
+        check_writable(p)
     return p
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """StorageError unless the local folder, if it exists, is a folder a file can be written in."""
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise StorageError(f"{path}: exists and is not a directory; choose another path")
+    try:  # the one real test (permissions, a read-only mount, root's exemptions): make a file there
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise StorageError(f"{path}: cannot write there ({e.strerror or e}); check its permissions or choose "
+                           "another path") from None
 
 
 def _exists(path: epath.Path) -> bool:

@@ -21,7 +21,7 @@ from parcae_jax.preemption import Interrupted, Preemption
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
 from parcae_jax.describe import flops_per_token
-from parcae_jax.metrics import MetricsWriter, ProcessLog, peak_flops, slow_hosts
+from parcae_jax.metrics import MetricsWriter, ProcessLog, check_outputs, peak_flops, slow_hosts
 from parcae_jax.profile import Profiler
 from parcae_jax.model import build, init_params
 from parcae_jax.optim import make_optimizer
@@ -135,6 +135,7 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
     loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
     data_iter = iter(loader)
     ckpt = Checkpointer(storage.make_dir(root / "checkpoints"), config.ckpt.keep, config.ckpt.async_save)
+    check_outputs(workdir)
     config_dict = config.to_dict()
     guard = lambda saved, step: resume.check(saved, config_dict, step, config.ckpt.allow_changes)  # noqa: E731
     with trainer.context():

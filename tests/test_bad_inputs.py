@@ -23,6 +23,7 @@ SMALL_FLAGS = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
 # exist (and must not afterwards), {F}: a file, {D}: a prepared data folder, {C}: a folder of
 # broken config files, {L}: a trained workdir whose lock another trainer holds, {A}: a workdir
 # whose checkpoints were all set aside as unreadable, {K}: a workdir whose checkpoints is a file,
+# {B}: a trained workdir whose tensorboard is a file,
 # {V}: prepared data whose manifest names a 70000-id tokenizer, {G}: one whose manifest is garbage.
 CASES = {
     "unknown key": (["--config.train.stepz=3"], "--config.train.stepz: no such config key"),
@@ -67,6 +68,10 @@ CASES = {
     "unsupported scheme": (["--workdir=s3://bucket/run"], "unsupported scheme"),
     "workdir is a file": (["--workdir={F}"], "exists and is not a directory"),
     "workdir under a file": (["--workdir={F}/run"], "cannot create it"),
+    # /sys/kernel: a folder no process can make a file in, root included
+    "workdir not writable": (["--workdir=/sys/kernel"], "/sys/kernel: cannot write there"),
+    "cache_dir not writable": (["--config.data.cache_dir=/sys/kernel"],
+                               "data.cache_dir=/sys/kernel: cannot write there"),
     "train without workdir": (["--workdir="], "--mode=train needs --workdir"),
     "eval without workdir": (["--mode=eval", "--workdir="], "--mode=eval needs --workdir"),
     "eval of a misspelled workdir": (["--mode=eval"], "no checkpoint in"),
@@ -88,6 +93,7 @@ CASES = {
                                            "does not fit this config (params/"),
     "every checkpoint set aside": (["--workdir={A}"], "holds the ones set aside as unreadable"),
     "checkpoints is a file": (["--workdir={K}"], "checkpoints: exists and is not a directory"),
+    "tensorboard is a file": (["--workdir={B}"], "tensorboard: exists and is not a directory"),
     "cache_dir is a file": (["--config.data.cache_dir={F}"], "a_file: exists and is not a directory"),
     "data of a larger vocabulary": (["--config.data.source=prepared", "--config.data.path={V}"],
                                     "was tokenized with 70000 ids but model.vocab_size=257"),
@@ -166,6 +172,9 @@ def places(tmp_path_factory):
         shutil.copytree(root / "data", root / name)
         manifest = root / name / "manifest.json"
         manifest.write_text(change(manifest.read_text()))
+    shutil.copytree(root / "trained", root / "tb_file")
+    shutil.rmtree(root / "tb_file" / "tensorboard")
+    (root / "tb_file" / "tensorboard").write_text("not a folder")
     (root / "ckpt_file").mkdir()
     (root / "ckpt_file" / "checkpoints").write_text("not a folder")  # once a hang: orbax's save thread failed
     for name in ("bad_json", "no_field", "bad_tensors", "huge_block"):  # official-format folders, damaged
@@ -182,7 +191,7 @@ def places(tmp_path_factory):
     with WorkdirLock(str(root / "locked")):  # another trainer's, for the module's tests
         yield {"W": str(root / "trained"), "N": str(root / "nothing_here"), "F": str(root / "a_file"),
                "D": str(root / "data"), "C": str(broken), "T": str(root / "doc.txt"), "L": str(root / "locked"),
-               "A": str(root / "aside"), "K": str(root / "ckpt_file"), "V": str(root / "big_vocab"),
+               "A": str(root / "aside"), "K": str(root / "ckpt_file"), "B": str(root / "tb_file"), "V": str(root / "big_vocab"),
                "G": str(root / "garbage_manifest"), "R": str(root / "damaged"), "X": str(root / "inputs"),
                "P": str(FIXTURES / "reference_parcae_tiny"), "E": str(FIXTURES / "eval" / "sample_mc.yaml"),
                "root": root}

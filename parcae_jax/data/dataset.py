@@ -27,8 +27,10 @@ def check(data, model_vocab_size: int) -> Tokenizer:
     """Validates config.data before anything is compiled; returns the tokenizer."""
     if data.source not in SOURCES:
         raise DataError(f"data.source={data.source!r} is unknown; set it to one of {'|'.join(SOURCES)}")
-    if data.cache_dir and os.path.exists(data.cache_dir) and not os.path.isdir(data.cache_dir):
-        raise DataError(f"data.cache_dir={data.cache_dir}: exists and is not a directory; choose another path")
+    try:
+        storage.check_writable(_cache(data))
+    except storage.StorageError as e:
+        raise DataError(f"data.cache_dir={e}") from None
     made_with = None  # the tokenizer a local prepared directory records
     if data.source == "prepared":
         if not data.path:
