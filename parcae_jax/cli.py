@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 HELP = ("-h", "-help", "--help", "-?", "--helpshort")
 
@@ -21,7 +21,18 @@ def run(main: Callable[[list[str]], None], module_name: str, flags_parser: Calla
     if any(a in HELP for a in args):
         print(help_text(module_name))
         sys.exit(0)
-    app.run(main, flags_parser=flags_parser or parse_flags)
+    app.run(_quiet(main), flags_parser=flags_parser or parse_flags)
+
+
+def _quiet(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """Every command logs at WARNING unless --verbosity is given: orbax, grain and TFDS log each
+    open, read and lookup at INFO (hundreds of lines a checkpoint)."""
+    def quiet_main(argv: list[str]) -> None:
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        return main(argv)
+
+    return quiet_main
 
 
 def parse_flags(argv: list[str]) -> list[str]:

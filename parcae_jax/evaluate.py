@@ -141,7 +141,8 @@ def main(argv: list[str]) -> None:
 
     try:
         tasks = [local_task(t) if t.endswith((".yaml", ".yml")) else t for t in _TASKS.value]
-        manager = TaskManager()
+        # lm-eval's registry takes ~10 s to index: only for tasks named from it
+        manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
         build_tasks(tasks, manager)
     except TaskFileError as e:
         fail(str(e))

@@ -16,7 +16,7 @@ import re
 import sys
 from typing import NoReturn
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_dict, config_flags
 
 from parcae_jax import config_files
@@ -153,7 +153,6 @@ def _main(argv: list[str]) -> None:
         fail(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
     if (mode == "import") != bool(_REFERENCE.value):
         fail("--reference=DIR goes with --mode=import (python -m parcae_jax.convert import ...), and it needs one")
-    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
     if mode != "describe":
         if distributed.wanted(config.dist) and not supervise.is_child():
             explicit = distributed.explicit_coordinator(config.dist)

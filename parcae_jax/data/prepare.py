@@ -257,14 +257,13 @@ def _remove_preparation(output: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
+    from absl import flags
 
     from parcae_jax import storage
     from parcae_jax.data import readers, staging
     from parcae_jax.data.corpus import default_cache_dir
 
     FLAGS = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)  # TFDS logs its lookups at INFO
     if len(argv) > 1:
         readers.exit_with(DataError(f"unexpected arguments {argv[1:]}"))
     try:

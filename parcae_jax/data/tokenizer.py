@@ -133,12 +133,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 32768) -> HFTokenizer:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
+    from absl import flags
 
     from parcae_jax.data import readers
 
     FLAGS = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)  # TFDS logs its lookups at INFO
     if argv[1:] != ["train"]:
         readers.exit_with(DataError(f"usage: python -m parcae_jax.data.tokenizer train --input=... --output=...; got {argv[1:]}"))
     try:
