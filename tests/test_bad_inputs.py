@@ -335,7 +335,7 @@ TOOLS = {
     **{f"launcher: {what}": ("launch.tpu_pod", args, says) for what, args, says in (
         ("a TPU name that is an option", ["logs", "--tpu=-oProxyCommand=x", "--zone=z"],
          "--tpu='-oProxyCommand=x': use letters"),
-        ("a run name that climbs", ["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=../../etc"], "use letters"),
+        ("a run name that climbs", ["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=" + os.path.join("..", "..", "etc")], "use letters"),
         ("a run name ..", ["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=.."], "--name='..': use letters"),
         ("a zone that is an option", ["stop", "--tpu=pod1", "--zone=--quiet"], "--zone='--quiet': use letters"),
         ("a project that is an option", ["delete", "--tpu=pod1", "--zone=z", "--project=-p"],

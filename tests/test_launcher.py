@@ -179,8 +179,7 @@ def test_run_trains_one_run_across_both_workers(pod, tmp_path):
     pod.launch("sync", *POD, f"--repo={repo}")
     pod.launch("setup", *POD, *SETUP)
     port = str(portpicker.pick_unused_port())
-    small = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [  # the wiring is under test, not the model
-        "--config.model.n_core=1"]
+    small = [f"--config.model.{k}={v}" for k, v in SMALL.items()]
     pod.launch("run", *POD, "configs/tiny.py", str(workdir), "--", *small, "--config.train.batch_size=8",
                "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=0", "--config.ckpt.every=0",
                "--config.mesh.shape=(-1,1,1)", FAKE_GCLOUD_COORDINATOR_PORT=port, PARCAE_JAX_CACHE=str(cache))

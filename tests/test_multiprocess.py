@@ -17,7 +17,6 @@ from tests.test_train import SMALL, losses
 
 STEPS = 16
 FLAGS = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
-    "--config.model.n_core=1",  # the processes are under test, not the model: one core block compiles faster
     f"--config.train.steps={STEPS}", "--config.train.batch_size=8", "--config.train.log_every=1",
     "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.ckpt.every=4", "--config.ckpt.keep=10",
     "--config.optim.muon_dtype=float32"]  # float32 Muon: equal up to reduction order, see test_train
