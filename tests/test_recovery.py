@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import jax
 import numpy as np
@@ -43,9 +44,15 @@ def runs(tmp_path_factory):
     before = set(threading.enumerate())
     train(config, str(full), run, trainer)
     train(steady_config(8), str(base), run, trainer)
-    # every thread a run starts (saves, their commits and deletions, the lease) ends with it:
-    # one still running at interpreter exit once turned a finished run's exit code into 1
-    assert [t.name for t in set(threading.enumerate()) - before if t.name != "tqdm_monitor"] == []
+    # every thread a run starts ends with it: ours (saves, their commits and deletions, the lease)
+    # are joined; grain's prefetch workers end once the loader is closed. One still running at
+    # interpreter exit once turned a finished run's exit code into 1. (tqdm's monitor outlives
+    # bars by design and stops itself at exit.)
+    deadline = time.time() + 10
+    while (left := [t.name for t in set(threading.enumerate()) - before if t.name != "tqdm_monitor"]) and \
+            time.time() < deadline:
+        time.sleep(0.05)
+    assert left == []
     return trainer, losses(full), base
 
 
