@@ -7,7 +7,7 @@ for the float32 step).
 
 Command:  python -m parcae_jax.main --config=configs/bench_cpu.py --mode=bench
 Hardware: this 2-core CPU machine (the comparison with the official PyTorch code).
-Expect:   one JSON object; see README "Performance" for the measured tokens/s.
+Expect:   one JSON object; see docs/performance.md for the measured tokens/s.
 """
 
 from parcae_jax import defaults

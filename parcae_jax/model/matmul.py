@@ -6,7 +6,7 @@ give backward dots with one float32 operand (the cotangent), which XLA runs as f
 the backward pass, two thirds of a step's FLOPs, would gain nothing. The custom VJP below
 casts the cotangent to the compute dtype too, so all three dots of a matmul (y, dx, dw) are
 16-bit x 16-bit -> float32. CPUs with AVX512-BF16 run those at about twice their float32
-rate (README "Performance"); GPUs and TPUs run them on their matrix units. Parameters,
+rate (docs/performance.md); GPUs and TPUs run them on their matrix units. Parameters,
 cotangents and everything between matmuls (norms, softmax, RoPE, the loss) stay float32, and
 the residuals kept for the backward pass are the 16-bit copies (half the bytes).
 
