@@ -134,7 +134,11 @@ class Checkpointer:
         for path in storage.fresh_listing(self.directory):
             number = path.name.split(_TMP_SUFFIX)[0]
             if number.isdigit() and int(number) < newest and (int(number) not in kept or path.name != number):
-                storage.remove_tree(path, first=_COMMIT_MARKER)
+                try:
+                    storage.remove_tree(path, first=_COMMIT_MARKER)
+                except OSError as e:  # costs space, not the run (nor the other processes' next step)
+                    logging.warning("could not delete old checkpoint %s (%s); the next save tries again", path,
+                                    e.strerror or e)
         self.manager.reload()
 
     def _check_space(self, step: int, state: Any) -> None:

@@ -103,14 +103,15 @@ KILLS = [
     ("delete files:3:after", 6),  # step 4's rest deleted on resuming; 8 committed, one pass over 6
     ("array write:20:before", None),  # in the middle of restoring step 8
     ("commit marker:6:after", 8),  # the last save committed, step 8 not yet deleted
-    (None, 10),  # nothing left to train: step 8 goes, the run ends
+    ("delete files:1:fail", 10),  # nothing left to train; deleting step 8 is refused: a warning, exit 0
+    (None, 10),  # step 8's rest goes, the run ends
 ]
 
 
 @pytest.mark.slow
 def test_gs_runs_killed_at_any_moment_resume_with_the_uninterrupted_losses(gcs, documents, tmp_path):
     """Data and workdir on GCS; kill -9 at eight moments spread over saves, commits, deletions
-    and restores, and one refused write, each run resuming the last. Every resume succeeds, each step is
+    and restores, and two refused writes, each run resuming the last. Every resume succeeds, each step is
     logged once with the uninterrupted run's loss bit for bit, and nothing is left behind."""
     from etils import epath
     from etils.epath import backend
@@ -137,7 +138,9 @@ def test_gs_runs_killed_at_any_moment_resume_with_the_uninterrupted_losses(gcs, 
     for moment, _ in KILLS:
         out = run_module("tests.faults", flags, cwd=ROOT, timeout=300,
                          env={**env, **({"PARCAE_KILL_AT": moment} if moment else {})})
-        if moment and moment.endswith(":fail"):  # a background save's failure: one line, exit 2, soon
+        if moment == "delete files:1:fail":  # an old step that cannot be deleted costs space, not the run
+            assert out.returncode == 0 and "could not delete old checkpoint" in out.stderr, out.stderr[-3000:]
+        elif moment and moment.endswith(":fail"):  # a background save's failure: one line, exit 2, soon
             assert out.returncode == 2, out.stderr[-3000:]
             assert re.fullmatch(r"error: .*/checkpoints: cannot write checkpoint 4 \(injected I/O error at commit "
                                 r"marker 6\); checkpoint 2 is intact: fix that, then run the same command to resume",
