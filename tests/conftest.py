@@ -75,6 +75,7 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes tens of seconds (still run in CI)")
+    config.addinivalue_line("markers", "long: the longest tests (30 s to 2 min on 2 cores): dealt out first")
     config.addinivalue_line("markers", "full_compile: compiles a published config in full; needs --full-compile")
 
 
@@ -102,8 +103,8 @@ def pytest_collection_modifyitems(config, items):
     # ours that outlives a test (a trained run, a compiled model) go to one worker, which builds it
     # once; every other test is a group of its own, so that one long file does not hold one worker
     # while the other idles. Groups are dealt out in the order of this list (pyproject.toml turns
-    # xdist's reordering off): those with the most slow tests first, so that no long test starts
-    # last while the other worker idles.
+    # xdist's reordering off): those with a `long` test first, then by their number of slow tests,
+    # so that no long test starts last while the other worker idles.
     groups = {item: ",".join(_shared_work(item)) for item in items}
     for item in items:
         if groups[item]:
@@ -111,8 +112,8 @@ def pytest_collection_modifyitems(config, items):
         else:
             groups[item] = item.nodeid
     slow = {}
-    for item in items:
-        slow[groups[item]] = slow.get(groups[item], 0) + ("slow" in item.keywords)
+    for item in items:  # a long test outweighs any number of merely slow ones: started last, it is the tail
+        slow[groups[item]] = slow.get(groups[item], 0) + ("slow" in item.keywords) + 100 * ("long" in item.keywords)
     first = {g: i for i, g in reversed(list(enumerate(groups[item] for item in items)))}
     items.sort(key=lambda i: (-slow[groups[i]], first[groups[i]]))
 

@@ -55,6 +55,7 @@ def test_published_peaks_name_the_chip_or_nothing():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_accelerator_check_runs_end_to_end_at_toy_shapes(tmp_path):
     """launch/bench_accelerator.sh --smoke: the same commands as on a GPU, at toy shapes; one
     JSON line per model, appended to $OUT; on CPU there is no published peak or allocator."""

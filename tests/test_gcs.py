@@ -109,6 +109,7 @@ KILLS = [
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_gs_runs_killed_at_any_moment_resume_with_the_uninterrupted_losses(gcs, documents, tmp_path):
     """Data and workdir on GCS; kill -9 at eight moments spread over saves, commits, deletions
     and restores, and two refused writes, each run resuming the last. Every resume succeeds, each step is

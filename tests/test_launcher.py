@@ -168,6 +168,7 @@ def test_trainer_flags_arrive_intact(pod, stub_repo, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_run_trains_one_run_across_both_workers(pod, tmp_path):
     from parcae_jax.data.corpus import embedded_corpus
 

@@ -66,6 +66,7 @@ def _tail(path, n=1):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_train_like_one_and_survive_preemption_kill_and_resume(tmp_path):
     cache, logs, work, ref = tmp_path / "cache", tmp_path / "logs", tmp_path / "run", tmp_path / "ref"
     logs.mkdir()

@@ -24,6 +24,7 @@ def test_divergence_and_spikes_are_marked_where_the_series_says():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_stability_command_trains_every_variant_and_rate_and_reads_finished_runs_back(tmp_path):
     base = tmp_path / "small.py"
     base.write_text(SMALL_BASE.format(small=SMALL))

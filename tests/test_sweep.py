@@ -50,6 +50,7 @@ def _budget_for(steps, recurrence):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_same_table(tmp_path):
     import signal
 
