@@ -47,12 +47,12 @@ _BENCH_PROMPTS = flags.DEFINE_list("bench_prompt_lens", ["64", "1024"], "--bench
 _BENCH_BATCHES = flags.DEFINE_list("bench_batches", ["1", "8"], "--bench: batch sizes.")
 
 
-def _encode(tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids, or one line saying why this tokenizer gives none."""
-    try:
-        ids = tokenizer.encode(prompt).tolist()
-    except Exception as e:  # noqa: BLE001 - `tokenizers` raises its own types (e.g. a vocabulary without [UNK])
-        fail(f"--prompt={prompt[:40]!r}: the tokenizer cannot encode it ({(str(e).splitlines() or [''])[0][:120]})")
+def _encode(tokenizer, prompt: str, vocab_size: int) -> list[int]:
+    """The prompt's ids (GenerationError if the tokenizer cannot serve the model), or one line
+    if it gives none."""
+    from parcae_jax.infer.generator import encode
+
+    ids = encode(tokenizer, prompt, vocab_size)
     if not ids:
         fail(f"--prompt={prompt[:40]!r}: the tokenizer maps it to no tokens; give a prompt it can encode")
     return ids
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
         stop = tuple(int(s) for s in _STOP.value) if _STOP.value is not None else (tokenizer.eod_id,)
         gen = Generator(cfg, params, recurrence=_RECURRENCE.value, strategy=_STRATEGY.value,
                         exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value, dtype=cfg.dtype)
-        prompts = [_encode(tokenizer, p) for p in _PROMPT.value]
+        prompts = [_encode(tokenizer, p, cfg.vocab_size) for p in _PROMPT.value]
         t0 = time.perf_counter()
         out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=SEED.value)
         seconds = time.perf_counter() - t0

@@ -37,6 +37,18 @@ class GenerationError(ValueError):
     """A request the model cannot serve (one line, names the fix)."""
 
 
+def encode(tokenizer, text: str, vocab_size: int) -> list[int]:
+    """The text's ids, or GenerationError (one line) when this tokenizer cannot serve the model:
+    it cannot encode the text, or gives an id the model has no row for."""
+    try:
+        ids = [int(t) for t in tokenizer.encode(text)]
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises its own types (a vocabulary without [UNK])
+        raise GenerationError(f"{text[:40]!r}: the tokenizer cannot encode it "
+                              f"({(str(e).splitlines() or [''])[0][:120]})") from None
+    check_vocabulary(ids, vocab_size)
+    return ids
+
+
 def check_vocabulary(ids: list[int], vocab_size: int) -> None:
     """GenerationError for a token id the model has no row for (an embedding lookup would
     clamp it silently): the tokenizer is not the one the model was trained with."""

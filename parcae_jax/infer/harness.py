@@ -24,7 +24,7 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from parcae_jax.infer.generator import GenerationError, Generator, check_vocabulary
+from parcae_jax.infer.generator import Generator, encode
 from parcae_jax.infer.sampling import Sampling
 from parcae_jax.model import build
 from parcae_jax.model.config import ModelConfig
@@ -70,13 +70,7 @@ class HarnessLM(TemplateLM):
         return self.tokenizer_.eod_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        try:
-            ids = [int(t) for t in self.tokenizer_.encode(string)]
-        except Exception as e:  # noqa: BLE001 - `tokenizers` raises its own types (a vocabulary without [UNK])
-            raise GenerationError(f"the tokenizer cannot encode {string[:40]!r} "
-                                  f"({(str(e).splitlines() or [''])[0][:120]})") from None
-        check_vocabulary(ids, self.cfg.vocab_size)
-        return ids
+        return encode(self.tokenizer_, string, self.cfg.vocab_size)
 
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), every continuation token greedy) per pair."""
