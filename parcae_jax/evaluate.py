@@ -174,8 +174,12 @@ def _check_writable(path: str) -> None:
         fail(f"--output={path} is a directory; name a file")
     if not os.path.isdir(folder):
         fail(f"--output={path}: no such directory {folder}")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        fail(f"--output={path} cannot be written (permissions); choose another path")
+    from parcae_jax.storage import StorageError, check_writable
+
+    try:
+        check_writable(folder)  # a probe file: os.access says yes to root on a read-only mount
+    except StorageError as e:
+        fail(f"--output={path}: {e}")
 
 
 def evaluate(cfg, params, tokenizer, tasks: list, recurrences: list[int], *, batch_size: int = 16, seed: int = 0,
