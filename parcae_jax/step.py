@@ -17,6 +17,7 @@ import optax
 
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.injection import spectral_radius
+from parcae_jax.model.parcae import injection_params
 from parcae_jax.model import init_params
 from parcae_jax.model.recurrence import draw_initial_state, draw_loop_inputs
 
@@ -105,7 +106,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": ~finite,
                    **{name: lr(state.step) for name, lr in lrs.items()}}
         if cfg.arch == "parcae":
-            inj = state.params["core"]["injection"] if cfg.injection != "add" else {}
+            inj = injection_params(state.params)
             metrics.update(rho=spectral_radius(inj, cfg.injection), state_norm=norm,
                            depth_mean=jnp.mean(data["n"] + data["k"]).astype(jnp.float32),
                            depth_max_nograd=jnp.max(data["n"]), depth_max_grad=jnp.max(data["k"]))

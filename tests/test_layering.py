@@ -60,3 +60,32 @@ def test_the_science_fits_and_plots_import_nothing_of_ours():
     """Fits and plots are pure: a sweep table or a curve from anywhere can be fitted and drawn."""
     for name in ("fits", "plots"):
         assert our_imports(PACKAGE / "science" / f"{name}.py") == [], name
+
+
+def _string_constants(path) -> set[str]:
+    """Every string literal of a file, f-string pieces included."""
+    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)}
+
+
+def test_no_parameter_path_is_spelled_outside_the_model_in_inference():
+    """Decoding calls the model's own segments: no module name of the parameter tree (of a Parcae
+    with value embeddings, prelude norm and an untied head, or of a GPT) appears in infer/ as a
+    string, and no code there indexes a parameter tree by name."""
+    import jax
+
+    from parcae_jax.model import param_shapes
+    from tests.helpers import tiny
+
+    names = set()
+    for cfg in (tiny(value_embeds=True, prelude_norm=True, tie_embeddings=False), tiny(arch="gpt", n_layers=2)):
+        for path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
+            names |= {k.key for k in path}
+    assert {"prelude_0", "core", "injection", "C", "ln_f", "lm_head"} <= names
+    files = sorted((PACKAGE / "infer").rglob("*.py"))
+    spelled = {f"{p.relative_to(ROOT)}: {s!r}" for p in files for s in _string_constants(p)
+               if s in names or s.rstrip("_0123456789{}") + "_" in {n.rstrip("0123456789") for n in names if "_" in n}}
+    assert not spelled, spelled
+    indexed = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in files for n in ast.walk(ast.parse(p.read_text()))
+               if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "params"]
+    assert not indexed, indexed

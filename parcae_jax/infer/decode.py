@@ -1,9 +1,10 @@
 """The model's forward over a preallocated key/value cache: one function for the prompt
 (prefill, T tokens) and for each new token (decode, T = 1).
 
-It applies the model's own modules (Block, Injection, the embeddings and head) to their
-parameter subtrees, in the order `Parcae.__call__` does, with one difference: each
-attention reads and writes a cache slot (attention.CacheView). Slots:
+It calls the model's own segments (model/parcae.py: embed_tokens, run_prelude, iterate,
+run_coda; GPT's run_body), as `Parcae.__call__` does, with one difference: each attention
+reads and writes a cache slot (attention.KVSlots). The loop is ours, because generation
+unrolls it. Slots:
 
 - `main`, n_prelude + n_coda arrays [B * G, S, D]: prelude layer i in slot i, coda layer c
   in slot n_prelude + c (a GPT: layer i in slot i);
@@ -35,19 +36,16 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from parcae_jax.infer.cache_slots import check_strategy, slot_table
-from parcae_jax.model import matmul
-from parcae_jax.model.attention import CacheView, cache_mask, rope_angles
+from parcae_jax.model import build
+from parcae_jax.model.attention import KVSlots, cache_mask, ropes
 from parcae_jax.model.config import ModelConfig
-from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
-from parcae_jax.model.injection import Injection
-from parcae_jax.model.layers import Block, RMSNorm
 from parcae_jax.model.layout import block_specs
+from parcae_jax.model.recurrence import core_specs
 
 EXIT_RULES = ("none", "delta", "kl")
 
@@ -103,20 +101,15 @@ def init_cache(plan: Plan, pad_B) -> Cache:
     """An empty cache for len(pad_B) rows, in the compute dtype."""
     cfg, B, S = plan.cfg, len(pad_B), plan.max_len
     dtype = jnp.dtype(cfg.compute_dtype)
-    specs = block_specs(cfg)
-    main = [s for s in specs if s.segment != "core"]
+    core = core_specs(cfg)
+    main = [s for s in block_specs(cfg) if s not in core]
     zeros = lambda s, n: tuple(jnp.zeros((B * s.n_kv_heads, S, s.head_dim), dtype) for _ in range(n))  # noqa: E731
-    core = [s for s in specs if s.segment == "core"]
     n_core_slots = 0 if plan.is_gpt else int(plan.core_slots().max()) + 1
     core_k = zeros(core[0], n_core_slots) if core else ()
     core_v = zeros(core[0], n_core_slots) if core else ()
     main_k = zeros(main[0], len(main)) if main else ()  # a Parcae may have no prelude and no coda
     main_v = zeros(main[0], len(main)) if main else ()
     return Cache(main_k, main_v, core_k, core_v, jnp.int32(0), jnp.asarray(pad_B, jnp.int32))
-
-
-def _set(t: tuple, i: int, value) -> tuple:
-    return t[:i] + (value,) + t[i + 1:]
 
 
 def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR: jax.Array | None = None,
@@ -126,74 +119,47 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
 
     x0_BxTxR: the initial recurrent state of these tokens (Parcae; recurrence.draw_initial_state).
     adaptive: apply the plan's exit rule (a decode step of one token: T must be 1).
+
+    Every piece is one of the model's own segments, applied to the whole parameter tree (a
+    separate `apply` each, so that adaptive exit can put iterations under `lax.cond`).
     """
     cfg = plan.cfg
+    model = build(cfg)
+    segment = lambda method, *args: model.apply({"params": params}, *args, method=method)  # noqa: E731
     B, T = ids_BxT.shape
     start, S = cache.length, plan.max_len
     mask = cache_mask(start, T, S, cache.pad_B)
-    positions = start + jnp.arange(T)[None, :] - cache.pad_B[:, None]
-    rope = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-    specs = block_specs(cfg)
-    h, table = TokenEmbed(cfg).apply({"params": params["embed"]}, ids_BxT)
-    tables = tuple(s.table for s in specs if s.applies_ve)
-    ves = ValueEmbeds(cfg).apply({"params": params.get("value_embeds", {})}, ids_BxT, tables) if tables else {}
-    ve_of = lambda s: ves[s.table] if s.applies_ve else None  # noqa: E731
+    rope, rope_core = ropes(cfg, start + jnp.arange(T)[None, :] - cache.pad_B[:, None])
+    main = KVSlots(cache.main_k, cache.main_v, start, mask)
+    h, table, ves = segment("embed_tokens", ids_BxT)
 
-    def block(s, p, x, ks, vs, slot, rope_s):  # the block, reading and writing cache slot `slot`
-        x, (k, v) = Block(s, cfg).apply({"params": p}, x, rope_s, ve_of(s), None,
-                                        CacheView(ks[slot], vs[slot], start, mask))
-        return x, _set(ks, slot, k), _set(vs, slot, v)
-
-    main_k, main_v = cache.main_k, cache.main_v
     if plan.is_gpt:
-        for i, s in enumerate(specs):
-            h, main_k, main_v = block(s, params[f"block_{i}"], h, main_k, main_v, i, rope)
-        y = RMSNorm(cfg.norm_eps).apply({"params": params["ln_f"]}, h)
-        logits = LMHead(cfg).apply({"params": params.get("lm_head", {})}, y, table)
-        return logits, cache._replace(main_k=main_k, main_v=main_v, length=start + T), jnp.zeros((B,), jnp.int32)
+        logits, main = segment("run_body", h, table, rope, ves, None, None, main)
+        return logits, cache._replace(main_k=main.k, main_v=main.v, length=start + T), jnp.zeros((B,), jnp.int32)
 
-    prelude = [s for s in specs if s.segment == "prelude"]
-    core = [s for s in specs if s.segment == "core"]
-    coda = [s for s in specs if s.segment == "coda"]
-    for s in prelude:
-        h, main_k, main_v = block(s, params[f"prelude_{s.index}"], h, main_k, main_v, s.index, rope)
-    e = RMSNorm(cfg.norm_eps).apply({"params": params["ln_prelude"]}, h) if cfg.prelude_norm else h
-    rope_core = rope if cfg.rec_head_dim == cfg.head_dim else rope_angles(
-        positions, cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-
-    def head(x, main_k, main_v):
-        y = matmul.Dense(cfg.d_model, nn.initializers.zeros, cfg.compute_dtype).apply({"params": params["C"]}, x)
-        for s in coda:
-            y, main_k, main_v = block(s, params[f"coda_{s.index}"], y, main_k, main_v, len(prelude) + s.index, rope)
-        y = RMSNorm(cfg.norm_eps).apply({"params": params["ln_f"]}, y)
-        return LMHead(cfg).apply({"params": params.get("lm_head", {})}, y, table), main_k, main_v
-
+    e, main = segment("run_prelude", h, rope, ves, None, main)
+    core_ves = segment("core_ves", ves)
     slots = plan.core_slots()
 
-    def iteration(x, ck, cv, r: int):
-        """One pass of the core; also each layer's key and value at this (single) position,
-        taken before a later layer of the same pass can overwrite a shared slot."""
-        u = Injection(cfg).apply({"params": params["core"]["injection"]}, x, e)
-        written = []
-        for j, s in enumerate(core):
-            slot = int(slots[r, j])
-            u, ck, cv = block(s, params["core"][f"block_{j}"], u, ck, cv, slot, rope_core)
-            if adaptive:
-                written.append((_at(ck[slot], start), _at(cv[slot], start)))
-        return u, ck, cv, written
+    def iteration(x, core: KVSlots, r: int):
+        """One pass of the core: (state, slots, the (k, v) each layer wrote)."""
+        return segment("iterate", x, e, rope_core, core_ves, None, core, tuple(int(i) for i in slots[r]))
+
+    def head(x, main: KVSlots):
+        return segment("run_coda", x, table, rope, ves, None, None, main)
 
     x = (jnp.zeros((B, T, cfg.d_rec), jnp.float32) if x0_BxTxR is None else x0_BxTxR).astype(jnp.float32)
-    ck, cv = cache.core_k, cache.core_v
+    core = KVSlots(cache.core_k, cache.core_v, start, mask)
     if adaptive and plan.exit_rule != "none":
         if T != 1:
             raise ValueError(f"adaptive exit decodes one token at a time, got {T}")
-        x, ck, cv, depth_B = _adaptive(plan, iteration, lambda x: head(x, main_k, main_v)[0], x, ck, cv, slots, start)
+        x, core, depth_B = _adaptive(plan, iteration, lambda x: head(x, main)[0], x, core, slots, start)
     else:
         for r in range(plan.recurrence):
-            x, ck, cv, _ = iteration(x, ck, cv, r)
+            x, core, _ = iteration(x, core, r)
         depth_B = jnp.full((B,), plan.recurrence, jnp.int32)
-    logits, main_k, main_v = head(x, main_k, main_v)
-    new = cache._replace(main_k=main_k, main_v=main_v, core_k=ck, core_v=cv, length=start + T)
+    logits, main = head(x, main)
+    new = cache._replace(main_k=main.k, main_v=main.v, core_k=core.k, core_v=core.v, length=start + T)
     return logits, new, depth_B
 
 
@@ -213,38 +179,40 @@ def _at(a, start):
     return jax.lax.dynamic_index_in_dim(a, start, axis=1, keepdims=False)
 
 
-def _adaptive(plan: Plan, iteration, logits_of, x, ck, cv, slots: np.ndarray, start):
+def _adaptive(plan: Plan, iteration, logits_of, x, core: KVSlots, slots: np.ndarray, start):
     """The iterations of one decode token with per-row exit (module docstring)."""
     B = x.shape[0]
-    n_core, G = slots.shape[1], ck[0].shape[0] // B  # slot rows are (row, kv head) pairs
+    n_core, G = slots.shape[1], core.k[0].shape[0] // B  # slot rows are (row, kv head) pairs
     kl = plan.exit_rule == "kl"
-    at_start = lambda a: _at(a, start)  # noqa: E731  [B * G, D]
     logp_of = lambda x: jax.nn.log_softmax(logits_of(x)[:, -1]) if kl else jnp.zeros((B, 1))  # noqa: E731
 
     def run(r, c):
         active = c["active"]
-        u, ck, cv, written = iteration(c["x"], c["k"], c["v"], r)
+        # each layer's key and value at this (single) position, read from what that layer wrote,
+        # before a later layer of the same pass can overwrite a shared slot
+        u, kv, written = iteration(c["x"], core._replace(k=c["keys"], v=c["values"]), r)
         x = jnp.where(active[:, None, None], u, c["x"])
         keep = lambda new, old: jnp.where(jnp.repeat(active, G)[:, None], new, old)  # noqa: E731
-        lk = tuple(keep(k, c["lk"][j]) for j, (k, _) in enumerate(written))
-        lv = tuple(keep(v, c["lv"][j]) for j, (_, v) in enumerate(written))
+        lk = tuple(keep(_at(k, start), c["lk"][j]) for j, (k, _) in enumerate(written))
+        lv = tuple(keep(_at(v, start), c["lv"][j]) for j, (_, v) in enumerate(written))
         logp = logp_of(x)
         settled = _settled(plan, x, c["x"], logp, c["logp"]) if r > 0 else jnp.zeros((B,), bool)
-        return dict(x=x, k=ck, v=cv, active=active & ~settled, depth=c["depth"] + active.astype(jnp.int32),
+        return dict(x=x, keys=kv.k, values=kv.v, active=active & ~settled, depth=c["depth"] + active.astype(jnp.int32),
                     logp=logp, lk=lk, lv=lv)
 
+    ck = core.k
     empty = tuple(jnp.zeros((ck[0].shape[0], ck[0].shape[2]), ck[0].dtype) for _ in range(n_core))
-    c = dict(x=x, k=ck, v=cv, active=jnp.ones((B,), bool), depth=jnp.zeros((B,), jnp.int32),
+    c = dict(x=x, keys=core.k, values=core.v, active=jnp.ones((B,), bool), depth=jnp.zeros((B,), jnp.int32),
              logp=jnp.zeros((B, plan.cfg.padded_vocab_size if kl else 1)), lk=empty, lv=empty)
     for r in range(plan.recurrence):  # once every row has settled, the rest is skipped
         c = run(r, c) if r == 0 else jax.lax.cond(jnp.any(c["active"]), lambda c, r=r: run(r, c), lambda c: c, c)
 
-    ck, cv = list(c["k"]), list(c["v"])
+    ck, cv = list(c["keys"]), list(c["values"])
     for r in range(plan.recurrence):  # iterations a row skipped: its last keys and values, in order, later wins
         skipped = jnp.repeat(r >= c["depth"], G)[:, None]
         for j in range(n_core):
             s = int(slots[r, j])
             for arrs, last in ((ck, c["lk"][j]), (cv, c["lv"][j])):
-                written = jnp.where(skipped, last, at_start(arrs[s]))[:, None]
+                written = jnp.where(skipped, last, _at(arrs[s], start))[:, None]
                 arrs[s] = jax.lax.dynamic_update_slice(arrs[s], written, (0, start, 0))
-    return c["x"], tuple(ck), tuple(cv), c["depth"]
+    return c["x"], core._replace(k=tuple(ck), v=tuple(cv)), c["depth"]

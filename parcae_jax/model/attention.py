@@ -38,6 +38,24 @@ class CacheView(NamedTuple):
     mask: jax.Array
 
 
+class KVSlots(NamedTuple):
+    """The cache slots one forward pass reads and writes (generation only): the caller names
+    each block's slot, and blocks run in order, so a layer that shares a slot with an earlier
+    one reads that layer's write (several iterations may share a slot, infer/cache_slots)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    start: jax.Array | int
+    mask: jax.Array
+
+    def view(self, slot: int) -> CacheView:
+        return CacheView(self.k[slot], self.v[slot], self.start, self.mask)
+
+    def write(self, slot: int, kv: tuple[jax.Array, jax.Array]) -> KVSlots:
+        put = lambda t, a: t[:slot] + (a,) + t[slot + 1:]  # noqa: E731
+        return self._replace(k=put(self.k, kv[0]), v=put(self.v, kv[1]))
+
+
 def cache_mask(start, T: int, S: int, pad_B: jax.Array) -> jax.Array:
     """[B, 1, 1, T, S]: query start + t reads keys up to itself and from its row's first real
     token on (rows are left-padded by pad_B). A padding query also reads itself, so that no
@@ -59,6 +77,14 @@ def rope_angles(positions, head_dim: int, base: float, condense_ratio: float) ->
     t = positions.astype(xp.float32) / xp.float32(condense_ratio)
     angles = t[..., None] * inv_freq  # [..., T, D/2]
     return xp.cos(angles)[..., None, :], xp.sin(angles)[..., None, :]
+
+
+def ropes(cfg: ModelConfig, positions) -> tuple[Rope, Rope]:
+    """(main, core) RoPE tables at `positions` ([T] or [B, T]); one table when the widths agree."""
+    main = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
+    core = main if cfg.rec_head_dim == cfg.head_dim else rope_angles(
+        positions, cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)
+    return main, core
 
 
 def pairs_to_halves(D: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from parcae_jax.model import matmul, xent
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init
-from parcae_jax.model.layout import table_widths
+from parcae_jax.model.layout import block_specs, table_widths
 
 
 class TokenEmbed(nn.Module):
@@ -85,3 +85,9 @@ class LMHead(nn.Module):
         if 0 < cfg.loss_chunk < y_BxTxD.shape[1]:
             return xent.chunked_token_cross_entropy(y_BxTxD, logits_fn, targets_BxT, cfg.loss_chunk)
         return xent.token_cross_entropy(logits_fn(y_BxTxD), targets_BxT)
+
+
+def embed_ids(embed: TokenEmbed, value_embeds: ValueEmbeds, cfg: ModelConfig, ids_BxT):
+    """(h [B, T, d], the embedding table, value embeddings by table) for Parcae and GPT alike."""
+    h, table = embed(ids_BxT)
+    return h, table, value_embeds(ids_BxT, tuple(s.table for s in block_specs(cfg) if s.applies_ve))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from parcae_jax.model.attention import rope_angles
+from parcae_jax.model.attention import KVSlots, Rope, ropes
 from parcae_jax.model.config import ModelConfig
-from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
-from parcae_jax.model.layers import RMSNorm, block_class
+from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds, embed_ids
+from parcae_jax.model.layers import RMSNorm, block_class, run_blocks
 from parcae_jax.model.layout import block_specs
 
 
@@ -17,6 +17,9 @@ class GPT(nn.Module):
     ignores `recurrence`, `initial_state` and `num_steps`. Returns float32 logits [B, T, V]
     (or, given `targets_BxT`, the per-token loss and mask as Parcae does).
 
+    Segments (shared with generation, as Parcae's): `embed_tokens` and `run_body` (the
+    blocks, the final norm and the head).
+
     Unlike the official GPT, whose eval path skips `logit_scale` and whose training
     head skips the softcap, both are applied here as configured (published configs use
     neither).
@@ -24,19 +27,31 @@ class GPT(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.cfg
+        block = block_class(cfg)
+        self.embed = TokenEmbed(cfg)
+        self.value_embeds = ValueEmbeds(cfg)
+        self.block = [block(s, cfg) for s in block_specs(cfg)]  # block_0, ...
+        self.ln_f = RMSNorm(cfg.norm_eps)
+        self.lm_head = LMHead(cfg)
+
+    def embed_tokens(self, ids_BxT):
+        """(h [B, T, d], the embedding table, value embeddings by table)."""
+        return embed_ids(self.embed, self.value_embeds, self.cfg, ids_BxT)
+
+    def run_body(self, h_BxTxD, table, rope: Rope, ves: dict, segment_ids_BxT=None, targets_BxT=None,
+                 kv: KVSlots | None = None):
+        """The blocks, final norm and head; with `kv`, (logits, kv): layer i in slot i."""
+        specs = block_specs(self.cfg)
+        out = run_blocks(self.block, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
+        h, kv = (out, None) if kv is None else out[:2]
+        logits = self.lm_head(self.ln_f(h), table, targets_BxT)
+        return logits if kv is None else (logits, kv)
+
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
                  segment_ids_BxT=None, positions=None, targets_BxT=None):
         del recurrence, initial_state, num_steps
-        cfg = self.cfg
-        T = input_ids_BxT.shape[1]
-        specs = block_specs(cfg)
-        block = block_class(cfg)
-        positions = np.arange(T) if positions is None else positions
-        rope = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-        h, table = TokenEmbed(cfg, name="embed")(input_ids_BxT)
-        ves = ValueEmbeds(cfg, name="value_embeds")(input_ids_BxT, tuple(s.table for s in specs if s.applies_ve))
-        for s in specs:
-            h = block(s, cfg, name=f"block_{s.index}")(h, rope, ves[s.table] if s.applies_ve else None, segment_ids_BxT)
-        h = RMSNorm(cfg.norm_eps, name="ln_f")(h)
-        return LMHead(cfg, name="lm_head")(h, table, targets_BxT)
+        rope, _ = ropes(self.cfg, np.arange(input_ids_BxT.shape[1]) if positions is None else positions)
+        h, table, ves = self.embed_tokens(input_ids_BxT)
+        return self.run_body(h, table, rope, ves, segment_ids_BxT, targets_BxT)

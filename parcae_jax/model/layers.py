@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from parcae_jax.model import matmul
-from parcae_jax.model.attention import Attention, CacheView, Rope
+from parcae_jax.model.attention import Attention, CacheView, KVSlots, Rope
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layout import BlockSpec
@@ -82,3 +82,20 @@ def block_class(cfg: ModelConfig) -> type[Block]:
     if policy is None:
         return Block
     return nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy))
+
+
+def run_blocks(blocks, specs, h_BxTxW, rope: Rope, ves: dict, segment_ids_BxT=None,
+               kv: KVSlots | None = None, slots=()):
+    """h through `blocks` in order, block i reading value embedding ves[specs[i].table] where it
+    applies. With `kv` (generation) block i reads and writes slot slots[i]; returns (h, kv, the
+    (k, v) each block wrote), else h."""
+    written = []
+    for i, (blk, s) in enumerate(zip(blocks, specs)):
+        ve = ves[s.table] if s.applies_ve else None
+        if kv is None:
+            h_BxTxW = blk(h_BxTxW, rope, ve, segment_ids_BxT)
+        else:
+            h_BxTxW, new = blk(h_BxTxW, rope, ve, None, kv.view(slots[i]))
+            kv = kv.write(slots[i], new)
+            written.append(new)
+    return h_BxTxW if kv is None else (h_BxTxW, kv, tuple(written))

@@ -1,4 +1,11 @@
-"""Parcae: prelude -> (injection + core) looped -> C -> coda -> head (docs/design.md §2)."""
+"""Parcae: prelude -> (injection + core) looped -> C -> coda -> head (docs/design.md §2).
+
+The forward is built from segments, methods that training (`__call__`) and generation
+(infer/decode) both call, so the architecture is written once: `embed_tokens`,
+`run_prelude`, `iterate` (one loop iteration, recurrence.CoreStep) and `run_coda` (C, the
+coda, the final norm and the head). Given `kv` (generation's cache slots) a segment reads
+and writes them and returns them too.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from parcae_jax.model import matmul
-from parcae_jax.model.attention import rope_angles
+from parcae_jax.model.attention import KVSlots, Rope, ropes
 from parcae_jax.model.config import ModelConfig
-from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds
+from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds, embed_ids
 from parcae_jax.model.init import matrix_init
-from parcae_jax.model.layers import RMSNorm, block_class
+from parcae_jax.model.layers import RMSNorm, block_class, run_blocks
 from parcae_jax.model.layout import block_specs
-from parcae_jax.model.recurrence import CoreStep, recur
+from parcae_jax.model.recurrence import CoreStep, core_specs, recur
 
 
 class Parcae(nn.Module):
@@ -34,25 +41,60 @@ class Parcae(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.cfg
+        block = block_class(cfg)
+        specs = block_specs(cfg)
+        self.embed = TokenEmbed(cfg)
+        self.value_embeds = ValueEmbeds(cfg)
+        self.prelude = [block(s, cfg) for s in specs if s.segment == "prelude"]  # prelude_0, ...
+        self.ln_prelude = RMSNorm(cfg.norm_eps) if cfg.prelude_norm else None
+        self.core = CoreStep(cfg)
+        self.C = matmul.Dense(cfg.d_model, dtype=cfg.compute_dtype, kernel_init=nn.with_logical_partitioning(
+            matrix_init(cfg.init_std, cfg.init_orthogonal), ("state", "embed")))
+        self.coda = [block(s, cfg) for s in specs if s.segment == "coda"]  # coda_0, ...
+        self.ln_f = RMSNorm(cfg.norm_eps)
+        self.lm_head = LMHead(cfg)
+
+    def embed_tokens(self, ids_BxT):
+        """(h [B, T, d], the embedding table (a tied head's weight), value embeddings by table)."""
+        return embed_ids(self.embed, self.value_embeds, self.cfg, ids_BxT)
+
+    def run_prelude(self, h_BxTxD, rope: Rope, ves: dict, segment_ids_BxT=None, kv: KVSlots | None = None):
+        """e, the injected prelude output; with `kv`, (e, kv): prelude layer i in main slot i."""
+        specs = [s for s in block_specs(self.cfg) if s.segment == "prelude"]
+        out = run_blocks(self.prelude, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
+        h, kv = (out, None) if kv is None else out[:2]
+        e = self.ln_prelude(h) if self.ln_prelude is not None else h
+        return e if kv is None else (e, kv)
+
+    def iterate(self, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_BxT=None, kv: KVSlots | None = None,
+                slots: tuple[int, ...] = ()):
+        """One loop iteration (recurrence.CoreStep); `ves` as core_ves gives them."""
+        return self.core(x_BxTxR, e_BxTxD, rope, ves, segment_ids_BxT, kv, slots)
+
+    def core_ves(self, ves: dict) -> dict:
+        """The value embeddings the core reads (the loop carries no others)."""
+        return {s.table: ves[s.table] for s in core_specs(self.cfg) if s.applies_ve}
+
+    def run_coda(self, x_BxTxR, table, rope: Rope, ves: dict, segment_ids_BxT=None, targets_BxT=None,
+                 kv: KVSlots | None = None):
+        """C, the coda, the final norm and the head: logits (or with targets, loss and mask);
+        with `kv`, (logits, kv): coda layer c in main slot n_prelude + c."""
+        specs = [s for s in block_specs(self.cfg) if s.segment == "coda"]
+        slots = range(self.cfg.n_prelude, self.cfg.n_prelude + len(specs))
+        out = run_blocks(self.coda, specs, self.C(x_BxTxR), rope, ves, segment_ids_BxT, kv, slots)
+        y, kv = (out, None) if kv is None else out[:2]
+        logits = self.lm_head(self.ln_f(y), table, targets_BxT)
+        return logits if kv is None else (logits, kv)
+
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
                  segment_ids_BxT=None, positions=None, targets_BxT=None):
         cfg = self.cfg
         B, T = input_ids_BxT.shape
-        specs = block_specs(cfg)
-        block = block_class(cfg)
-        positions = np.arange(T) if positions is None else positions
-        rope_main = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-        rope_core = rope_main if cfg.rec_head_dim == cfg.head_dim else rope_angles(
-            positions, cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-
-        h, table = TokenEmbed(cfg, name="embed")(input_ids_BxT)
-        ves = ValueEmbeds(cfg, name="value_embeds")(input_ids_BxT, tuple(s.table for s in specs if s.applies_ve))
-        ve_of = lambda s: ves[s.table] if s.applies_ve else None  # noqa: E731
-
-        for s in (s for s in specs if s.segment == "prelude"):
-            h = block(s, cfg, name=f"prelude_{s.index}")(h, rope_main, ve_of(s), segment_ids_BxT)
-        e = RMSNorm(cfg.norm_eps, name="ln_prelude")(h) if cfg.prelude_norm else h
+        rope_main, rope_core = ropes(cfg, np.arange(T) if positions is None else positions)
+        h, table, ves = self.embed_tokens(input_ids_BxT)
+        e = self.run_prelude(h, rope_main, ves, segment_ids_BxT)
         self.sow("intermediates", "prelude_out", e)
 
         if initial_state is None:
@@ -65,20 +107,12 @@ class Parcae(nn.Module):
         self.sow("intermediates", "n_steps", n_B)
         self.sow("intermediates", "k_steps", k_B)
 
-        core = CoreStep(cfg, name="core")
-        core_ves = tuple(ve_of(s) for s in specs if s.segment == "core")
+        core_ves = self.core_ves(ves)
         if self.is_initializing():  # create the shared core weights before the lifted loops read them
-            core(x, e, rope_core, core_ves, segment_ids_BxT)
-        x = recur(core, x, e, rope_core, core_ves, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
+            self.core(x, e, rope_core, core_ves, segment_ids_BxT)
+        x = recur(self.core, x, e, rope_core, core_ves, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
         self.sow("intermediates", "state", x)
-
-        y = matmul.Dense(cfg.d_model, dtype=cfg.compute_dtype, name="C",
-                  kernel_init=nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal),
-                                                           ("state", "embed")))(x)
-        for s in (s for s in specs if s.segment == "coda"):
-            y = block(s, cfg, name=f"coda_{s.index}")(y, rope_main, ve_of(s), segment_ids_BxT)
-        y = RMSNorm(cfg.norm_eps, name="ln_f")(y)
-        return LMHead(cfg, name="lm_head")(y, table, targets_BxT)
+        return self.run_coda(x, table, rope_main, ves, segment_ids_BxT, targets_BxT)
 
     def _schedule(self, B: int, recurrence, num_steps):
         cfg = self.cfg
@@ -95,3 +129,7 @@ class Parcae(nn.Module):
         raise ValueError("choose the depth: recurrence=R (evaluation) or num_steps=(n, k) (training; "
                          "recurrence.draw_loop_inputs draws them)")
 
+
+def injection_params(params: dict) -> dict:
+    """The injection's parameters in a Parcae parameter tree (for spectral_radius)."""
+    return params["core"].get("injection", {})

@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from parcae_jax.model.attention import Rope
+from parcae_jax.model.attention import KVSlots, Rope
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.injection import Injection
-from parcae_jax.model.layers import Block
+from parcae_jax.model.layers import Block, run_blocks
 from parcae_jax.model.layout import block_specs
 
 
@@ -78,17 +78,26 @@ def draw_loop_inputs(key: jax.Array, batch_size: int, seq_len: int, cfg: ModelCo
 
 
 class CoreStep(nn.Module):
-    """One loop iteration: injection, then the core blocks (one shared set of weights)."""
+    """One loop iteration: injection, then the core blocks (one shared set of weights).
+
+    ves: the value embeddings by table (see ValueEmbeds). With `kv` (generation) core layer j
+    reads and writes slot slots[j]; the call then returns (state, kv, the (k, v) each layer
+    wrote), else the state."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxR, e_BxTxD, rope: Rope, ves: tuple, segment_ids_BxT=None):
+    def __call__(self, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_BxT=None,
+                 kv: KVSlots | None = None, slots: tuple[int, ...] = ()):
         u = Injection(self.cfg, name="injection")(x_BxTxR, e_BxTxD)
-        specs = [s for s in block_specs(self.cfg) if s.segment == "core"]
-        for j, spec in enumerate(specs):
-            u = Block(spec, self.cfg, name=f"block_{j}")(u, rope, ves[j], segment_ids_BxT)
-        return u
+        specs = core_specs(self.cfg)
+        blocks = [Block(spec, self.cfg, name=f"block_{j}") for j, spec in enumerate(specs)]
+        return run_blocks(blocks, specs, u, rope, ves, segment_ids_BxT, kv, slots)
+
+
+def core_specs(cfg: ModelConfig) -> list:
+    """The core's blocks, in order."""
+    return [s for s in block_specs(cfg) if s.segment == "core"]
 
 
 def _stop_gradient_tree(tree):
@@ -127,7 +136,7 @@ def _nograd_compacted(core, x, e, rope, ves, seg, n_B, groups: int):
     order = jnp.argsort(-n_B.reshape(groups, b), axis=1, stable=True)
     take = lambda a: None if a is None else _within_shards(a, order)  # noqa: E731
     e, seg, n = take(e), take(seg), take(n_B)
-    ves = tuple(take(v) for v in ves)
+    ves = {t: take(v) for t, v in ves.items()}
     n_max = jnp.max(n)
 
     def rows(a, m):  # the first m rows of every shard
@@ -135,7 +144,7 @@ def _nograd_compacted(core, x, e, rope, ves, seg, n_B, groups: int):
 
     def branch(m):
         def run(mdl, x, i):
-            y = mdl(rows(x, m), rows(e, m), rope, tuple(rows(v, m) for v in ves), rows(seg, m))
+            y = mdl(rows(x, m), rows(e, m), rope, {t: rows(v, m) for t, v in ves.items()}, rows(seg, m))
             y = _masked(i < rows(n, m), y, rows(x, m))
             return x.reshape(groups, b, *x.shape[1:]).at[:, :m].set(y.reshape(groups, m, *x.shape[1:])).reshape(x.shape)
         return run
@@ -164,7 +173,7 @@ def _within_shards(a: jax.Array, order_Gxb: jax.Array) -> jax.Array:
     return jnp.take_along_axis(a.reshape(G, b, *a.shape[1:]), index, axis=1).reshape(a.shape)
 
 
-def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: tuple, segment_ids_BxT,
+def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_BxT,
           n_B: jax.Array, k_B: jax.Array, grad_steps: int, remat_policy: str) -> jax.Array:
     """Runs n_B no-gradient then k_B gradient iterations per row (k_B <= grad_steps)."""
     sg = _stop_gradient_tree
