@@ -21,7 +21,7 @@ import os
 from absl import flags
 
 from parcae_jax import cli
-from parcae_jax.model_flags import RECURRENCES, SEED, fail, load
+from parcae_jax.model_flags import RECURRENCES, fail, load
 
 _TASKS = flags.DEFINE_list("tasks", None, "lm-eval task names or task YAML paths, comma-separated.")
 _LIMIT = flags.DEFINE_integer("limit", None, "At most this many documents per task.")
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
         build_tasks(tasks, manager)
     except TaskFileError as e:
         fail(str(e))
-    cfg, params, tokenizer = load()
+    cfg, params, tokenizer, seed = load()
     recurrences = recurrences or [cfg.mean_recurrence]
     if min(recurrences) < 1:
         fail(bad_r)
@@ -156,7 +156,7 @@ def main(argv: list[str]) -> None:
     from parcae_jax.infer.generator import GenerationError
 
     try:
-        result = evaluate(cfg, params, tokenizer, tasks, recurrences, batch_size=_BATCH.value, seed=SEED.value,
+        result = evaluate(cfg, params, tokenizer, tasks, recurrences, batch_size=_BATCH.value, seed=seed,
                           limit=_LIMIT.value, num_fewshot=_FEWSHOT.value, manager=manager)
     except GenerationError as e:  # e.g. a tokenizer that is not the model's
         fail(str(e).splitlines()[0])

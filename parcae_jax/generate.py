@@ -26,7 +26,7 @@ import time
 from absl import flags
 
 from parcae_jax import cli
-from parcae_jax.model_flags import DTYPE, SEED, fail, load
+from parcae_jax.model_flags import DTYPE, fail, load
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
@@ -90,13 +90,13 @@ def main(argv: list[str]) -> None:
         fail("pass at least one --prompt=TEXT")
     try:
         sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-        cfg, params, tokenizer = load()
+        cfg, params, tokenizer, seed = load()
         stop = tuple(int(s) for s in _STOP.value) if _STOP.value is not None else (tokenizer.eod_id,)
         gen = Generator(cfg, params, recurrence=_RECURRENCE.value, strategy=_STRATEGY.value,
                         exit_rule=_EXIT.value, exit_threshold=_EXIT_THRESHOLD.value, dtype=cfg.dtype)
         prompts = [_encode(tokenizer, p, cfg.vocab_size) for p in _PROMPT.value]
         t0 = time.perf_counter()
-        out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=SEED.value)
+        out = gen.generate(prompts, _MAX_NEW.value, sampling, stop_ids=stop, seed=seed)
         seconds = time.perf_counter() - t0
     except (GenerationError, ValueError) as e:
         fail(str(e).splitlines()[0])

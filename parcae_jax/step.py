@@ -19,7 +19,7 @@ from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.injection import spectral_radius
 from parcae_jax.model.parcae import injection_params
 from parcae_jax.model import init_params
-from parcae_jax.model.recurrence import draw_initial_state, draw_loop_inputs
+from parcae_jax.model.recurrence import draw_loop_inputs, evaluation_state
 
 
 @flax.struct.dataclass
@@ -117,14 +117,15 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
 
 def make_eval_step(model: nn.Module, *, seed: int, document_masking: bool = False) -> Callable:
     """(params, batch, R) -> (loss sum, real tokens); R is traced: one compile for every R.
-    x0 comes from a fixed key, so every evaluation of the same weights gives the same loss."""
+    x0 is recurrence.evaluation_state: every evaluation of the same weights gives the same loss,
+    and so do test_time and the lm-eval adapter."""
     cfg: ModelConfig = model.cfg
 
     def eval_step(params, batch: dict, recurrence) -> tuple[jax.Array, jax.Array]:
         B, T = batch["inputs"].shape
         extra = {}
         if cfg.arch == "parcae":
-            x0 = draw_initial_state(jax.random.fold_in(jax.random.key(seed), -1 % 2**31), (B, T, cfg.d_rec), cfg)
+            x0 = jnp.broadcast_to(evaluation_state(cfg, seed, T), (B, T, cfg.d_rec))
             extra = {"recurrence": recurrence, "initial_state": x0}
         loss, mask = model.apply({"params": params}, batch["inputs"], targets_BxT=batch["targets"],
                                  segment_ids_BxT=batch["segment_ids"] if document_masking else None, **extra)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +47,30 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, ModelCon
     return step, ModelConfig.from_mapping(saved["model"]), params
 
 
-def load_model(checkpoint: str, step: int | None = None) -> tuple[ModelConfig, dict, str | None]:
-    """(config, params, tokenizer spec or None) of an official folder (config.json beside the
-    weights; its tokenizer.json if it has one) or of a training run (its --step, default the
-    newest; the run's own tokenizer): what generation and evaluation read."""
+class Loaded(NamedTuple):
+    """A model to run: its config, float32 params, tokenizer spec (None if the source names
+    none) and seed (the run's: its evaluations' initial states; 0 for an official folder)."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: str | None
+    seed: int
+
+
+def load_model(checkpoint: str, step: int | None = None) -> Loaded:
+    """An official folder (config.json beside the weights; its tokenizer.json if it has one) or
+    a training run (its --step, default the newest; the run's own tokenizer and seed): what
+    generation and evaluation read."""
     if not storage.is_remote(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")):
         cfg, params = load_reference(checkpoint)
         tok = os.path.join(checkpoint, "tokenizer.json")
-        return cfg, params, tok if os.path.isfile(tok) else None
+        return Loaded(cfg, params, tok if os.path.isfile(tok) else None, 0)
     if not storage.is_remote(checkpoint) and not os.path.isdir(checkpoint):
         raise ConversionError(f"--checkpoint={checkpoint}: no such folder; pass a training run's --workdir "
                               "or an official folder holding config.json")
     _, saved, params = restore_run(checkpoint, step)
-    return ModelConfig.from_mapping(saved["model"]), params, saved.get("data", {}).get("tokenizer")
+    return Loaded(ModelConfig.from_mapping(saved["model"]), params, saved.get("data", {}).get("tokenizer"),
+                  int(saved.get("seed", 0)))
 
 
 def restore_run(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:

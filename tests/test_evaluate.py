@@ -13,7 +13,8 @@ from lm_eval.api.instance import Instance
 from parcae_jax import convert
 from parcae_jax.data.tokenizer import ByteTokenizer
 from parcae_jax.infer.generator import Generator
-from parcae_jax.infer.harness import HarnessLM, eval_initial_state
+from parcae_jax.infer.harness import HarnessLM
+from parcae_jax.model.recurrence import evaluation_state
 from parcae_jax.model import build, init_params
 from tests.forkserver import run_module
 from tests.conftest import FIXTURES, ROOT
@@ -42,7 +43,7 @@ def reference_loglikelihood(cfg, params, context: list[int], continuation: list[
     real positions, with their own x0, are what the unpadded row gives."""
     ids = np.array([context + continuation])
     length = ids.shape[1] - 1
-    x0 = eval_initial_state(cfg, 0, length)
+    x0 = evaluation_state(cfg, 0, length)
     pad = -length % cfg.block_size
     logits = _reference_apply(cfg, recurrence)(params, np.pad(ids[:, :-1], ((0, 0), (0, pad))),
                                                 np.pad(np.asarray(x0), ((0, 0), (0, pad), (0, 0))))[:, :length]

@@ -29,7 +29,7 @@ def python_loop_state(cfg, model, params, ids, x0, R):
     _, inter = model.apply({"params": params}, ids, recurrence=1, initial_state=x0, mutable=["intermediates"])
     e = inter["intermediates"]["prelude_out"][0]
     rope = rope_angles(jnp.arange(ids.shape[1]), cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-    ves = (params["value_embeds"]["1"][ids], None)  # core block 0 applies table 1, block 1 none
+    ves = {"1": params["value_embeds"]["1"][ids]}  # core block 0 applies table 1, block 1 none
     step = CoreStep(cfg)
     x = x0
     for _ in range(R):

@@ -4,6 +4,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from parcae_jax.science import test_time
@@ -19,12 +21,12 @@ def run(tmp_path_factory):
     config.ckpt.update(every=4, async_save=False)
     trainer, run = one_device(config)  # as the science commands here evaluate (helpers.science)
     train(config, str(workdir), run, trainer)
-    return workdir, config
+    return workdir, config, trainer, run
 
 
 @pytest.mark.slow
 def test_test_time_reproduces_the_runs_own_evaluations_and_writes_its_files(run, tmp_path):
-    workdir, config = run
+    workdir, config, _, _ = run
     out = science("test_time", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "test_time.json").read_text())
@@ -43,6 +45,53 @@ def test_test_time_reproduces_the_runs_own_evaluations_and_writes_its_files(run,
     assert rows[0] == "T,loss,bits_per_byte,fit" and len(rows) == 2 * mean + 1
     png = tmp_path / "test_time.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
+
+
+class _RowTokenizer:
+    """For the lm-eval adapter: the text "i" is validation row i's tokens after its first, and the
+    first is the end-of-document token lm-eval puts before a rolling window, so the adapter's
+    one window per row reads exactly the row the evaluation reads."""
+
+    def __init__(self, rows):
+        self.rows, self.eod_id = rows, None
+
+    def encode(self, text):
+        return self.rows[int(text)][1:]
+
+
+@pytest.mark.slow
+def test_one_checkpoint_gives_one_loss_through_every_door(run, tmp_path):
+    """--mode=eval, test_time and the lm-eval adapter's rolling log-likelihood score the same
+    validation tokens of one checkpoint at R with the same initial states
+    (recurrence.evaluation_state), so all three give the same loss."""
+    from lm_eval.api.instance import Instance
+
+    from parcae_jax import transfer
+    from parcae_jax.data import dataset
+    from parcae_jax.infer.harness import HarnessLM
+    from parcae_jax.train import evaluate_checkpoint
+
+    workdir, config, trainer, run_ = run
+    R = 2
+    by_mode_eval = evaluate_checkpoint(config, str(workdir), run_, trainer)[f"eval/loss_r{R}"]
+    result, _ = test_time.measure(str(workdir), str(tmp_path), recurrences=[R], dtype="float32")
+    by_test_time = result["points"][0]["loss"]
+
+    _, val_split = dataset.open_splits(config.data, run_.tokenizer)
+    rows = [np.append(b["inputs"][i], b["targets"][i][-1]) for b in trainer.local_eval_batches(val_split)
+            for i in range(len(b["inputs"]))]
+    assert all(b >= 0 for r in rows for b in r) and len(rows) == 2 * config.train.batch_size  # no padded target
+    cfg, params, _, seed = transfer.load_model(str(workdir))
+    tokenizer = _RowTokenizer(rows)
+    lm = HarnessLM(cfg.replace(dtype="float32"), params, tokenizer, recurrence=R, batch_size=4, seed=seed)
+    total = 0.0
+    for i, row in enumerate(rows):
+        tokenizer.eod_id = int(row[0])
+        total += lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (str(i),), 0)])[0]
+    by_harness = -total / sum(len(r) - 1 for r in rows)
+
+    assert by_test_time == pytest.approx(by_mode_eval, abs=2e-6)
+    assert by_harness == pytest.approx(by_mode_eval, abs=2e-6)
 
 
 def test_a_gpt_curve_is_one_flat_point(tmp_path):

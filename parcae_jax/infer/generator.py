@@ -6,8 +6,9 @@
 
 Prompts are left-padded to a common length rounded up to PROMPT_BUCKET and the cache holds
 that plus max_new_tokens rounded up to CACHE_BUCKET, so prompts of similar lengths reuse one
-compiled prefill and one compiled step. Each Parcae token gets a fresh initial state x0 from
-the seed (the official generation draws a new one per call), or the caller's `x0`.
+compiled prefill and one compiled step. Each Parcae token's initial state x0 is the seed's
+evaluation state of its position (recurrence.evaluation_state: what scoring the same tokens
+uses; the official generation draws a new one per call), or the caller's `x0`.
 
 A row generates what it would alone: its states x0 are drawn by its own positions
 (`initial_states`), and sampling draws row b from the seed's stream b (the first row of a
@@ -27,7 +28,7 @@ import numpy as np
 from parcae_jax.infer import decode
 from parcae_jax.infer.sampling import Sampling, next_token
 from parcae_jax.model.config import ModelConfig
-from parcae_jax.model.recurrence import draw_initial_state
+from parcae_jax.model.recurrence import evaluation_state
 
 PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
@@ -119,13 +120,13 @@ class Generator:
         ids = np.zeros((B, P), np.int32)
         for b, p in enumerate(prompts):
             ids[b, pad[b]:] = p
-        key_x0, key_sample = jax.random.split(jax.random.key(seed))
+        key_sample = jax.random.split(jax.random.key(seed))[1]
         if plan.is_gpt:
             x0_all = jnp.zeros((B, plan.max_len, 1), jnp.float32)
         elif x0 is not None:
             x0_all = jnp.zeros((B, plan.max_len, self.cfg.d_rec), jnp.float32).at[:, :x0.shape[1]].set(x0[:, :plan.max_len])
         else:
-            x0_all = initial_states(key_x0, pad, plan.max_len, self.cfg)
+            x0_all = initial_states(seed, pad, plan.max_len, self.cfg)
         prefill, step = _compiled(plan, sampling)
 
         t0 = time.perf_counter()
@@ -165,12 +166,12 @@ class Generator:
         return Output(tokens, stopped, mean_depth, logits)
 
 
-def initial_states(key: jax.Array, pad_B: np.ndarray, max_len: int, cfg: ModelConfig) -> jax.Array:
-    """x0 [B, max_len, d_rec] by cache position: each token's state is drawn from the key
-    folded with its position in its own row (cache position - padding), so a row gets the
-    same states whatever the batch, padding or cache length around it."""
-    per_position = jax.vmap(lambda t: draw_initial_state(jax.random.fold_in(key, t), (cfg.d_rec,), cfg))
-    x0_PxR = per_position(jnp.arange(max_len))
+def initial_states(seed: int, pad_B: np.ndarray, max_len: int, cfg: ModelConfig) -> jax.Array:
+    """x0 [B, max_len, d_rec] by cache position: each token's state is the evaluation state
+    (recurrence.evaluation_state) of its position in its own row (cache position - padding),
+    so a row gets the same states whatever the batch, padding or cache length around it, and
+    the states that scoring gives the same tokens."""
+    x0_PxR = evaluation_state(cfg, seed, max_len)[0]
     real_BxP = np.maximum(np.arange(max_len)[None, :] - pad_B[:, None], 0)  # padding reuses position 0's
     return x0_PxR[real_BxP]
 

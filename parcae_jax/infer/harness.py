@@ -7,8 +7,9 @@ Log-likelihoods: each request's context + continuation is cut to the model's blo
 (from the left), requests are sorted by length and run `batch_size` at a time, right-padded
 to a multiple of LENGTH_BUCKET, through one compiled forward per padded length (the
 recurrence is a traced argument, so every R shares it). The loop's initial state is the same
-for every request: `eval_initial_state(cfg, seed, T)` [1, T, d_rec], drawn once, so a score
-depends only on the request, not on the batch around it. Rolling log-likelihoods score a
+for every request: `recurrence.evaluation_state(cfg, seed, T)` [1, T, d_rec], drawn once, so a
+score depends only on the request, not on the batch around it, and equals training's evaluation
+of the same tokens. Rolling log-likelihoods score a
 text in disjoint windows of the block size (lm-eval's own windowing), every request's windows
 batched together; `generate_until` runs Generator on batches of requests with the same
 settings (greedy unless the task asks to sample) and cuts each at its first stop string.
@@ -28,14 +29,9 @@ from parcae_jax.infer.generator import Generator, encode
 from parcae_jax.infer.sampling import Sampling
 from parcae_jax.model import build
 from parcae_jax.model.config import ModelConfig
-from parcae_jax.model.recurrence import draw_initial_state
+from parcae_jax.model.recurrence import evaluation_state
 
 LENGTH_BUCKET = 32
-
-
-def eval_initial_state(cfg: ModelConfig, seed: int, length: int) -> jax.Array:
-    """The x0 every scored row uses at positions 0 .. length - 1 ([1, length, d_rec])."""
-    return draw_initial_state(jax.random.key(seed), (1, length, cfg.d_rec), cfg)
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,7 +58,7 @@ class HarnessLM(TemplateLM):
         self.cfg, self.params, self.tokenizer_ = cfg, params, tokenizer
         self.recurrence = cfg.mean_recurrence if recurrence is None else recurrence
         self.batch_size, self.seed, self.max_gen_toks = batch_size, seed, max_gen_toks
-        self._x0 = eval_initial_state(cfg, seed, cfg.block_size)
+        self._x0 = evaluation_state(cfg, seed, cfg.block_size)
         self._generator = Generator(cfg, params, recurrence=self.recurrence, dtype=cfg.dtype)
 
     @property

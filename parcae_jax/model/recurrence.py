@@ -62,6 +62,22 @@ def draw_initial_state(key: jax.Array | None, shape: tuple[int, ...], cfg: Model
     return z  # normal
 
 
+EVALUATION_STREAM = 2**31 - 1  # fold_in(key(seed), this): the evaluation states, apart from training's draws
+
+
+def evaluation_state(cfg: ModelConfig, seed: int, length: int) -> jax.Array:
+    """x0 [1, length, d_rec] for scoring and generation: position t's state is drawn from the
+    seed's evaluation stream folded with t, the same for every row, batch and window length.
+
+    Every door that scores a checkpoint uses it (training's evaluations and --mode=eval,
+    test_time, the lm-eval adapter, generation), so the same weights and seed give the same
+    loss through each: a prefix of a longer draw equals a shorter draw, and no row's states
+    depend on the rows batched with it."""
+    key = jax.random.fold_in(jax.random.key(seed), EVALUATION_STREAM)
+    per_position = jax.vmap(lambda t: draw_initial_state(jax.random.fold_in(key, t), (cfg.d_rec,), cfg))
+    return per_position(jnp.arange(length))[None]
+
+
 def draw_loop_inputs(key: jax.Array, batch_size: int, seq_len: int, cfg: ModelConfig) -> dict[str, jax.Array]:
     """The random inputs of one training forward, from one key: `n`, `k` ([B] int32, see
     sample_depths) and `x0` ([B, T, d_rec], see draw_initial_state).

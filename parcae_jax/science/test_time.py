@@ -109,7 +109,7 @@ class TestTimeError(ValueError):
 
 
 def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: str | None, dtype: str | None,
-          seed: int):
+          seed: int | None):
     """(cfg, params, tokenizer, data config, seed, step, (eval batches, batch size)) of a run or an
     official folder (which records no evaluation: OFFICIAL_EVAL)."""
     import jax
@@ -121,19 +121,21 @@ def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: s
 
     data = defaults.data_config()
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        cfg, params, tok_spec = transfer.load_model(checkpoint)
+        cfg, params, tok_spec, _ = transfer.load_model(checkpoint)
         found, evaluation = None, OFFICIAL_EVAL
         if not data_path:
             raise TestTimeError(f"{checkpoint} is an official folder, which holds no validation data; pass "
                                 "--data_path=DIR, a corpus prepared with its tokenizer (python -m parcae_jax.data.prepare)")
     else:
         found, saved, params = transfer.restore_run(checkpoint, step)
-        cfg, seed = ModelConfig.from_mapping(saved["model"]), int(saved.get("seed", 0))
+        cfg = ModelConfig.from_mapping(saved["model"])
+        seed = int(saved.get("seed", 0)) if seed is None else seed
         data = ml_collections.ConfigDict({**data.to_dict(), **saved.get("data", {})})
         tok_spec = data.tokenizer
         train = saved.get("train", {})
         evaluation = (int(train.get("eval_batches") or OFFICIAL_EVAL[0]),
                       int(train.get("batch_size") or OFFICIAL_EVAL[1]))
+    seed = 0 if seed is None else seed
     tok_spec = tokenizer or tok_spec
     if tok_spec is None:
         raise TestTimeError(f"{checkpoint} names no tokenizer; pass --tokenizer=bytes|tokenizer.json|spm.model")
@@ -147,7 +149,7 @@ def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: s
 
 def measure(checkpoint: str, out_dir: str, *, step: int | None = None, recurrences: list[int] | None = None,
             val_batches: int | None = None, val_batch_size: int | None = None, data_path: str | None = None,
-            tokenizer: str | None = None, dtype: str | None = None, seed: int = 0) -> tuple[dict, dict]:
+            tokenizer: str | None = None, dtype: str | None = None, seed: int | None = None) -> tuple[dict, dict]:
     """(result, file paths): the test-time curve of one checkpoint, written to out_dir.
     Batches default to the run's own evaluation (train.eval_batches x train.batch_size), so the
     point at its mean recurrence is its logged eval loss. Raises TestTimeError, or the loaders'
