@@ -28,7 +28,6 @@ from absl import logging
 from parcae_jax import storage
 from parcae_jax.step import all_finite
 
-
 _all_finite = jax.jit(all_finite)  # one compiled reduction, not one eager op per leaf
 
 

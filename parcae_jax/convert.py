@@ -26,8 +26,13 @@ import numpy as np
 
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.layout import block_specs
-from parcae_jax.reference_config import (FRESH_DEFAULTS, PARCAE_FRESH_DEFAULTS, ConversionError, config_from_reference,
-                                         config_to_reference)
+from parcae_jax.reference_config import (
+    FRESH_DEFAULTS,
+    PARCAE_FRESH_DEFAULTS,
+    ConversionError,
+    config_from_reference,
+    config_to_reference,
+)
 from parcae_jax.weight_files import open_weights
 
 

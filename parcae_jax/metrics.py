@@ -16,7 +16,6 @@ from absl import logging
 
 from parcae_jax.storage import Mirror, check_writable, is_remote
 
-
 # Dense bfloat16 peak FLOP/s per chip, for MFU (no entry: MFU is not reported).
 PEAK_FLOPS = (
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),

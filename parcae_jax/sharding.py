@@ -14,7 +14,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from parcae_jax.model.config import ConfigError
 

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from parcae_jax.model import init_params
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.injection import spectral_radius
 from parcae_jax.model.parcae import injection_params
-from parcae_jax.model import init_params
 from parcae_jax.model.recurrence import draw_loop_inputs, evaluation_state
 
 

@@ -16,15 +16,15 @@ import numpy as np
 from absl import logging
 
 from parcae_jax import resume, sharding, storage
-from parcae_jax.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings
-from parcae_jax.preemption import Interrupted, Preemption
+from parcae_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
 from parcae_jax.describe import flops_per_token
 from parcae_jax.metrics import MetricsWriter, ProcessLog, check_outputs, peak_flops, slow_hosts
-from parcae_jax.profile import Profiler
 from parcae_jax.model import build, init_params
 from parcae_jax.optim import make_optimizer
+from parcae_jax.preemption import Interrupted, Preemption
+from parcae_jax.profile import Profiler
 from parcae_jax.step import TrainState, init_state, make_eval_step, make_train_step
 from parcae_jax.validate import Run
 from parcae_jax.workdir_lock import WorkdirBusy, WorkdirLock

@@ -2,8 +2,8 @@
 
 import os
 import pathlib
-import tempfile
 import sys
+import tempfile
 
 import pytest
 

@@ -9,11 +9,11 @@ import shutil
 import pytest
 
 from parcae_jax.data.prepare import prepare
+from parcae_jax.data.tokenizer import EOD_TOKEN
 from parcae_jax.train import train
 from parcae_jax.workdir_lock import WorkdirLock
-from tests.forkserver import run_module
-from parcae_jax.data.tokenizer import EOD_TOKEN
 from tests.conftest import FIXTURES, ROOT
+from tests.forkserver import run_module
 from tests.test_train import SMALL, one_device, small_config
 
 SMALL_FLAGS = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [

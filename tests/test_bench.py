@@ -6,8 +6,7 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from parcae_jax.bench import bench
-from parcae_jax.bench import roof
+from parcae_jax.bench import bench, roof
 from parcae_jax.describe import flops_per_token
 from parcae_jax.validate import validate
 from tests.test_train import small_config

@@ -1,7 +1,8 @@
 """The per-recurrence cache layout: which slot each unrolled layer application uses."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parcae_jax.infer.cache_slots import slot, slot_table
 

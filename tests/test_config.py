@@ -9,8 +9,8 @@ import pytest
 from parcae_jax import defaults
 from parcae_jax.model import build
 from parcae_jax.model.config import ConfigError, ModelConfig
-from tests.forkserver import run_module
 from tests.conftest import ROOT
+from tests.forkserver import run_module
 from tests.helpers import TINY
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")

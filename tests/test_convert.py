@@ -3,19 +3,18 @@
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from parcae_jax.convert import ConversionError, _read_config, load_reference, save_reference
-from parcae_jax.reference_config import config_to_reference
 from parcae_jax.model import build, init_params
-from tests.forkserver import run_module
+from parcae_jax.reference_config import config_to_reference
 from tests.conftest import FIXTURES, ROOT
+from tests.forkserver import run_module
 from tests.helpers import tiny
-
-import flax.linen as nn
 
 
 @pytest.mark.parametrize("name", ["reference_parcae_tiny", "reference_gpt_tiny"])

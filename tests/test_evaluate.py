@@ -14,10 +14,10 @@ from parcae_jax import convert
 from parcae_jax.data.tokenizer import ByteTokenizer
 from parcae_jax.infer.generator import Generator
 from parcae_jax.infer.harness import HarnessLM
-from parcae_jax.model.recurrence import evaluation_state
 from parcae_jax.model import build, init_params
-from tests.forkserver import run_module
+from parcae_jax.model.recurrence import evaluation_state
 from tests.conftest import FIXTURES, ROOT
+from tests.forkserver import run_module
 from tests.helpers import tiny
 
 PARCAE = FIXTURES / "reference_parcae_tiny"

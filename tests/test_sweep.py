@@ -15,7 +15,6 @@ from tests.conftest import ONE_DEVICE_ENV, ROOT, XLA_CACHE
 from tests.helpers import science
 from tests.test_train import SMALL, small_config
 
-
 # A sweep over the small test model: base tiny, overrides as a sweep file's `set`.
 SWEEP = '''
 import ml_collections

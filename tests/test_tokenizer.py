@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from parcae_jax.data import corpus
 from parcae_jax.data.readers import DataError
 from parcae_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
-from tests.forkserver import run_module
 from tests.conftest import ROOT
+from tests.forkserver import run_module
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)  # any valid unicode
 

@@ -15,8 +15,8 @@ import pytest
 from parcae_jax.convert import load_reference
 from parcae_jax.reference_config import ConversionError
 from parcae_jax.torch_pickle import UnsafeCheckpoint, read_state_dict
-from tests.forkserver import run_module
 from tests.conftest import ROOT
+from tests.forkserver import run_module
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TORCH = FIXTURES / "torch_files"  # written by real torch 2.13 (tests/fixtures/torch_files/make.py)

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax.configs import tiny
 from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
+from parcae_jax.configs import tiny
 from parcae_jax.train import Trainer, evaluate_checkpoint, train
 from parcae_jax.validate import validate
-from tests.forkserver import run_module
 from tests.conftest import ONE_DEVICE_ENV, ROOT, XLA_CACHE
+from tests.forkserver import run_module
 
 # float32 compute (the tiny config says "fast": bf16 on CPUs with BF16 instructions), so that
 # the equivalence checks below are about sharding and accumulation, not bf16 roundings.

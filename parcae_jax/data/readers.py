@@ -8,8 +8,8 @@ one line naming the file (and line) and the fix.
 from __future__ import annotations
 
 import glob
-import hashlib
 import gzip
+import hashlib
 import json
 import os
 import sys

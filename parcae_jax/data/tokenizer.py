@@ -118,7 +118,8 @@ def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 32768) -> HFTokenizer:
     """Byte-level BPE with GPT-4 pre-tokenisation; id 0 is <|endoftext|>."""
-    from tokenizers import Regex, Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
 
     tok = HFTok(models.BPE(byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -23,9 +23,8 @@ from parcae_jax.metrics import read_rows
 from parcae_jax.model_flags import fail
 from parcae_jax.science import provenance
 from parcae_jax.science.cli_flags import OUT_DIR
-from parcae_jax.science.training_flags import BASE, STEPS
 from parcae_jax.science.tables import write_csv
-
+from parcae_jax.science.training_flags import BASE, STEPS
 
 
 def gpt_of(parcae_config):

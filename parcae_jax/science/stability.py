@@ -29,10 +29,10 @@ import statistics
 from absl import flags
 
 from parcae_jax import cli
-from parcae_jax.science.cli_flags import OUT_DIR
-from parcae_jax.science.training_flags import BASE, STEPS
-from parcae_jax.science.tables import write_csv
 from parcae_jax.model_flags import fail
+from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.science.tables import write_csv
+from parcae_jax.science.training_flags import BASE, STEPS
 
 VARIANTS = {  # name -> model overrides
     "diagonal": {"injection": "diagonal"},

@@ -24,9 +24,9 @@ from absl import flags
 
 from parcae_jax import cli, storage
 from parcae_jax.metrics import read_rows
-from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.model_flags import fail
 from parcae_jax.science import provenance
+from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.science.grid import SweepError
 from parcae_jax.science.tables import write_csv
 

@@ -24,9 +24,9 @@ import os
 from absl import flags
 
 from parcae_jax import cli
+from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
 from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.science.tables import write_csv
-from parcae_jax.model_flags import CHECKPOINT, DTYPE, RECURRENCES, SEED, STEP, TOKENIZER, fail
 
 OFFICIAL_EVAL = (8, 8)  # (batches, sequences each) for an official folder, which records no evaluation
 _VAL_BATCHES = flags.DEFINE_integer("val_batches", None, "Validation batches (the first, in storage order); default: "
