@@ -10,7 +10,7 @@ Expect:   `--mode=describe` reports params_total = 144,323,136 (its GPT baseline
           configs/gpt_140m.py: 143,141,184).
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

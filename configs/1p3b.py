@@ -9,7 +9,7 @@ Expect:   `--mode=describe` reports params_total = 1,338,591,744 (its GPT baseli
           configs/gpt_1p3b.py: 1,333,868,544).
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

@@ -10,7 +10,7 @@ Expect:   `--mode=describe` reports params_total = 388,003,328 (its GPT baseline
           configs/gpt_370m.py: 385,903,104).
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

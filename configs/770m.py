@@ -9,7 +9,7 @@ Expect:   `--mode=describe` reports params_total = 776,655,680 (its GPT baseline
           configs/gpt_770m.py: 773,375,040).
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

@@ -10,7 +10,7 @@ Hardware: this 2-core CPU machine (the comparison with the official PyTorch code
 Expect:   one JSON object; see docs/performance.md for the measured tokens/s.
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

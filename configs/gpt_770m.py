@@ -7,7 +7,7 @@ Hardware: a GPU cluster or TPU pod slice. The official run used micro-batches of
 Expect:   `--mode=describe` reports params_total = 773,375,040.
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

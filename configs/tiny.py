@@ -11,7 +11,7 @@ dtype "fast": bfloat16 matmuls on CPUs with AVX512-BF16 / AMX-BF16 and on accele
 float32 elsewhere; `--config.model.dtype=float32` gives the exact, machine-independent run.
 """
 
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 
 def get_config(arg: str | None = None):

@@ -93,10 +93,12 @@ def setup(root: str, venv: str, python: str | None, jax_extra: str, pip_args: li
     venv's stamp says exactly that is installed already."""
     candidates = " ".join(quote(p) for p in ([python] if python else PYTHONS))
     links = f"-f {quote(LIBTPU_FIND_LINKS)}" if jax_extra == "tpu" else ""
-    main = rf"""  req=$root/current/requirements.txt
+    pip_flags = " ".join(map(quote, pip_args))
+    main = (rf"""  req=$root/current/requirements.txt
   [ -f "$req" ] || fail "no code at $root/current; run sync first"
   version_of() {{ "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null; }}
-  new_enough() {{ local major minor; IFS=. read -r major minor _ <<< "$1"; [ "$major" -gt 3 ] || {{ [ "$major" -eq 3 ] && [ "$minor" -ge 11 ]; }}; }}
+  new_enough() {{ local major minor; IFS=. read -r major minor _ <<< "$1"; """
+            rf"""[ "$major" -gt 3 ] || {{ [ "$major" -eq 3 ] && [ "$minor" -ge 11 ]; }}; }}
   py= seen=
   for cand in {candidates}; do
     v=$(version_of "$cand") || continue
@@ -104,7 +106,8 @@ def setup(root: str, venv: str, python: str | None, jax_extra: str, pip_args: li
     seen=${{seen:-$v}}
   done
   if [ -z "$py" ]; then
-    [ -n "$seen" ] || fail "worker has no Python ({candidates}); parcae_jax needs >= 3.11 (install python3.11 or pass --python=...)"
+    [ -n "$seen" ] || fail "worker has no Python ({candidates}); """
+            rf"""parcae_jax needs >= 3.11 (install python3.11 or pass --python=...)"
     fail "worker has Python $seen; parcae_jax needs >= 3.11 (install python3.11 or pass --python=...)"
   fi
   jaxver=$(sed -n 's/^jax==\([^[:space:];#]*\).*/\1/p' "$req" | head -n 1)
@@ -126,10 +129,10 @@ def setup(root: str, venv: str, python: str | None, jax_extra: str, pip_args: li
   fi
   rm -f "$venv/{STAMP}"
   echo "setup: pip install -r $req $jaxreq"
-  "$venv/bin/python" -m pip install --disable-pip-version-check {" ".join(map(quote, pip_args))} -r "$req" "$jaxreq" "${{links[@]}}"
+  "$venv/bin/python" -m pip install --disable-pip-version-check {pip_flags} -r "$req" "$jaxreq" "${{links[@]}}"
   echo "$stamp" > "$venv/{STAMP}"
   echo "setup: done (requirements sha256 ${{stamp:0:12}})"
-"""
+""")
     return _script(root, venv, main)
 
 

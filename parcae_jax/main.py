@@ -14,13 +14,13 @@ import json
 import os
 import re
 import sys
-from typing import NoReturn
 
 from absl import flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
-from parcae_jax import config_files
-from parcae_jax.errors import user_errors
+from parcae_jax.commands import cli
+from parcae_jax.errors import UsageError, first_line
+from parcae_jax.training import config_files
 
 _DEFAULT_CONFIG = "tiny"  # a shipped config (see config_files.shipped)
 
@@ -30,13 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
                                           "config's name (tiny, 1p3b, ...); default tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "describe", "bench", "import"], "What to do.")
-_REFERENCE = flags.DEFINE_string("reference", None, "--mode=import: an official checkpoint folder to start the run from.")
-
-
-def fail(message: str) -> NoReturn:
-    """One clear line on stderr and exit code 2: bad input is the user's to fix, not a crash."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+_REFERENCE = flags.DEFINE_string("reference", None,
+                                 "--mode=import: an official checkpoint folder to start the run from.")
 
 
 # How ml_collections recognises the config file flag and its overrides in argv (config_flags.py):
@@ -51,10 +46,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     The config file is loaded and each --config.a.b override's key looked up here, before absl
     and ml_collections parse: what went wrong is then known from where it failed, never guessed
     from the text of an exception ml_collections raised."""
+    with cli.error_boundary():  # app.run parses before it calls main, outside main's boundary
+        return _parse(argv)
+
+
+def _parse(argv: list[str]) -> list[str]:
     try:  # ml_collections reads overrides in --flagfile files too: check those as well
         args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
     except flags.Error as e:
-        fail(config_files.first_line(e))
+        raise UsageError(first_line(e)) from None
     given = _config_values(args)
     if not given:  # the default, added here rather than by DEFINE_config_file (see _CONFIG)
         given = [config_files.shipped(_DEFAULT_CONFIG)]
@@ -62,16 +62,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     elif given[-1] is not None and (path := config_files.shipped(given[-1])) != given[-1]:  # a shipped config's name
         args, given[-1] = _with_config(args, path), path
     if given[-1] is not None:  # absl keeps the last; a bare --config at the end is absl's to report
-        config = _load_config(given[-1])
+        config = config_files.load(given[-1])
         for arg in args:  # all, even after '--': ml_collections reads every one
             if _OVERRIDE.match(arg):
-                _check_key(config, arg.split("=", 1)[0])
+                config_files.check_key(config, arg.split("=", 1)[0])
     try:
         return flags.FLAGS([argv[0], *args])
     except flags.Error as e:  # absl's own: a missing or malformed value, an unknown flag
-        fail(config_files.first_line(e))
+        raise UsageError(first_line(e)) from None
     except (TypeError, ValueError) as e:  # a value ml_collections cannot use for its key
-        fail(f"bad config override: {config_files.first_line(e)}")
+        raise UsageError(f"bad config override: {first_line(e)}") from None
 
 
 def _with_config(args: list[str], value: str) -> list[str]:
@@ -95,20 +95,6 @@ def _config_values(args: list[str]) -> list[str | None]:
     return values
 
 
-def _load_config(value: str) -> config_dict.ConfigDict:
-    try:
-        return config_files.load(value)
-    except config_files.ConfigFileError as e:
-        fail(str(e))
-
-
-def _check_key(config: config_dict.ConfigDict, flag: str) -> None:
-    try:
-        config_files.check_key(config, flag)
-    except config_files.ConfigFileError as e:
-        fail(str(e))
-
-
 def load_config():
     """The parsed config, or one line naming the file that failed to load."""
     try:
@@ -117,42 +103,24 @@ def load_config():
         return config
     except OSError as e:  # ml_collections defers file errors until first use
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        fail(f"--config={flags.FLAGS['config'].config_filename}: cannot load ({lines[-1]})")
+        raise UsageError(f"--config={flags.FLAGS['config'].config_filename}: cannot load ({lines[-1]})") from None
 
 
 def main(argv: list[str]) -> None:
-    """The one error boundary: a user error is one line and exit 2; a run that only skipped
-    steps exits 3; one stopped by a signal (after saving) 128 + signal; a bug shows its traceback."""
-    from parcae_jax.preemption import Interrupted
-
-    try:
-        _main(argv)
-    except Interrupted as e:  # saved and stopped: a distinct code, so that schedulers requeue
-        sys.exit(128 + e.signum)
-    except Exception as e:
-        from parcae_jax.train import NonFiniteRun
-
-        if isinstance(e, NonFiniteRun):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(3)
-        if isinstance(e, user_errors()):
-            fail(str(e))
-        raise
-
-
-def _main(argv: list[str]) -> None:
-    from parcae_jax import distributed, supervise
+    """Runs one mode (inside cli's error boundary: a user error is one line and exit 2; a run
+    that only skipped steps exits 3; one stopped by a signal after saving, 128 + signal)."""
+    from parcae_jax.runtime import distributed, supervise
     from parcae_jax.storage import make_dir
-    from parcae_jax.validate import validate
+    from parcae_jax.training.validate import validate
 
     if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; settings go in flags such as --config.model.d_model=256")
+        raise UsageError(f"unexpected arguments {argv[1:]}; settings go in flags such as --config.model.d_model=256")
     config = load_config()
     mode = _MODE.value
     if mode in ("train", "eval", "import") and not _WORKDIR.value:
-        fail(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
+        raise UsageError(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and TensorBoard events go there)")
     if (mode == "import") != bool(_REFERENCE.value):
-        fail("--reference=DIR goes with --mode=import (python -m parcae_jax.convert import ...), and it needs one")
+        raise UsageError("--reference=DIR goes with --mode=import, and --mode=import needs one")
     if mode != "describe":
         if distributed.wanted(config.dist) and not supervise.is_child():
             explicit = distributed.explicit_coordinator(config.dist)
@@ -166,11 +134,11 @@ def _main(argv: list[str]) -> None:
     if mode == "train":
         make_dir(_WORKDIR.value)  # after validation (bad input writes nothing), before compiling
     if mode != "describe":
-        from parcae_jax import compile_cache
+        from parcae_jax.runtime import compile_cache
 
         compile_cache.enable(config.compilation_cache_dir, config.data.cache_dir)
     if mode == "describe":
-        from parcae_jax.describe import describe
+        from parcae_jax.training.describe import describe
 
         print(json.dumps(describe(run.model), indent=1))
     elif mode == "bench":
@@ -178,15 +146,15 @@ def _main(argv: list[str]) -> None:
 
         print(json.dumps(bench(config, run)))
     elif mode == "import":
-        from parcae_jax.transfer import import_reference
+        from parcae_jax.interop.transfer import import_reference
 
         print(json.dumps(import_reference(config, _WORKDIR.value, run, _REFERENCE.value)))
     elif mode == "eval":
-        from parcae_jax.train import evaluate_checkpoint
+        from parcae_jax.training.train import evaluate_checkpoint
 
         print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, run)))
     else:
-        from parcae_jax.train import train
+        from parcae_jax.training.train import train
 
         train(config, _WORKDIR.value, run)
 
@@ -202,16 +170,14 @@ def _check_backend() -> None:
         if not os.environ.get("JAX_PLATFORMS") or (isinstance(e, RuntimeError)
                                                    and "Unable to initialize backend" not in str(e)):
             raise
-        why = (config_files.first_line(e) if str(e) else "no backend for it is installed").split(
+        why = (first_line(e) if str(e) else "no backend for it is installed").split(
             " (set JAX_PLATFORMS")[0]
-        fail(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')}: {why}; unset JAX_PLATFORMS to use what this "
-             "machine has, or install the matching jax extra (jax[tpu], jax[cuda12])")
+        raise UsageError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')}: {why}; unset JAX_PLATFORMS to use "
+                         "what this machine has, or install the matching jax extra (jax[tpu], jax[cuda12])") from None
 
 
 def run() -> None:
     """The `parcae-train` command (also `python -m parcae_jax.main`)."""
-    from parcae_jax import cli
-
     cli.run(main, __name__, flags_parser=_parse_flags)
 
 

@@ -19,6 +19,8 @@ import time
 
 from etils import epath
 
+from parcae_jax.errors import UserError
+
 REMOTE_PREFIXES = ("gs://",)
 
 
@@ -33,7 +35,7 @@ class _NoBucketTypeNotice(logging.Filter):
 logging.getLogger("gcsfs").addFilter(_NoBucketTypeNotice())
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A path that cannot be used. The message is one line naming the path and the fix."""
 
 

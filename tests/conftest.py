@@ -28,7 +28,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 # whole run: xdist's workers inherit the controller's environment).
 os.environ.setdefault("PARCAE_JAX_CACHE", tempfile.mkdtemp(prefix="parcae_jax_test_cache_"))
 # XLA's persistent compilation cache for subprocess runs on ONE device only (several CPU devices
-# do not pair cached and fresh executables: parcae_jax/compile_cache.py). Never set in this
+# do not pair cached and fresh executables: parcae_jax/runtime/compile_cache.py). Never set in this
 # process, which has 8 devices.
 XLA_CACHE = os.path.join(os.environ["PARCAE_JAX_CACHE"], "xla")
 # The environment of a subprocess whose test needs no particular device count: one CPU device
@@ -41,7 +41,7 @@ def uninterrupted_30(tmp_path_factory):
     """The small config (tests/test_train.py) trained 30 steps on one device without a stop, in
     this process: (its logged losses by step, its Trainer, its Run). Runs that are stopped and
     resumed in other ways must log these losses; resumes in this process reuse the Trainer."""
-    from parcae_jax.train import train
+    from parcae_jax.training.train import train
     from tests.test_train import losses, one_device, small_config
 
     config = small_config(steps=30)

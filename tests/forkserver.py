@@ -105,7 +105,8 @@ def run_module(module: str, args, *, cwd, env: dict | None = None, timeout: floa
             raise RuntimeError(f"the fork server died while running {module} {args}")
         code = json.loads(line)["code"]
         with open(out) as f_out, open(err) as f_err:
-            result = subprocess.CompletedProcess([sys.executable, "-m", module, *args], code, f_out.read(), f_err.read())
+            result = subprocess.CompletedProcess([sys.executable, "-m", module, *args], code, f_out.read(),
+                                                 f_err.read())
     if killed:
         raise subprocess.TimeoutExpired(result.args, timeout, result.stdout, result.stderr)
     return result

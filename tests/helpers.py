@@ -55,19 +55,19 @@ def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0):
 
 
 def science(module: str, *args) -> subprocess.CompletedProcess:
-    """`python -m parcae_jax.science.<module> args` from the repository root on one device,
+    """`python -m parcae_jax.commands.<module> args` from the repository root on one device,
     output captured."""
     import os
 
     from tests.conftest import ONE_DEVICE_ENV, ROOT
 
-    return run_module(f"parcae_jax.science.{module}", [*map(str, args)], cwd=ROOT, timeout=600,
+    return run_module(f"parcae_jax.commands.{module}", [*map(str, args)], cwd=ROOT, timeout=600,
                       env={**os.environ, **ONE_DEVICE_ENV})
 
 
 # A base config file for the science commands: the tests' small model (tests/test_train.py SMALL).
 SMALL_BASE = '''
-from parcae_jax import defaults
+from parcae_jax.training import defaults
 
 def get_config(arg=None):
     config = defaults.load_shipped("tiny")

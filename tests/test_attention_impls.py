@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax import sharding
 from parcae_jax.model import ConfigError, attention_kernels, build, init_params
 from parcae_jax.model.attention import dot_product_attention
 from parcae_jax.model.attention_kernels import emulated_kernels, resolve_impl
+from parcae_jax.training import sharding
 from tests.helpers import tiny
 
 TOL = {"float32": (1e-5, 1e-5), "bfloat16": (3e-2, 2e-2)}  # (outputs atol, gradients / max |gradient|)

@@ -10,8 +10,8 @@ import pytest
 
 from parcae_jax.data.prepare import prepare
 from parcae_jax.data.tokenizer import EOD_TOKEN
-from parcae_jax.train import train
-from parcae_jax.workdir_lock import WorkdirLock
+from parcae_jax.runtime.workdir_lock import WorkdirLock
+from parcae_jax.training.train import train
 from tests.conftest import FIXTURES, ROOT
 from tests.forkserver import run_module
 from tests.test_train import SMALL, one_device, small_config
@@ -132,7 +132,8 @@ def _bad_files(folder) -> None:
     (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (folder / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1"))
     pq.write_table(pa.table({"body": ["x"]}), folder / "nocol.parquet")
-    for name, words in (("words", ["hello"]), ("many_words", [f"w{i}" for i in range(300)] + ["Question", "Answer", ":"])):
+    for name, words in (("words", ["hello"]),
+                        ("many_words", [f"w{i}" for i in range(300)] + ["Question", "Answer", ":"])):
         tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*words, EOD_TOKEN])}))  # no [UNK]
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.save(str(folder / f"{name}.json"))
@@ -142,7 +143,8 @@ def _bad_files(folder) -> None:
     (folder / "nameless.yaml").write_text(task.replace("task: parcae_sample_mc", ""))
     (folder / "notext.yaml").write_text(task.replace("doc_to_text:", "# doc_to_text:"))
     (folder / "words.jsonl").write_text('{"question": "w299", "choices": [" w1", " w2"], "answer": 0}\n')
-    for name, data in (("words", None), ("badline", good.splitlines()[0] + '\n{"question": oops}\n'), ("listline", "[1, 2]\n")):
+    for name, data in (("words", None), ("badline", good.splitlines()[0] + '\n{"question": oops}\n'),
+                       ("listline", "[1, 2]\n")):
         if data is not None:
             (folder / f"{name}.jsonl").write_text(data)
         (folder / f"{name}.yaml").write_text(task.replace("sample_mc.jsonl", f"{name}.jsonl"))
@@ -191,8 +193,9 @@ def places(tmp_path_factory):
     with WorkdirLock(str(root / "locked")):  # another trainer's, for the module's tests
         yield {"W": str(root / "trained"), "N": str(root / "nothing_here"), "F": str(root / "a_file"),
                "D": str(root / "data"), "C": str(broken), "T": str(root / "doc.txt"), "L": str(root / "locked"),
-               "A": str(root / "aside"), "K": str(root / "ckpt_file"), "B": str(root / "tb_file"), "V": str(root / "big_vocab"),
-               "G": str(root / "garbage_manifest"), "R": str(root / "damaged"), "X": str(root / "inputs"),
+               "A": str(root / "aside"), "K": str(root / "ckpt_file"), "B": str(root / "tb_file"),
+               "V": str(root / "big_vocab"), "G": str(root / "garbage_manifest"), "R": str(root / "damaged"),
+               "X": str(root / "inputs"),
                "P": str(FIXTURES / "reference_parcae_tiny"), "E": str(FIXTURES / "eval" / "sample_mc.yaml"),
                "root": root}
 
@@ -228,9 +231,9 @@ def test_a_platform_this_machine_lacks_is_one_line(places, platform, tmp_path):
 # The other commands: (module, arguments, what the one line must say). {P}: an official-format
 # checkpoint folder (tests/fixtures), {E}: the sample evaluation task, {R}: official-format
 # folders damaged as named, {X}: files for prepare and tasks for evaluate, each bad one way.
-GEN = ("parcae_jax.generate", "--checkpoint={P}", "--tokenizer=bytes")
-EVAL = ("parcae_jax.evaluate", "--checkpoint={P}", "--tokenizer=bytes")
-PREP = "parcae_jax.data.prepare"
+GEN = ("parcae_jax.commands.generate", "--checkpoint={P}", "--tokenizer=bytes")
+EVAL = ("parcae_jax.commands.evaluate", "--checkpoint={P}", "--tokenizer=bytes")
+PREP = "parcae_jax.commands.prepare"
 TOOLS = {
     "prepare: garbage SentencePiece model": (PREP, ["--input={T}", "--output={N}", "--tokenizer={C}/garbage.model"],
                                              "not a SentencePiece model"),
@@ -248,20 +251,22 @@ TOOLS = {
     "prepare: no input": (PREP, ["--output={N}"], "no input"),
     "prepare: an unknown TFDS dataset": (PREP, ["--tfds=no_such_dataset", "--tfds_data_dir={X}/empty", "--output={N}"],
                                          "no_such_dataset"),
-    "convert: missing folder": ("parcae_jax.convert", ["--reference={N}"], "missing config.json"),
-    "convert: config.json not JSON": ("parcae_jax.convert", ["--reference={R}/bad_json"], "config.json: not JSON"),
-    "convert: config.json without a field": ("parcae_jax.convert", ["--reference={R}/no_field"], "no field"),
-    "convert: garbage safetensors": ("parcae_jax.convert", ["--reference={R}/bad_tensors"],
+    "convert: missing folder": ("parcae_jax.commands.convert", ["--reference={N}"], "missing config.json"),
+    "convert: config.json not JSON": ("parcae_jax.commands.convert", ["--reference={R}/bad_json"],
+                                      "config.json: not JSON"),
+    "convert: config.json without a field": ("parcae_jax.commands.convert", ["--reference={R}/no_field"], "no field"),
+    "convert: garbage safetensors": ("parcae_jax.commands.convert", ["--reference={R}/bad_tensors"],
                                      "not a readable safetensors file"),
-    "convert: a context of 10**12 positions": ("parcae_jax.convert", ["--reference={R}/huge_block"],
+    "convert: a context of 10**12 positions": ("parcae_jax.commands.convert", ["--reference={R}/huge_block"],
                                                "is beyond any model here"),
     **{f"{m.rsplit('.', 1)[-1]}: flag of the wrong type": (m, [flag], f"flag {flag}: invalid literal")
-       for m, flag in (("parcae_jax.generate", "--max_new_tokens=abc"), ("parcae_jax.evaluate", "--limit=x"),
-                       ("parcae_jax.science.test_time", "--seed=1.5"))},
+       for m, flag in (("parcae_jax.commands.generate", "--max_new_tokens=abc"),
+                       ("parcae_jax.commands.evaluate", "--limit=x"),
+                       ("parcae_jax.commands.recurrence_curve", "--seed=1.5"))},
     **{f"{m.rsplit('.', 1)[-1]}: unknown flag": (m, ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'")
-       for m in ("parcae_jax.science.sweep", "parcae_jax.science.stability", "parcae_jax.science.compare",
-                 "parcae_jax.science.report", "parcae_jax.data.prepare", "parcae_jax.data.tokenizer",
-                 "parcae_jax.bench.memory_table")},
+       for m in ("parcae_jax.commands.sweep", "parcae_jax.commands.stability", "parcae_jax.commands.compare",
+                 "parcae_jax.commands.report", "parcae_jax.commands.prepare", "parcae_jax.commands.train_tokenizer",
+                 "parcae_jax.commands.memory_table")},
     "generate: prompt past the block": (GEN[0], [*GEN[1:], "--prompt=" + "x" * 60],
                                         "a prompt of 60 tokens plus 64 new tokens exceeds the model's block size 64"),
     "generate: unknown cache strategy": (GEN[0], [*GEN[1:], "--prompt=a", "--cache_strategy=compress-q2"],
@@ -285,20 +290,22 @@ TOOLS = {
     "generate: a prompt the tokenizer cannot encode": (GEN[0], ["--checkpoint={P}", "--tokenizer={X}/words.json",
                                                                 "--prompt=zebra"], "the tokenizer cannot encode it"),
     "generate: a tokenizer larger than the model": (GEN[0], ["--checkpoint={P}", "--tokenizer={X}/many_words.json",
-                                                             "--prompt=w299", "--max_new_tokens=4"], "(id 299) is outside the model's vocabulary [0, 256)"),
+                                                             "--prompt=w299", "--max_new_tokens=4"],
+                                                   "(id 299) is outside the model's vocabulary [0, 256)"),
     "generate: a run without checkpoints": (GEN[0], ["--checkpoint={C}", "--tokenizer=bytes", "--prompt=a"],
                                             "no checkpoint"),
-    "evaluate: limit 0": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--limit=0"], "--limit=0 must be >= 1"),
+    "evaluate: limit 0": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--limit=0"], "--limit=0: 0 is not a positive integer"),
     "evaluate: num_fewshot -1": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--num_fewshot=-1"],
-                                 "--num_fewshot=-1 must be >= 0"),
+                                 "--num_fewshot=-1: -1 is not a non-negative integer"),
     "evaluate: eval_batch_size 0": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--eval_batch_size=0"],
-                                    "--eval_batch_size=0 must be >= 1"),
-    "evaluate: output is a folder": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--output={C}"], "is a directory; name a file"),
+                                    "--eval_batch_size=0: 0 is not a positive integer"),
+    "evaluate: output is a folder": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--output={C}"],
+                                     "is a directory; name a file"),
     "evaluate: output in no folder": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--output={N}/scores.json"],
                                       "no such directory"),
     "evaluate: no tasks": (EVAL[0], [*EVAL[1:]], "pass --tasks="),
     "evaluate: recurrences not integers": (EVAL[0], [*EVAL[1:], "--tasks={E}", "--recurrences=a"],
-                                           "--recurrences=a: integers >= 1"),
+                                           "--recurrences=a: give positive integers"),
     "evaluate: a task file missing": (EVAL[0], [*EVAL[1:], "--tasks={N}.yaml"], "No such file or directory"),
     "evaluate: a task file not YAML": (EVAL[0], [*EVAL[1:], "--tasks={X}/bad.yaml"], "not a task YAML"),
     "evaluate: a task without its name": (EVAL[0], [*EVAL[1:], "--tasks={X}/nameless.yaml"], "needs a `task:` name"),
@@ -312,19 +319,21 @@ TOOLS = {
                                                               "--tasks={X}/words.yaml"],
                                                     "is outside the model's vocabulary [0, 256)"),
     "evaluate: a text the tokenizer cannot encode": (EVAL[0], ["--checkpoint={P}", "--tokenizer={X}/words.json",
-                                                               "--tasks={X}/words.yaml"], "the tokenizer cannot encode"),
+                                                               "--tasks={X}/words.yaml"],
+                                                     "the tokenizer cannot encode"),
     "evaluate: an unknown task": (EVAL[0], [*EVAL[1:], "--tasks=no_such_task"],
                                   "'no_such_task' is not a task lm-eval knows"),
     "evaluate: a registry task without network": (EVAL[0], [*EVAL[1:], "--tasks=arc_easy"],
                                                   "task arc_easy: lm-eval cannot build it (ConnectionError"),
-    "test_time: T of 0": ("parcae_jax.science.test_time", ["--checkpoint={C}", "--recurrences=0,2"],
-                          "every T must be >= 1"),
-    "test_time: T not integers": ("parcae_jax.science.test_time", ["--checkpoint={C}", "--recurrences=a"],
-                                  "give integers"),
-    "test_time: no data": ("parcae_jax.science.test_time", ["--checkpoint={P}", "--tokenizer=bytes"],
+    "test_time: T of 0": ("parcae_jax.commands.recurrence_curve", ["--checkpoint={C}", "--recurrences=0,2"],
+                          "--recurrences=0,2: give positive integers"),
+    "test_time: T not integers": ("parcae_jax.commands.recurrence_curve", ["--checkpoint={C}", "--recurrences=a"],
+                                  "give positive integers"),
+    "test_time: no data": ("parcae_jax.commands.recurrence_curve", ["--checkpoint={P}", "--tokenizer=bytes"],
                            "pass --data_path"),
-    "test_time: a run that is not there": ("parcae_jax.science.test_time", ["--checkpoint={N}"], "no checkpoints"),
-    **{f"stability: {what}": ("parcae_jax.science.stability", args, says) for what, args, says in (
+    "test_time: a run that is not there": ("parcae_jax.commands.recurrence_curve", ["--checkpoint={N}"],
+                                           "no checkpoints"),
+    **{f"stability: {what}": ("parcae_jax.commands.stability", args, says) for what, args, says in (
         ("no out_dir", [], "pass --out_dir"),
         ("unknown variant", ["--out_dir={N}", "--variants=diagonal,concat"], "'concat' is unknown"),
         ("negative multiplier", ["--out_dir={N}", "--lr_multipliers=1,-2"], "must be > 0"),
@@ -335,7 +344,8 @@ TOOLS = {
     **{f"launcher: {what}": ("launch.tpu_pod", args, says) for what, args, says in (
         ("a TPU name that is an option", ["logs", "--tpu=-oProxyCommand=x", "--zone=z"],
          "--tpu='-oProxyCommand=x': use letters"),
-        ("a run name that climbs", ["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=" + os.path.join("..", "..", "etc")], "use letters"),
+        ("a run name that climbs",
+         ["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=" + os.path.join("..", "..", "etc")], "use letters"),
         ("a run name ..", ["logs", "--tpu=pod1", "--zone=us-east5-a", "--name=.."], "--name='..': use letters"),
         ("a zone that is an option", ["stop", "--tpu=pod1", "--zone=--quiet"], "--zone='--quiet': use letters"),
         ("a project that is an option", ["delete", "--tpu=pod1", "--zone=z", "--project=-p"],
@@ -367,6 +377,7 @@ def test_the_other_commands_answer_bad_input_in_one_line_too(places, case):
 
 def test_the_table_covers_every_command_and_is_large():
     modules = {"parcae_jax.main"} | {m for m, _, _ in TOOLS.values()}
-    assert {"parcae_jax.data.prepare", "parcae_jax.convert", "parcae_jax.generate", "parcae_jax.evaluate",
-            "parcae_jax.science.test_time", "parcae_jax.science.stability", "launch.tpu_pod"} <= modules
+    assert {"parcae_jax.commands.prepare", "parcae_jax.commands.convert", "parcae_jax.commands.generate",
+            "parcae_jax.commands.evaluate", "parcae_jax.commands.recurrence_curve", "parcae_jax.commands.stability",
+            "launch.tpu_pod"} <= modules
     assert len(CASES) + len(TOOLS) + 2 >= 120

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from parcae_jax.bench import bench, roof
-from parcae_jax.describe import flops_per_token
-from parcae_jax.validate import validate
+from parcae_jax.training.describe import flops_per_token
+from parcae_jax.training.validate import validate
 from tests.test_train import small_config
 
 
@@ -90,7 +90,7 @@ def test_compile_only_estimate_equals_the_real_compiled_steps_temp_bytes():
     import jax
 
     from parcae_jax.bench.step import compile_only
-    from parcae_jax.train import Trainer
+    from parcae_jax.training.train import Trainer
     from tests.test_train import batch
 
     config = small_config()
@@ -117,7 +117,7 @@ def test_memory_table_compiles_each_point_once_and_prints_the_table(tmp_path):
     import sys
 
     out = tmp_path / "table.json"
-    cmd = [sys.executable, "-m", "parcae_jax.bench.memory_table", "--targets=8xH100", "--configs=tiny",
+    cmd = [sys.executable, "-m", "parcae_jax.commands.memory_table", "--targets=8xH100", "--configs=tiny",
            f"--output={out}"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from parcae_jax import defaults
 from parcae_jax.model import build
 from parcae_jax.model.config import ConfigError, ModelConfig
+from parcae_jax.training import defaults
 from tests.conftest import ROOT
 from tests.forkserver import run_module
 from tests.helpers import TINY
@@ -29,7 +29,8 @@ def test_every_model_default_is_the_dataclass_default_field_by_field_and_value_b
         assert value == default and type(value) is type(default), (name, value, default)
     # The resolved config is the dataclass's own default, whatever the backend resolves "auto" to.
     assert ModelConfig.from_mapping(base.model) == ModelConfig(dtype=ModelConfig().compute_dtype)
-    for key in ("model.mean_recurrence", "model.mean_backprop_depth", "model.sampling_scheme", "model.injection", "seed"):
+    for key in ("model.mean_recurrence", "model.mean_backprop_depth", "model.sampling_scheme", "model.injection",
+                "seed"):
         node = base
         for part in key.split("."):
             node = node[part]
@@ -46,7 +47,8 @@ def test_every_config_validates(name):
 BAD = [
     (dict(n_heads=5), "model.n_heads=5 does not divide d_model=64"),
     (dict(n_kv_heads=3), "model.n_kv_heads=3 does not divide n_heads=4"),
-    (dict(injection="sum"), "model.injection='sum' is unknown; set --config.model.injection to one of diagonal|linear|add"),
+    (dict(injection="sum"),
+     "model.injection='sum' is unknown; set --config.model.injection to one of diagonal|linear|add"),
     (dict(injection="add", d_rec=96, n_rec_heads=6, d_rec_mlp=128), "injection='add' needs d_rec == d_model"),
     (dict(mean_recurrence=0), "model.mean_recurrence=0 must be >= 1"),
     (dict(mean_backprop_depth=0), "model.mean_backprop_depth=0 must be >= 1"),

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from parcae_jax.convert import ConversionError, _read_config, load_reference, save_reference
+from parcae_jax.interop.convert import ConversionError, _read_config, load_reference, save_reference
+from parcae_jax.interop.reference_config import config_to_reference
 from parcae_jax.model import build, init_params
-from parcae_jax.reference_config import config_to_reference
 from tests.conftest import FIXTURES, ROOT
 from tests.forkserver import run_module
 from tests.helpers import tiny
@@ -36,7 +36,8 @@ def test_save_of_load_reproduces_every_tensor_and_config_field(tmp_path, name):
 
 
 def test_fresh_model_saves_and_loads_back(tmp_path):
-    for cfg in (tiny(), tiny(arch="gpt", n_layers=3, tie_embeddings=False), tiny(injection="linear", tie_embeddings=False)):
+    for cfg in (tiny(), tiny(arch="gpt", n_layers=3, tie_embeddings=False),
+                tiny(injection="linear", tie_embeddings=False)):
         params = nn.unbox(init_params(build(cfg), jax.random.key(1)))
         save_reference(str(tmp_path / cfg.arch), cfg, params)
         cfg2, params2 = load_reference(str(tmp_path / cfg.arch))
@@ -100,7 +101,7 @@ def test_unsupported_training_options_load_and_are_written_back(tmp_path):
 
 
 def test_cli(tmp_path):
-    run = lambda *a: run_module("parcae_jax.convert", a, cwd=ROOT, timeout=300)  # noqa: E731
+    run = lambda *a: run_module("parcae_jax.commands.convert", a, cwd=ROOT, timeout=300)  # noqa: E731
     assert run("--help").returncode == 0
     out = run(f"--reference={FIXTURES / 'reference_parcae_tiny'}", f"--out={tmp_path / 'x'}")
     assert out.returncode == 0, out.stderr

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax.describe import describe, flops_per_token
 from parcae_jax.model import build
 from parcae_jax.model.config import ModelConfig
+from parcae_jax.training.describe import describe, flops_per_token
 from tests.conftest import FIXTURES, ROOT
 from tests.test_config import load
 
@@ -28,7 +28,8 @@ def test_published_parameter_counts(name):
     assert info["params_total"] == PUBLISHED[name]
     if not name.startswith("gpt"):
         official = json.loads((FIXTURES / "published_param_counts.json").read_text())
-        entry = next(v for k, v in official.items() if k.startswith("parcae") and v["num_parameters"] == PUBLISHED[name])
+        entry = next(v for k, v in official.items()
+                     if k.startswith("parcae") and v["num_parameters"] == PUBLISHED[name])
         assert {OFFICIAL_GROUPS[k]: v for k, v in entry["by_group"].items()} == info["params_by_group"]
         assert info["params_unrolled_at_mean_recurrence"] == entry["unrolled_params_at_mean_recurrence"]
 
@@ -94,8 +95,8 @@ def test_flops_match_the_traced_matmuls(arch, T):
 
 
 def test_keys_per_query_follows_the_attention_that_runs():
-    from parcae_jax.describe import keys_per_query
     from parcae_jax.model.config import ModelConfig
+    from parcae_jax.training.describe import keys_per_query
 
     cfg = ModelConfig(seq_len=2048)
     assert keys_per_query(cfg.replace(attention_impl="cudnn"), 2048) == 1024

@@ -1,6 +1,6 @@
 """Cluster detection for jax.distributed start-up, the way JAX's own auto-detection sees it."""
 
-from parcae_jax.distributed import detected_process_count
+from parcae_jax.runtime.distributed import detected_process_count
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
          "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_NODELIST": "node[1-4]"}

@@ -45,6 +45,7 @@ def test_every_docs_citation_points_at_an_existing_section():
             target = ROOT / doc
             assert target.exists(), f"{path.relative_to(ROOT)} cites {doc}, which is not in the repository"
             if section:
-                assert re.search(rf"^## §{section} ", target.read_text(), re.M), f"{path.relative_to(ROOT)}: {doc} §{section}"
+                assert re.search(rf"^## §{section} ", target.read_text(), re.M), \
+                    f"{path.relative_to(ROOT)}: {doc} §{section}"
             seen += 1
     assert seen >= 10  # the model and optimizer modules cite the design notes

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 
-from parcae_jax import convert
 from parcae_jax.data.tokenizer import ByteTokenizer
 from parcae_jax.infer.generator import Generator
 from parcae_jax.infer.harness import HarnessLM
+from parcae_jax.interop import convert
 from parcae_jax.model import build, init_params
 from parcae_jax.model.recurrence import evaluation_state
 from tests.conftest import FIXTURES, ROOT
@@ -108,7 +108,7 @@ def test_generate_until_batches_requests_and_cuts_each_at_its_first_stop_string(
 
 
 def _cli(*args, env=None):
-    return run_module("parcae_jax.evaluate", [*args], cwd=ROOT, timeout=600, env=env)
+    return run_module("parcae_jax.commands.evaluate", [*args], cwd=ROOT, timeout=600, env=env)
 
 
 @pytest.mark.slow
@@ -132,6 +132,7 @@ def test_the_command_prints_a_table_and_writes_the_scores_the_reference_loop_giv
             ctx = list(f"Question: {d['question']}\nAnswer:".encode())
             lls = [reference_loglikelihood(cfg, params, ctx, list((" " + c).encode()), r) for c in d["choices"]]
             acc += int(np.argmax(lls) == d["answer"])
-            acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, d["choices"])]) == d["answer"])  # lm-eval: the choice's characters
+            # lm-eval: the choice's characters
+            acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, d["choices"])]) == d["answer"])
         got = saved["scores"]["parcae_sample_mc"][str(r)]
         assert got["acc"] == acc / len(docs) and got["acc_norm"] == acc_norm / len(docs), (r, got, acc, acc_norm)

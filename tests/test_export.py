@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from parcae_jax import model as M
-from parcae_jax.convert import load_reference
-from parcae_jax.train import train
-from parcae_jax.transfer import restore_params
+from parcae_jax.interop.convert import load_reference
+from parcae_jax.interop.transfer import restore_params
+from parcae_jax.training.train import train
 from tests.conftest import ONE_DEVICE_ENV, ROOT
 from tests.forkserver import run_module
 from tests.test_train import one_device, small_config
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
 
 def export(*args):
-    return run_module("parcae_jax.convert", ["export", *map(str, args)], cwd=ROOT, timeout=300)
+    return run_module("parcae_jax.commands.export", [*map(str, args)], cwd=ROOT, timeout=300)
 
 
 @pytest.mark.slow
@@ -56,7 +56,8 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run, tmp_path):
     (taken / "model.safetensors").write_bytes(b"precious")
     (tmp_path / "a_file").write_text("precious")
     for args, message in (([f"--workdir={run}", f"--output={taken}"], "exists and is not an empty folder"),
-                          ([f"--workdir={run}", f"--output={tmp_path / 'a_file'}"], "exists and is not an empty folder"),
+                          ([f"--workdir={run}", f"--output={tmp_path / 'a_file'}"],
+                           "exists and is not an empty folder"),
                           ([f"--workdir={run}", "--output=gs://bucket/out"], "export writes a local folder"),
                           ([f"--workdir={run}", "--step=3", f"--output={tmp_path / 'x'}"], "no checkpoint at step 3"),
                           ([f"--workdir={tmp_path / 'nowhere'}", f"--output={tmp_path / 'y'}"], "no checkpoints")):
@@ -78,7 +79,7 @@ def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
     new = tmp_path / "finetune"
     cli = lambda module, *a: run_module(module, a, cwd=ROOT, timeout=300,  # noqa: E731
                                         env={**os.environ, **ONE_DEVICE_ENV})
-    out = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={new}", *flags)
+    out = cli("parcae_jax.main", "--mode=import", f"--reference={exported}", f"--workdir={new}", *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     step, _, params = restore_params(str(new), 0)
     jax.tree.map(np.testing.assert_array_equal, params, load_reference(str(exported))[1])
@@ -86,9 +87,9 @@ def test_import_makes_checkpoint_0_that_main_resumes_from(run, tmp_path):
     assert trained.returncode == 0 and "resumed from checkpoint 0" in trained.stderr, trained.stderr[-2000:]
     # the first step starts from the imported weights: below the loss of step 1 from scratch
     assert losses(new)[1] < losses(run)[1]
-    again = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={new}", *flags)
+    again = cli("parcae_jax.main", "--mode=import", f"--reference={exported}", f"--workdir={new}", *flags)
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr and again.stderr.count("\n") == 1
-    wrong = cli("parcae_jax.convert", "import", f"--reference={exported}", f"--workdir={tmp_path / 'w'}", *flags,
+    wrong = cli("parcae_jax.main", "--mode=import", f"--reference={exported}", f"--workdir={tmp_path / 'w'}", *flags,
                 "--config.model.d_mlp=128")
     assert wrong.returncode == 2 and "d_mlp=64 (config has 128)" in wrong.stderr, wrong.stderr
     assert not (tmp_path / "w").exists()
@@ -102,7 +103,7 @@ def test_generate_reads_a_training_run_with_its_tokenizer(run):
     from parcae_jax.data.tokenizer import ByteTokenizer
     from parcae_jax.infer.generator import Generator
 
-    done = run_module("parcae_jax.generate", [f"--checkpoint={run}", "--step=2",
+    done = run_module("parcae_jax.commands.generate", [f"--checkpoint={run}", "--step=2",
                            "--prompt=def f(x):", "--max_new_tokens=5", "--json"],
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -119,8 +120,8 @@ def test_readers_of_a_run_fall_back_from_a_damaged_newest_checkpoint_as_training
     with --step, or a run with none readable, is one line."""
     import shutil
 
-    from parcae_jax.checkpoint import CheckpointError
-    from parcae_jax.transfer import restore_run
+    from parcae_jax.interop.transfer import restore_run
+    from parcae_jax.runtime.checkpoint import CheckpointError
 
     damaged = tmp_path / "run"
     shutil.copytree(run, damaged)
@@ -136,5 +137,6 @@ def test_readers_of_a_run_fall_back_from_a_damaged_newest_checkpoint_as_training
     (damaged / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbage")
     out = export(f"--workdir={damaged}", f"--output={tmp_path / 'out2'}")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2 and len(errors) == 1 and "none of the checkpoints [4, 2]" in errors[0], out.stderr[-2000:]
+    assert out.returncode == 2 and len(errors) == 1 and "none of the checkpoints [4, 2]" in errors[0], \
+        out.stderr[-2000:]
     assert not (tmp_path / "out2").exists()

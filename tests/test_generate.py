@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax import convert
 from parcae_jax.infer import decode
 from parcae_jax.infer.generator import GenerationError, Generator
 from parcae_jax.infer.sampling import Sampling
+from parcae_jax.interop import convert
 from parcae_jax.model import build, init_params
 from tests.conftest import FIXTURES
 from tests.forkserver import run_module
@@ -307,7 +307,7 @@ def test_sampling_draws_from_the_tempered_distribution():
 def _cli(*args):
     from tests.conftest import ROOT
 
-    return run_module("parcae_jax.generate", [*args], cwd=ROOT, timeout=300)
+    return run_module("parcae_jax.commands.generate", [*args], cwd=ROOT, timeout=300)
 
 
 @pytest.mark.slow

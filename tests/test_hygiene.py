@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from parcae_jax.metrics import slow_hosts
-from parcae_jax.train import train
+from parcae_jax.runtime.metrics import slow_hosts
+from parcae_jax.training.train import train
 from tests.conftest import COMPILE_FAST, ROOT
 from tests.forkserver import run_module
 from tests.test_train import SMALL, losses, one_device, small_config

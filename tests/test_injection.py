@@ -26,7 +26,8 @@ def test_diagonal_decay_lies_in_0_1_for_any_parameters(A_log, dt_bias):
 
 
 @settings(max_examples=100, deadline=None)
-@given(arrays(np.float32, 8, elements=st.floats(-6, 6, width=32)), arrays(np.float32, 8, elements=st.floats(-6, 6, width=32)))
+@given(arrays(np.float32, 8, elements=st.floats(-6, 6, width=32)),
+       arrays(np.float32, 8, elements=st.floats(-6, 6, width=32)))
 def test_diagonal_decay_equals_the_closed_form(A_log, dt_bias):
     dt = np.log1p(np.exp(dt_bias.astype(np.float64)))
     expected = np.exp(-dt * np.exp(A_log.astype(np.float64)))
@@ -65,7 +66,8 @@ def test_diagonal_injection_starts_at_decay_sqrt_one_fifth_with_identity_B():
     np.testing.assert_allclose(decay, np.sqrt(1 / 5), rtol=1e-6)
     np.testing.assert_allclose(dt, 0.804719, rtol=1e-5)
     np.testing.assert_array_equal(params["B"], np.eye(64))
-    B = nn.unbox(init_params(build(tiny(d_rec=32, d_rec_mlp=64, n_rec_heads=2)), jax.random.key(0)))["core"]["injection"]["B"]
+    B = nn.unbox(init_params(build(tiny(d_rec=32, d_rec_mlp=64, n_rec_heads=2)),
+                             jax.random.key(0)))["core"]["injection"]["B"]
     np.testing.assert_allclose(np.linalg.svd(np.asarray(B), compute_uv=False), 1.0, rtol=1e-5)  # orthogonal, gain 1
 
 

@@ -84,7 +84,7 @@ def test_each_subcommand_issues_the_right_gcloud_commands(pod, stub_repo):
     pod.launch("run", *POD, "configs/tiny.py", "/shared/runs/r1")
     assert_ssh_to_all(pod.calls()[0], "-m parcae_jax.main --config=configs/tiny.py --workdir=/shared/runs/r1")
     for i in range(pod.workers):
-        wait_for(lambda: pod.started(i, "r1"), 30, f"start on worker {i}")
+        wait_for(lambda i=i: pod.started(i, "r1"), 30, f"start on worker {i}")
     out = pod.launch("logs", *POD).stdout
     assert_ssh_to_all(pod.calls()[0], "tail -n 40")
     for i in range(pod.workers):
@@ -159,7 +159,7 @@ def test_trainer_flags_arrive_intact(pod, stub_repo, tmp_path):
     pod.launch("run", *POD, "configs/tiny.py", "gs://bucket/runs/q 1", "--name=quoting",
                "--env=STUB_NOTE=a 'b' $c", "--", *flags)
     for i in range(pod.workers):
-        wait_for(lambda: pod.started(i, "quoting"), 30, f"start on worker {i}")
+        wait_for(lambda i=i: pod.started(i, "quoting"), 30, f"start on worker {i}")
         (start,) = pod.started(i, "quoting")
         assert start["argv"] == ["--config=configs/tiny.py", "--workdir=gs://bucket/runs/q 1", *flags]
         assert start["env"]["STUB_NOTE"] == "a 'b' $c"
@@ -182,8 +182,9 @@ def test_run_trains_one_run_across_both_workers(pod, tmp_path):
     port = str(portpicker.pick_unused_port())
     small = [f"--config.model.{k}={v}" for k, v in SMALL.items()]
     pod.launch("run", *POD, "configs/tiny.py", str(workdir), "--", *small, "--config.train.batch_size=8",
-               "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=0", "--config.ckpt.every=0",
-               "--config.mesh.shape=(-1,1,1)", FAKE_GCLOUD_COORDINATOR_PORT=port, PARCAE_JAX_CACHE=str(cache))
+               "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=0",
+               "--config.ckpt.every=0", "--config.mesh.shape=(-1,1,1)",
+               FAKE_GCLOUD_COORDINATOR_PORT=port, PARCAE_JAX_CACHE=str(cache))
     logs = [home / "parcae_jax" / "logs" / f"shared_workdir.worker{i}.log" for i, home in enumerate(pod.homes)]
 
     def finished():
@@ -198,7 +199,7 @@ def test_run_trains_one_run_across_both_workers(pod, tmp_path):
     processes = sorted(p.name for p in (workdir / "checkpoints" / "3" / "data").glob("process_*"))
     assert processes == ["process_0-of-2.json", "process_1-of-2.json"]  # one run, two processes
     for log in logs:  # 8 devices in one collective group: each of the 8 ranks sees 7 peers
-        wait_for(lambda: "connected to 7 peer ranks" in log.read_text(), 30, f"the device group in {log}")
+        wait_for(lambda log=log: "connected to 7 peer ranks" in log.read_text(), 30, f"the device group in {log}")
     assert "step 3/3" in logs[0].read_text()
     out = pod.launch("logs", *POD, "--lines=200").stdout
     assert "[worker 0] step 3/3" in out and "[worker 1] " in out, out

@@ -1,7 +1,7 @@
-"""The package's layering, read from the source with `ast`: `model/` and `data/` import nothing
-above them, so either can be used (and tested) without the trainer; `infer/` builds on
-`model/` only (loading checkpoints is the caller's: generate.py, evaluate.py); the science
-fits and plots import nothing of ours."""
+"""The package's layering, read from the source with `ast`: every module sits in one layer, and
+imports only from layers below it or from its own package (never two sibling packages of one
+layer, e.g. model/ and data/), with no cycle anywhere. Commands (flags, `main`, the error
+boundary) live only in the top layer: library modules define no flag and no `main`."""
 
 import ast
 
@@ -10,56 +10,156 @@ import pytest
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "parcae_jax"
-# Leaves that data/ may use: modules importing nothing of ours (checked below).
-LEAVES = {"parcae_jax.storage", "parcae_jax.cli"}
-ALLOWED = {"model": {"parcae_jax.model"}, "data": {"parcae_jax.data"} | LEAVES,
-           "infer": {"parcae_jax.model", "parcae_jax.infer"}}
+# Lowest first. A module belongs to the longest prefix that names it.
+LAYERS = [
+    ["parcae_jax.errors"],  # the base of every user error: imports nothing of ours
+    ["parcae_jax.storage"],  # local or gs:// paths
+    ["parcae_jax.model", "parcae_jax.data"],  # usable and testable without the trainer
+    ["parcae_jax.runtime", "parcae_jax.infer"],  # checkpoints, metrics, processes; decoding and scoring
+    ["parcae_jax.training"],  # the train step and loop, configs, sharding
+    ["parcae_jax.interop"],  # the official format, in and out
+    ["parcae_jax.bench", "parcae_jax.science"],  # measurements and experiments built on training
+    ["parcae_jax.commands", "parcae_jax.main"],  # flags, `main`, the error boundary
+]
+RANK = {group: rank for rank, groups in enumerate(LAYERS) for group in groups}
+COMMANDS = {"parcae_jax.commands", "parcae_jax.main"}
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def group_of(module: str) -> str | None:
+    group = max((g for g in RANK if module == g or module.startswith(g + ".")), key=len, default=None)
+    return "commands" if group in COMMANDS else group
+
+
+def rank_of(group: str) -> int:
+    return RANK["parcae_jax.commands"] if group == "commands" else RANK[group]
 
 
 def our_imports(path) -> list[tuple[int, str]]:
-    """(line, module) of every parcae_jax import in a file, wherever it is (functions too)."""
+    """(line, module) of every parcae_jax import in a file, wherever it is (functions too); an
+    imported name that is itself a module (`from parcae_jax.data import corpus`) counts as that
+    module."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}:{node.lineno}: relative import"
-            names = [node.module] if node.module != "parcae_jax" else [f"parcae_jax.{a.name}" for a in node.names]
+            if node.module is None or not node.module.startswith("parcae_jax"):
+                continue
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.append((node.lineno, sub if sub in MODULES else node.module))
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        found += [(node.lineno, n) for n in names if n == "parcae_jax" or n.startswith("parcae_jax.")]
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("parcae_jax")]
     return found
 
 
-def within(module: str, allowed: set[str]) -> bool:
-    return any(module == a or module.startswith(a + ".") for a in allowed)
+def upward(imports: dict[str, list[tuple[int, str]]]) -> list[str]:
+    """Each import that goes to a higher layer or to a sibling package of the same layer."""
+    bad = []
+    for module, found in imports.items():
+        mine = group_of(module)
+        for line, target in found:
+            theirs = group_of(target)
+            if mine is None or theirs is None:
+                bad.append(f"{module}:{line} -> {target}: not in any layer (add it to LAYERS)")
+            elif theirs != mine and not rank_of(theirs) < rank_of(mine):
+                bad.append(f"{module}:{line} -> {target}")
+    return bad
 
 
-@pytest.mark.parametrize("layer", sorted(ALLOWED))
-def test_a_lower_layer_imports_nothing_above_it(layer):
-    files = sorted((PACKAGE / layer).rglob("*.py"))
-    assert len(files) >= 5
-    upward = [f"{p.relative_to(ROOT)}:{line} imports {m}" for p in files for line, m in our_imports(p)
-              if not within(m, ALLOWED[layer])]
-    assert not upward, upward
+def cycles(imports: dict[str, list[tuple[int, str]]]) -> list[list[str]]:
+    """The import cycles among modules: strongly connected components of more than one module
+    (Tarjan), or a module importing itself."""
+    graph = {m: sorted({t for _, t in found if t in imports}) for m, found in imports.items()}
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                out.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
 
 
-def test_the_leaves_below_data_import_nothing_of_ours():
-    for leaf in LEAVES:
-        path = PACKAGE / (leaf.split(".", 1)[1] + ".py")
-        assert our_imports(path) == [], leaf
+@pytest.fixture(scope="module")
+def imports() -> dict[str, list[tuple[int, str]]]:
+    return {m: our_imports(p) for m, p in MODULES.items()}
 
 
-def test_the_checker_sees_an_upward_import(tmp_path):
+def test_every_module_sits_in_a_layer_and_imports_only_below_it(imports):
+    assert len(imports) > 80 and {group_of(m) for m in imports} >= set(RANK) - COMMANDS | {"commands"}
+    assert upward(imports) == []
+
+
+def test_the_import_graph_has_no_cycle(imports):
+    assert cycles(imports) == []
+
+
+def test_the_checks_see_a_planted_upward_import_and_a_planted_cycle(imports):
+    planted = dict(imports)
+    planted["parcae_jax.model.layers"] = [*imports["parcae_jax.model.layers"], (1, "parcae_jax.training.train")]
+    planted["parcae_jax.data.corpus"] = [*imports["parcae_jax.data.corpus"], (1, "parcae_jax.model.config")]
+    assert upward(planted) == ["parcae_jax.model.layers:1 -> parcae_jax.training.train",
+                               "parcae_jax.data.corpus:1 -> parcae_jax.model.config"]
+    planted["parcae_jax.data.prepare"] = [*imports["parcae_jax.data.prepare"], (1, "parcae_jax.data.corpus")]
+    assert ["parcae_jax.data.corpus", "parcae_jax.data.prepare"] in cycles(planted)
+
+
+def test_the_parser_sees_imports_inside_functions(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from parcae_jax.train import Trainer\nimport parcae_jax.model.config\n")
-    assert [m for _, m in our_imports(bad) if not within(m, ALLOWED["model"])] == ["parcae_jax.train"]
+    bad.write_text("def f():\n    from parcae_jax.training import train\nimport parcae_jax.model.config\n")
+    assert sorted(m for _, m in our_imports(bad)) == ["parcae_jax.model.config", "parcae_jax.training.train"]
+
+
+def test_only_commands_define_flags_or_a_main():
+    """Flags, `main` and `__main__` live in the command layer: a library module can be imported by
+    any command without adding flags to its --help."""
+    found = []
+    for module, path in MODULES.items():
+        if group_of(module) == "commands":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "main" and node in tree.body:
+                found.append(f"{module}: def main")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("DEFINE"):
+                found.append(f"{module}:{node.lineno}: {node.attr}")
+            elif isinstance(node, ast.Constant) and node.value == "__main__":
+                found.append(f"{module}:{node.lineno}: __main__")
+    assert found == []
 
 
 def test_the_science_fits_and_plots_import_nothing_of_ours():
-    """Fits and plots are pure: a sweep table or a curve from anywhere can be fitted and drawn."""
+    """Fits and plots are pure (but for the error base): a sweep table or a curve from anywhere
+    can be fitted and drawn."""
     for name in ("fits", "plots"):
-        assert our_imports(PACKAGE / "science" / f"{name}.py") == [], name
+        assert {m for _, m in our_imports(PACKAGE / "science" / f"{name}.py")} <= {"parcae_jax.errors"}, name
 
 
 def _string_constants(path) -> set[str]:

@@ -67,7 +67,8 @@ def test_an_index_in_one_operand_only_is_refused():
 def _dot_operand_types(hlo_text: str) -> set[tuple[str, str, str]]:
     """(lhs, rhs, result) element types of every stablehlo.dot_general in lowered text."""
     found = set()
-    for m in re.finditer(r"stablehlo\.dot_general[^\n]*?: \(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>", hlo_text):
+    for m in re.finditer(r"stablehlo\.dot_general[^\n]*?: "
+                         r"\(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>", hlo_text):
         found.add(tuple(t.split("x")[-1] for t in m.groups()))
     return found
 
@@ -98,7 +99,7 @@ def test_bench_step_gradient_in_bf16_is_within_two_percent_of_float32():
     so that no block is the identity): bf16 matmuls move the whole gradient by < 2% of its
     norm (0.8% measured at the bench's batch 8 x 256) and no tensor's gradient by more than 5%
     (1.6% measured)."""
-    from parcae_jax.defaults import load_shipped
+    from parcae_jax.training.defaults import load_shipped
 
     base = M.ModelConfig.from_mapping(load_shipped("bench_cpu").model).replace(seq_len=128)
     grads = {}

@@ -79,7 +79,8 @@ def test_value_embedding_layout_matches_the_reference_rules():
     # 2/1/2 layers with backprop depth 2: the two rules agree only on coda.1 (docs/design.md §3).
     specs = block_specs(tiny(n_prelude=2, n_core=1, n_coda=2, mean_backprop_depth=2))
     assert [(s.segment, s.index) for s in specs if s.applies_ve] == [("coda", 1)]
-    params = nn.unbox(init_params(build(tiny(n_prelude=2, n_core=1, n_coda=2, mean_backprop_depth=2)), jax.random.key(0)))
+    params = nn.unbox(init_params(build(tiny(n_prelude=2, n_core=1, n_coda=2, mean_backprop_depth=2)),
+                                  jax.random.key(0)))
     gates = sorted(k for k, v in params.items() if isinstance(v, dict) and "ve_gate" in v.get("attn", {}))
     assert set(params["value_embeds"]) == {s.table for s in specs if s.table}  # dead tables kept for interop
     assert gates == sorted(f"{s.segment}_{s.index}" for s in specs if s.gate and s.segment != "core")

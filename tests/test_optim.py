@@ -7,8 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parcae_jax import defaults
-from parcae_jax.optim import lr_factor, make_optimizer, muon_labels
+from parcae_jax.training import defaults
+from parcae_jax.training.optim import lr_factor, make_optimizer, muon_labels
 
 COEFFS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
           (4.042929935166739, -2.808917465908714, 0.5000178451051316),

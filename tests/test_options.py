@@ -1,6 +1,7 @@
 """Every option that changes the traced program trains, evaluates, checkpoints and resumes.
 
-Each architecture and every non-default value of each such option, at the smallest widths. Each case builds one Trainer (one compiled train step, one eval step) and uses it
+Each architecture and every non-default value of each such option, at the smallest widths.
+Each case builds one Trainer (one compiled train step, one eval step) and uses it
 for all of: 3 steps with an evaluation at steps 2 and 3 and a checkpoint after every
 step; a copy of that workdir with its last checkpoint removed (a run killed before step
 3's save), resumed; and `--mode=eval` on the result. The resumed run must log exactly
@@ -14,8 +15,8 @@ import shutil
 import jax
 import pytest
 
-from parcae_jax.train import Trainer, evaluate_checkpoint, train
-from parcae_jax.validate import validate
+from parcae_jax.training.train import Trainer, evaluate_checkpoint, train
+from parcae_jax.training.validate import validate
 from tests.test_train import small_config
 
 GPT = {"model.arch": "gpt", "model.n_layers": 2}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from parcae_jax.convert import key_map, load_reference
-from parcae_jax.loss import mean_cross_entropy
+from parcae_jax.interop.convert import key_map, load_reference
 from parcae_jax.model import build
+from parcae_jax.model.xent import mean_cross_entropy
 from tests.conftest import FIXTURES
 from tests.helpers import get, shifted_labels
 

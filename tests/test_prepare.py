@@ -61,7 +61,8 @@ def test_every_format_is_read_in_order_and_every_document_survives(tmp_path):
     assert all(r[-1] == 256 for r in train + val)
     manifest = json.loads((out / "manifest.json").read_text())
     n_train = len(train)
-    assert manifest["splits"]["train"]["documents"] == n_train and len(manifest["splits"]["train"]["shards"]) == -(-n_train // 40)
+    assert manifest["splits"]["train"]["documents"] == n_train
+    assert len(manifest["splits"]["train"]["shards"]) == -(-n_train // 40)
     assert manifest["tokenizer"]["fingerprint"] == "bytes-v1" and "% 10 == 0" in manifest["split_rule"]
 
 
@@ -132,7 +133,7 @@ def make_tfds(data_dir):
 
 def test_tfds_source_through_data_source(tmp_path):
     name = make_tfds(tmp_path / "tfds")
-    out = run_module("parcae_jax.data.prepare", [f"--tfds={name}",
+    out = run_module("parcae_jax.commands.prepare", [f"--tfds={name}",
                           f"--tfds_data_dir={tmp_path / 'tfds'}", f"--output={tmp_path / 'out'}", "--val_every=0",
                           "--workers=0"], cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -141,13 +142,13 @@ def test_tfds_source_through_data_source(tmp_path):
 
 
 def run_prepare(*args):
-    return run_module("parcae_jax.data.prepare", [*args], cwd=ROOT, timeout=300)
+    return run_module("parcae_jax.commands.prepare", [*args], cwd=ROOT, timeout=300)
 
 
 def test_config_sources_resolve_to_prepared_data(tmp_path):
     """data.source = tfds | prepared | embedded, as the training job resolves them."""
-    from parcae_jax import defaults
     from parcae_jax.data import dataset
+    from parcae_jax.training import defaults
 
     data = defaults.data_config()
     data.update(source="tfds", tfds_name=make_tfds(tmp_path / "tfds2"), tfds_data_dir=str(tmp_path / "tfds2"),

@@ -10,7 +10,7 @@ Checked at the cheapest level that shows each property:
 - the smallest Parcae and GPT are also *compiled* (XLA's partitioner and memory analysis).
 
 A full compile of every config (1.3b: ~4 min on 2 cores) is opt-in: `pytest -m full_compile
---full-compile` here, and `python -m parcae_jax.bench.memory_table` compiles every point for
+--full-compile` here, and `python -m parcae_jax.commands.memory_table` compiles every point for
 its table. Other meshes are tested at small widths in test_train.py and test_sharding.py."""
 
 import re
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from parcae_jax.bench.step import compile_only, lower_only
-from parcae_jax.defaults import load_shipped
-from parcae_jax.validate import validate
+from parcae_jax.training.defaults import load_shipped
+from parcae_jax.training.validate import validate
 
 PUBLISHED = ["140m", "370m", "770m", "1p3b", "gpt_140m", "gpt_370m", "gpt_770m", "gpt_1p3b"]
 SMALLEST = ["140m", "gpt_140m"]

@@ -14,13 +14,13 @@ import numpy as np
 import optax
 import pytest
 
-from parcae_jax.checkpoint import Checkpointer
 from parcae_jax.data import dataset
 from parcae_jax.model.config import ConfigError
-from parcae_jax.resume import ResumeRefused, check
-from parcae_jax.step import init_state, make_train_step
-from parcae_jax.train import Trainer, train
-from parcae_jax.validate import validate
+from parcae_jax.runtime.checkpoint import Checkpointer
+from parcae_jax.runtime.resume import ResumeRefused, check
+from parcae_jax.training.step import init_state, make_train_step
+from parcae_jax.training.train import Trainer, train
+from parcae_jax.training.validate import validate
 from tests.helpers import tiny
 from tests.test_train import losses, one_device, run_main, small_config
 
@@ -168,7 +168,7 @@ def test_a_refused_resume_touches_nothing_and_an_accepted_batch_change_resumes_a
     loader = dataset.train_loader(split, bigger.data, run.model.seq_len, 16, bigger.seed)
     it = iter(loader)
     with trainer16.context():
-        from parcae_jax.checkpoint import abstract_with_shardings
+        from parcae_jax.runtime.checkpoint import abstract_with_shardings
 
         target = abstract_with_shardings(trainer16.abstract, trainer16.state_sharding)
         step, _ = Checkpointer(str(work / "checkpoints"), 5).restore_newest(

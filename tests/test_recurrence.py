@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax.convert import load_reference
-from parcae_jax.loss import mean_cross_entropy, token_cross_entropy
+from parcae_jax.interop.convert import load_reference
 from parcae_jax.model import build, init_params
 from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.recurrence import CoreStep, draw_initial_state, draw_loop_inputs, sample_depths
+from parcae_jax.model.xent import mean_cross_entropy, token_cross_entropy
 from tests.conftest import FIXTURES
 from tests.helpers import shifted_labels, tiny
 
@@ -66,7 +66,7 @@ def test_per_sequence_masking_equals_each_row_alone(ref):
     (_, logits), grads = summed_row_losses(params, ids, x0, labels, n, k)
     row_grads = []
     for b in range(B):
-        one = lambda a: a[b:b + 1]  # noqa: E731
+        one = lambda a, b=b: a[b:b + 1]  # noqa: E731
         (_, row_logits), g = summed_row_losses(params, one(ids), one(x0), one(labels), n[b], k[b])
         np.testing.assert_allclose(logits[b:b + 1], row_logits, atol=1e-5, rtol=0)
         row_grads.append(g)

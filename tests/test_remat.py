@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from parcae_jax import model as M
-from parcae_jax.describe import flops_per_token
+from parcae_jax.training.describe import flops_per_token
 from tests.helpers import loss_and_grad, tiny
 
 
@@ -27,9 +27,9 @@ def test_every_remat_policy_gives_bit_identical_loss_and_the_same_gradient(arch)
     for block, loop in settings:
         fn, params = _grad_fn(base.replace(block_remat=block, remat_policy=loop))
         results.append(fn(params))
-    (l0, g0) = results[0]
-    for (block, loop), (l, g) in zip(settings[1:], results[1:]):
-        assert float(l) == float(l0), (block, loop)
+    (loss0, g0) = results[0]
+    for (block, loop), (loss, g) in zip(settings[1:], results[1:]):
+        assert float(loss) == float(loss0), (block, loop)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
             # An entry that is a sum of cancelling terms moves by ulps of its terms, not of itself:
             # the floor is ~8 float32 ulps of the leaf's largest entry (the suite's fast-compile
@@ -76,7 +76,7 @@ def test_block_remat_wraps_every_block_outside_the_loop_with_its_policy(arch, po
 
 
 def describe_block_flops(cfg):
-    from parcae_jax.describe import block_forward_flops
     from parcae_jax.model.layout import block_specs
+    from parcae_jax.training.describe import block_forward_flops
 
     return [block_forward_flops(s, cfg, cfg.seq_len) for s in block_specs(cfg) if s.segment != "core"]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from parcae_jax.science import test_time
-from parcae_jax.train import train
+from parcae_jax.science import recurrence_curve
+from parcae_jax.training.train import train
 from tests.helpers import SMALL_BASE, science
 from tests.test_train import SMALL, one_device, small_config
 
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_test_time_reproduces_the_runs_own_evaluations_and_writes_its_files(run, tmp_path):
     workdir, config, _, _ = run
-    out = science("test_time", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
+    out = science("recurrence_curve", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "test_time.json").read_text())
     logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
@@ -65,15 +65,15 @@ def test_one_checkpoint_gives_one_loss_through_every_door(run, tmp_path):
     (recurrence.evaluation_state), so all three give the same loss."""
     from lm_eval.api.instance import Instance
 
-    from parcae_jax import transfer
     from parcae_jax.data import dataset
     from parcae_jax.infer.harness import HarnessLM
-    from parcae_jax.train import evaluate_checkpoint
+    from parcae_jax.interop import transfer
+    from parcae_jax.training.train import evaluate_checkpoint
 
     workdir, config, trainer, run_ = run
     R = 2
     by_mode_eval = evaluate_checkpoint(config, str(workdir), run_, trainer)[f"eval/loss_r{R}"]
-    result, _ = test_time.measure(str(workdir), str(tmp_path), recurrences=[R], dtype="float32")
+    result, _ = recurrence_curve.measure(str(workdir), str(tmp_path), recurrences=[R], dtype="float32")
     by_test_time = result["points"][0]["loss"]
 
     _, val_split = dataset.open_splits(config.data, run_.tokenizer)
@@ -94,18 +94,18 @@ def test_one_checkpoint_gives_one_loss_through_every_door(run, tmp_path):
 
 
 def test_a_gpt_curve_is_one_flat_point(tmp_path):
-    result = test_time.curve([(1, 2.5, 100)], 100, "gpt", 4)
+    result = recurrence_curve.curve([(1, 2.5, 100)], 100, "gpt", 4)
     assert [p["T"] for p in result["points"]] == [1] and result["fit"] is None and "GPT" in result["fit_error"]
-    test_time.write(result, str(tmp_path))
+    recurrence_curve.write(result, str(tmp_path))
     assert (tmp_path / "test_time.png").stat().st_size > 1000
 
 
 def test_a_synthetic_curve_is_fitted_and_drawn(tmp_path):
     points = [(T, 2.0 + 1.5 * math.exp(-0.6 * T) + 0.002 * (-1) ** T, 1000) for T in range(1, 9)]
-    result = test_time.curve(points, 4000, "parcae", 4)
+    result = recurrence_curve.curve(points, 4000, "parcae", 4)
     assert result["fit"]["values"]["kappa"] == pytest.approx(0.6, abs=0.05)
     assert result["points"][0]["bits_per_byte"] == pytest.approx(points[0][1] * 1000 / math.log(2) / 4000)
-    paths = test_time.write(result, str(tmp_path))
+    paths = recurrence_curve.write(result, str(tmp_path))
     assert all((tmp_path / f"test_time.{e}").exists() for e in ("json", "csv", "png")) and len(paths) == 3
 
 
@@ -161,9 +161,9 @@ def test_the_report_says_what_the_stability_runs_show(diverged, verdict):
 
 
 def test_the_report_holds_every_figure_and_fitted_number(tmp_path):
-    from parcae_jax.science import report, scaling, test_time
+    from parcae_jax.science import report, scaling
 
-    tt = test_time.curve([(T, 2.0 + math.exp(-0.7 * T), 100) for T in range(1, 9)], 100, "parcae", 4)
+    tt = recurrence_curve.curve([(T, 2.0 + math.exp(-0.7 * T), 100) for T in range(1, 9)], 100, "parcae", 4)
     rows = [{"budget": C, "recurrence": r, "tokens": C / (1e6 * r), "flops_per_token": 1e6 * r,
              "loss": 3 - 0.1 * math.log(C) + 0.1 * (math.log(r) - math.log(2 * (C / 1e12) ** 0.4)) ** 2}
             for C in (1e12, 2e12, 4e12, 8e12) for r in (1, 2, 4, 6, 8)]
@@ -194,4 +194,5 @@ def test_minima_outside_the_grid_are_reported_but_left_out_of_the_power_law():
     law = analysis["laws"]["recurrence"]
     assert law["n"] == 3  # the three measured optima only
     del rows[-5:]  # two inside minima: no law, and the reason
-    assert "2 of 3 budgets have a minimum inside the swept recurrences" in scaling.analyse(rows)["laws"]["recurrence"]["error"]
+    assert ("2 of 3 budgets have a minimum inside the swept recurrences"
+            in scaling.analyse(rows)["laws"]["recurrence"]["error"])

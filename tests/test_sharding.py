@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from parcae_jax.defaults import load_shipped
-from parcae_jax.train import Trainer
-from parcae_jax.validate import validate
+from parcae_jax.training.defaults import load_shipped
+from parcae_jax.training.train import Trainer
+from parcae_jax.training.validate import validate
 
 
 @pytest.mark.parametrize("name,mesh", [("140m", (1, 8, 1)), ("gpt_140m", (1, 4, 2))])
@@ -38,7 +38,7 @@ def test_no_device_holds_an_activation_of_the_whole_global_batch():
 
     import jax.numpy as jnp
 
-    from parcae_jax.checkpoint import abstract_with_shardings
+    from parcae_jax.runtime.checkpoint import abstract_with_shardings
 
     config = load_shipped("tiny")
     config.mesh.shape, config.train.batch_size = (1, 8, 1), 16

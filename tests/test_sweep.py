@@ -1,4 +1,4 @@
-"""`science.sweep` and `science.grid`: plans, resumable runs, stale workdirs, the fit's
+"""`commands.sweep`, `science.sweep` and `science.grid`: plans, resumable runs, stale workdirs, the fit's
 recovery of a known exponent, and bad sweep files."""
 
 import json
@@ -40,8 +40,8 @@ def write_sweep(path, root, recurrences, budgets, overrides=SMALL_SET, extra="")
 
 def _budget_for(steps, recurrence):
     """The FLOPs that buy `steps` steps of the small model at `recurrence` (+ a little)."""
-    from parcae_jax.describe import flops_per_token
     from parcae_jax.model.config import ModelConfig
+    from parcae_jax.training.describe import flops_per_token
 
     cfg = ModelConfig.from_mapping({**small_config().model.to_dict(), "mean_recurrence": recurrence,
                                     "mean_backprop_depth": -(-recurrence // 2)})
@@ -59,11 +59,12 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_sa
     files = {name: write_sweep(tmp_path / f"{name}.py", tmp_path / name, (1, 2), (budget,)) for name in ("a", "b")}
     whole = grid.points(grid.load(str(files["a"])))
     assert [p.steps for p in whole][0] == 14 and 1 <= whole[1].steps < 14
-    assert science("sweep", "run", files["a"]).returncode == 0  # uninterrupted
+    assert science("sweep", "--action=run", f"--sweep={files['a']}").returncode == 0  # uninterrupted
     cut = grid.points(grid.load(str(files["b"])))
     log = open(tmp_path / "killed.log", "w+")  # a file, not a pipe no one drains: a full pipe would block the run
-    proc = subprocess.Popen([sys.executable, "-m", "parcae_jax.science.sweep", "run", str(files["b"])], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ONE_DEVICE_ENV})
+    proc = subprocess.Popen([sys.executable, "-m", "parcae_jax.commands.sweep", "--action=run",
+                             f"--sweep={files['b']}"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ONE_DEVICE_ENV})
     second = cut[1].workdir
     while not (os.path.isdir(os.path.join(second, "checkpoints", "4"))):  # the second point is under way
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
@@ -72,14 +73,14 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points_and_gives_the_sa
     proc.wait()
     assert sweep.state(cut[0]) == "done" and sweep.state(cut[1]).startswith("checkpoint at step")
     first_metrics = os.path.getmtime(os.path.join(cut[0].workdir, "metrics.jsonl"))
-    again = science("sweep", "run", files["b"])
+    again = science("sweep", "--action=run", f"--sweep={files['b']}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{cut[0].name}: done, skipped" in again.stdout and f"{cut[1].name}: training" in again.stdout
     assert os.path.getmtime(os.path.join(cut[0].workdir, "metrics.jsonl")) == first_metrics
     cut_rows, whole_rows = sweep.table(cut, False), sweep.table(whole, False)
     assert [r["point"] for r in cut_rows] == [r["point"] for r in whole_rows]  # the same names in both roots
     assert cut_rows == whole_rows  # and the same losses, bit for bit
-    status = science("sweep", "status", files["b"])
+    status = science("sweep", "--action=status", f"--sweep={files['b']}")
     assert status.returncode == 0 and status.stdout.count("| done |") == 2
 
 
@@ -102,7 +103,7 @@ def test_fit_recovers_the_exponent_a_synthetic_sweep_was_drawn_from(tmp_path):
         with open(os.path.join(p.workdir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": p.steps - 1, "loss": 9.0}) + "\n")
             f.write(json.dumps({"step": p.steps, f"eval/loss_r{p.recurrence}": loss + rng.normal(0, 1e-3)}) + "\n")
-    out = science("sweep", "fit", file)
+    out = science("sweep", "--action=fit", f"--sweep={file}")
     assert out.returncode == 0, out.stderr[-3000:]
     fitted = json.loads((tmp_path / "root" / "fit" / "sweep_fit.json").read_text())
     law = fitted["laws"]["recurrence"]
@@ -116,7 +117,7 @@ def test_fit_recovers_the_exponent_a_synthetic_sweep_was_drawn_from(tmp_path):
 
 
 def test_the_papers_grid_plans_its_35_points():
-    out = science("sweep", "plan", "recurrence_140m", "--commands")
+    out = science("sweep", "--action=plan", "--sweep=recurrence_140m", "--commands")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| C")]
     assert len(rows) == 35 and rows[0].startswith("| C1e18_r1 | 1e+18 | 1 | 1 |")
@@ -126,9 +127,11 @@ def test_the_papers_grid_plans_its_35_points():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(extra="\n_get = get_config\ndef get_config(arg=None):\n    c = _get(arg)\n    c.budgetz = 1.0\n    return c\n"),
+    (dict(extra="\n_get = get_config\ndef get_config(arg=None):\n"
+                "    c = _get(arg)\n    c.budgetz = 1.0\n    return c\n"),
      "sweep key 'budgetz' is unknown"),
-    (dict(overrides=[("train.batchsize", 8)]), "set.train.batchsize: no such config key (did you mean set.train.batch_size?)"),
+    (dict(overrides=[("train.batchsize", 8)]),
+     "set.train.batchsize: no such config key (did you mean set.train.batch_size?)"),
     (dict(budgets=(1e3,)), "less than one step"),
     (dict(recurrences="1,2"), "recurrences='1,2': give a tuple of integers >= 1"),
     (dict(budgets=("1e18",)), "give a tuple of FLOP counts > 0"),
@@ -140,7 +143,7 @@ def test_the_papers_grid_plans_its_35_points():
 def test_bad_sweeps_are_one_line_and_exit_2(tmp_path, change, message):
     kwargs = {"recurrences": (1, 2), "budgets": (_budget_for(3, 2),), **change}
     file = write_sweep(tmp_path / "s.py", tmp_path / "root", **kwargs)
-    out = science("sweep", "fit", file)
+    out = science("sweep", "--action=fit", f"--sweep={file}")
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr[-2000:]
 
 
@@ -152,7 +155,7 @@ def trained_point(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("point")
     file = write_sweep(tmp / "s.py", tmp / "root", (2,), (_budget_for(6, 2),))
     (point,) = grid.points(grid.load(str(file)))
-    trained = science("sweep", "run", file)
+    trained = science("sweep", "--action=run", f"--sweep={file}")
     assert trained.returncode == 0 and sweep.state(point) == "done", trained.stderr[-3000:]
     return file, point
 
@@ -170,11 +173,11 @@ def test_a_final_checkpoint_without_its_evaluation_is_evaluated_not_trained_agai
         with open(metrics, "w") as f:
             f.writelines(line for line in text.splitlines(keepends=True) if key not in line)
         assert sweep.state(point) == sweep.FINAL_UNEVALUATED
-        status = science("sweep", "status", file)
+        status = science("sweep", "--action=status", f"--sweep={file}")
         assert status.returncode == 0 and sweep.FINAL_UNEVALUATED in status.stdout
         ckpt = os.path.join(point.workdir, "checkpoints", str(point.steps))
         stamp = os.path.getmtime(ckpt)
-        again = science("sweep", "run", file)
+        again = science("sweep", "--action=run", f"--sweep={file}")
         assert again.returncode == 0 and "evaluating its final checkpoint" in again.stdout, again.stderr[-3000:]
         assert "training" not in again.stdout and os.path.getmtime(ckpt) == stamp
         assert sweep.state(point) == "done" and sweep.final_loss(point) == pytest.approx(loss, abs=1e-5)
@@ -194,7 +197,7 @@ def test_a_workdir_trained_with_other_settings_is_refused_not_reused(trained_poi
     (moved,) = grid.points(grid.load(str(other)))
     assert "optim.lr" in sweep.state(moved) and sweep.state(moved).startswith("trained with other settings")
     for action in ("run", "fit"):
-        out = science("sweep", action, other)
+        out = science("sweep", f"--action={action}", f"--sweep={other}")
         assert out.returncode == 2 and "was trained with other settings (optim.lr" in out.stderr, out.stderr[-2000:]
         assert out.stderr.count("\n") == 1
     record = os.path.join(point.workdir, sweep.RECORD)

@@ -82,7 +82,7 @@ def test_bad_tokenizers(tmp_path, bpe):
 def test_training_cli(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("\n".join(json.dumps({"text": d}) for _, d in zip(range(60), corpus.documents())))
-    out = run_module("parcae_jax.data.tokenizer", ["train", f"--input={src}",
+    out = run_module("parcae_jax.commands.train_tokenizer", [f"--input={src}",
                           "--vocab_size=400", f"--output={tmp_path / 'tok.json'}"], cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert load_tokenizer(str(tmp_path / "tok.json")).vocab_size == 400

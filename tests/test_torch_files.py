@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from parcae_jax.convert import load_reference
-from parcae_jax.reference_config import ConversionError
-from parcae_jax.torch_pickle import UnsafeCheckpoint, read_state_dict
+from parcae_jax.interop.convert import load_reference
+from parcae_jax.interop.reference_config import ConversionError
+from parcae_jax.interop.torch_pickle import UnsafeCheckpoint, read_state_dict
 from tests.conftest import ROOT
 from tests.forkserver import run_module
 
@@ -49,7 +49,8 @@ def test_tensors_are_read_only_views_of_the_mapped_file_with_their_strides():
     assert all(_memmapped(t) and not t.flags.writeable for t in tensors.values())
     fc = tensors["module.transformer.coda.0.mlp.fc.weight"]  # saved as a transposed view
     assert fc.flags.f_contiguous and not fc.flags.c_contiguous
-    plain = read_state_dict(str(TORCH / "parcae_bin" / "pytorch_model.bin"))["_orig_mod.transformer.coda.0.mlp.fc.weight"]
+    plain = read_state_dict(str(TORCH / "parcae_bin" / "pytorch_model.bin"))[
+        "_orig_mod.transformer.coda.0.mlp.fc.weight"]
     np.testing.assert_array_equal(fc, plain)
 
 
@@ -78,7 +79,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, pr
     _torch_like_archive(folder / "pytorch_model.bin", {"transformer.wte.weight": _RunsCode(marker)}, protocol)
     with pytest.raises(UnsafeCheckpoint, match=r"refused to load (posix|os)\.system"):
         read_state_dict(str(folder / "pytorch_model.bin"))
-    out = run_module("parcae_jax.convert", [f"--reference={folder}"], cwd=ROOT, timeout=120)
+    out = run_module("parcae_jax.commands.convert", [f"--reference={folder}"], cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "refused to load" in out.stderr, out.stderr
     assert not marker.exists()  # nothing ran, in this process or the CLI's
 
@@ -119,7 +120,7 @@ def _folder_with(tmp_path, source, change=None, drop=()):
 
 
 def _cli_error(folder) -> str:
-    out = run_module("parcae_jax.convert", [f"--reference={folder}"], cwd=ROOT, timeout=120)
+    out = run_module("parcae_jax.commands.convert", [f"--reference={folder}"], cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     return out.stderr
 
@@ -127,7 +128,8 @@ def _cli_error(folder) -> str:
 def test_bad_folders_fail_with_one_line(tmp_path):
     folder = _folder_with(tmp_path, "parcae_bin", drop=["pytorch_model.bin"])
     (folder / "weights.ckpt").write_bytes(b"\0" * 8)
-    assert "no weights; expected one of model.safetensors" in _cli_error(folder) and "weights.ckpt" in _cli_error(folder)
+    assert ("no weights; expected one of model.safetensors" in _cli_error(folder)
+            and "weights.ckpt" in _cli_error(folder))
     shutil.rmtree(folder)
     folder = _folder_with(tmp_path, "parcae_shards", drop=["pytorch_model-00002-of-00002.bin"])
     assert "names shards that are not there" in _cli_error(folder)

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax.checkpoint import Checkpointer, abstract_with_shardings
 from parcae_jax.configs import tiny
-from parcae_jax.train import Trainer, evaluate_checkpoint, train
-from parcae_jax.validate import validate
+from parcae_jax.runtime.checkpoint import Checkpointer, abstract_with_shardings
+from parcae_jax.training.train import Trainer, evaluate_checkpoint, train
+from parcae_jax.training.validate import validate
 from tests.conftest import ONE_DEVICE_ENV, ROOT, XLA_CACHE
 from tests.forkserver import run_module
 
@@ -132,8 +132,9 @@ def run_main(workdir, *flags, env=None):
         "--config.train.steps=20", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.ckpt.every=5", "--config.ckpt.keep=5",
         "--config.optim.muon_dtype=float32", f"--config.compilation_cache_dir={XLA_CACHE}"]
-    return subprocess.Popen([sys.executable, "-m", "parcae_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-                             *overrides, *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([sys.executable, "-m", "parcae_jax.main", "--config=configs/tiny.py",
+                             f"--workdir={workdir}", *overrides, *flags],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ONE_DEVICE_ENV, **(env or {})})
 
 

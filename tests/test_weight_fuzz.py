@@ -26,9 +26,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parcae_jax.convert import load_reference
-from parcae_jax.reference_config import ConversionError
-from parcae_jax.torch_pickle import UnsafeCheckpoint, read_state_dict
+from parcae_jax.interop.convert import load_reference
+from parcae_jax.interop.reference_config import ConversionError
+from parcae_jax.interop.torch_pickle import UnsafeCheckpoint, read_state_dict
 from tests.conftest import FIXTURES
 
 TORCH = FIXTURES / "torch_files"
@@ -299,8 +299,9 @@ def test_a_changed_safetensors_header_loads_unchanged_or_is_refused_in_one_line(
 def test_a_transposed_or_integer_weight_is_refused(tmp_path):
     """The two silent loads of the report: a 2-D weight with its axes swapped, and F32 relabelled I32."""
     header, body = _header(SAFETENSORS / "model.safetensors")
-    for name, change, message in [("transformer.core_block.0.mlp.fc.weight", "transpose", r"is \[64, 256\].*stored as \[256, 64\]"),
-                                  ("transformer.C.weight", "I32", "is int32 in model.safetensors; weights are floating")]:
+    for name, change, message in [
+            ("transformer.core_block.0.mlp.fc.weight", "transpose", r"is \[64, 256\].*stored as \[256, 64\]"),
+            ("transformer.C.weight", "I32", "is int32 in model.safetensors; weights are floating")]:
         h = json.loads(json.dumps(header))
         if change == "transpose":
             h[name]["shape"] = h[name]["shape"][::-1]

@@ -1,1 +1,1 @@
-"""Sweep files for `python -m parcae_jax.science.sweep` (parcae_jax/science/grid.py)."""
+"""Sweep files for `python -m parcae_jax.commands.sweep` (parcae_jax/science/grid.py)."""

@@ -1,7 +1,7 @@
 """The paper's recurrence-scaling grid at 140m: mean recurrence {1,2,4,6,8,10,12} x training
 budgets {1,2,4,8,16}e18 FLOPs, backprop depth ceil(recurrence / 2), 256 x 2048 tokens a step.
 
-Command:  python -m parcae_jax.science.sweep plan recurrence_140m[:ROOT] --commands
+Command:  python -m parcae_jax.commands.sweep --action=plan --sweep=recurrence_140m[:ROOT] --commands
           (ROOT, where the 35 workdirs go, e.g. gs://BUCKET/sweeps/recurrence_140m)
 Hardware: each point is a 140m training run on a GPU node or TPU pod slice; the points
           are independent, so a cluster runs them side by side (`--commands`).

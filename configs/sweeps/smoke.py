@@ -1,7 +1,7 @@
 """The smallest sweep of the report's stages (`report --preset=smoke`): it checks that an
 install runs every science command end to end, in minutes; its numbers mean nothing.
 
-Command:  python -m parcae_jax.science.report --preset=smoke --out_dir=DIR
+Command:  python -m parcae_jax.commands.report --preset=smoke --out_dir=DIR
 Hardware: any CPU.
 Expect:   a report (README.md in DIR) with every section; 4 recurrences x 3 budgets of a few steps each.
 """

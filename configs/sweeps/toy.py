@@ -1,9 +1,9 @@
-"""The toy sweep of `python -m parcae_jax.science.report --preset=toy`: a 267K-parameter
+"""The toy sweep of `python -m parcae_jax.commands.report --preset=toy`: a 267K-parameter
 Parcae (width 64, 1/2/1 layers, 128-token sequences, batches of 16) on the embedded corpus,
 mean recurrence {1,2,4,6,8} x budgets {0.5,1,2,4}e12 FLOPs, backprop ceil(recurrence / 2).
 
-Command:  python -m parcae_jax.science.sweep run toy[:ROOT] && \\
-          python -m parcae_jax.science.sweep fit toy[:ROOT]
+Command:  python -m parcae_jax.commands.sweep --action=run --sweep=toy[:ROOT] && \\
+          python -m parcae_jax.commands.sweep --action=fit --sweep=toy[:ROOT]
 Hardware: a laptop or a 2-core CPU; the 20 points take about a quarter of an hour there.
 Expect:   from 46 steps (C = 0.5e12, recurrence 8) to 1,118 (C = 4e12, recurrence 1); the
           report (README) shows what the fit found at this scale.

@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: preparation MB/s, loader tokens/s, and the tiny model's appetite.
 
-    python -m parcae_jax.bench.data [--out=bench_data.json]
+    python -m parcae_jax.commands.bench_data [--out=bench_data.json]
 
 prints one JSON object: preparation speed on the embedded corpus (~12 MB of text) with
 the byte tokenizer (in process) and with a 32768-token BPE (2 worker processes), loader
@@ -10,17 +10,10 @@ tiny config's training step consumes (`--mode=bench`'s measurement), and their r
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
 import time
-
-from absl import flags
-
-_OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch (sequences) for the loader and the step.")
-_STEPS = flags.DEFINE_integer("loader_batches", 200, "Batches timed per loader setting.")
 
 
 def bench_prepare(tmp: str) -> dict:
@@ -65,8 +58,8 @@ def bench_loader(seq_len: int, batch: int, n: int) -> dict:
 def bench_tiny_step(batch: int) -> dict:
     """Tokens/s of the tiny config's real training step (--mode=bench): what the loader must outrun."""
     from parcae_jax.bench import bench
-    from parcae_jax.defaults import load_shipped
-    from parcae_jax.validate import validate
+    from parcae_jax.training.defaults import load_shipped
+    from parcae_jax.training.validate import validate
 
     config = load_shipped("tiny")
     config.train.batch_size = batch
@@ -74,29 +67,14 @@ def bench_tiny_step(batch: int) -> dict:
     return {"tiny_step_tokens_per_sec": result["tokens_per_sec"], "tiny_seq_len": result["seq_len"]}
 
 
-def main(argv):
-    del argv
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "batch_size": _BATCH.value}
+def measure(batch: int, loader_batches: int) -> dict:
+    """The whole benchmark (module docstring) as one JSON-ready dict."""
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "batch_size": batch}
     with tempfile.TemporaryDirectory() as tmp:
         result.update(bench_prepare(tmp))
-    step = bench_tiny_step(_BATCH.value)
+    step = bench_tiny_step(batch)
     result.update(step)
-    result.update(bench_loader(step["tiny_seq_len"], _BATCH.value, _STEPS.value))
+    result.update(bench_loader(step["tiny_seq_len"], batch, loader_batches))
     result["loader_over_step_ratio"] = max(result["loader_tokens_per_s_0_workers"],
                                            result["loader_tokens_per_s_2_workers"]) / result["tiny_step_tokens_per_sec"]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(text)
-
-
-def run() -> None:
-    """The `parcae-bench-data` command (also `python -m parcae_jax.bench.data`)."""
-    from parcae_jax import cli
-
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()
+    return result

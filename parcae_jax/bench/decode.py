@@ -1,6 +1,6 @@
 """Decode benchmark: tokens/s of one-token steps over the cache, by batch and prompt length.
 
-    python -m parcae_jax.generate --bench [--bench_config=bench_cpu] [--dtype=bfloat16]
+    python -m parcae_jax.commands.generate --bench [--bench_config=bench_cpu] [--dtype=bfloat16]
 
 builds the config's model with random weights (generation speed does not depend on their
 values), and for every prompt length and batch generates `new_tokens` greedy tokens: once to
@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parcae_jax.describe import block_forward_flops
 from parcae_jax.infer.generator import CACHE_BUCKET, Generator, _round_up
 from parcae_jax.model import build, init_params
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.layout import block_specs
+from parcae_jax.training.describe import block_forward_flops
 
 
 def decode_flops(cfg: ModelConfig, recurrence: int, cache_len: int) -> dict[str, float]:
@@ -61,7 +61,8 @@ def decode_bytes(cfg: ModelConfig, recurrence: int, cache_len: int, batch: int) 
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
     except OSError:
         return platform.processor()
 
@@ -96,7 +97,8 @@ def bench_decode(cfg: ModelConfig, prompt_lens=(64, 1024), batches=(1, 8), new_t
                            "bytes_per_step_weights": m["weights"], "bytes_per_step_cache": m["cache"]})
     memory = memory_bytes_per_sec()
     for p in points:
-        p["memory_roof_fraction"] = (p["bytes_per_step_weights"] + p["bytes_per_step_cache"]) / (p["ms_per_step"] / 1e3) / memory
+        p["memory_roof_fraction"] = ((p["bytes_per_step_weights"] + p["bytes_per_step_cache"])
+                                     / (p["ms_per_step"] / 1e3) / memory)
     ratios = {}
     short, long_ = min(prompt_lens), max(prompt_lens)
     for B in batches:
@@ -107,6 +109,7 @@ def bench_decode(cfg: ModelConfig, prompt_lens=(64, 1024), batches=(1, 8), new_t
         ratios[f"batch_{B}"] = {"measured": b["ms_per_step"] / a["ms_per_step"], "flops_predict": flops(b) / flops(a),
                                 "bytes_predict": reads(b) / reads(a)}
     return {"what": "decode", "arch": cfg.arch, "recurrence": R, "dtype": cfg.compute_dtype, "new_tokens": new_tokens,
-            "d_model": cfg.d_model, "layers": [cfg.n_prelude, cfg.n_core, cfg.n_coda] if cfg.arch != "gpt" else cfg.n_layers,
+            "d_model": cfg.d_model,
+            "layers": [cfg.n_prelude, cfg.n_core, cfg.n_coda] if cfg.arch != "gpt" else cfg.n_layers,
             "points": points, "cost_ratio_long_vs_short": ratios, "cpu": _cpu_name(),
             "backend": jax.default_backend(), "roof_memory_bytes_per_sec": memory, **measure_roof()}

@@ -5,8 +5,8 @@ XLA's memory analysis gives the bytes each device would hold. A CPU estimate: an
 compiler fuses and schedules differently (tests/test_bench.py checks that the estimate equals
 the analysis of the real compiled step on the same backend).
 
-    python -m parcae_jax.bench.memory_table --output=docs/memory_table.json
-    python -m parcae_jax.bench.memory_table --targets=8xH100 --configs=140m,gpt_140m
+    python -m parcae_jax.commands.memory_table --output=docs/memory_table.json
+    python -m parcae_jax.commands.memory_table --targets=8xH100 --configs=140m,gpt_140m
 
 Finished points are kept in the JSON and skipped on the next run; `--markdown` prints the
 README table from it.
@@ -20,10 +20,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-from absl import flags
-
-from parcae_jax import cli
 
 CONFIGS = ("140m", "370m", "770m", "1p3b", "gpt_140m", "gpt_370m", "gpt_770m", "gpt_1p3b")
 GLOBAL_BATCH = 256  # sequences of 2048 tokens: the published recipe's batch
@@ -51,12 +47,6 @@ TARGETS = {t.name: t for t in (
     Target("v5p-64", 32, 95, 8),        # 32 chips (v5p names count TensorCores, 2 per chip)
     Target("v5e-256", 256, 16, 1),      # 256 chips of 16 GiB
 )}
-
-_OUTPUT = flags.DEFINE_string("output", "docs/memory_table.json", "JSON file of finished points (read, then extended).")
-_TARGETS = flags.DEFINE_list("targets", list(TARGETS), f"Machines among {', '.join(TARGETS)}.")
-_CONFIGS = flags.DEFINE_list("configs", list(CONFIGS), "Shipped config names.")
-_MARKDOWN = flags.DEFINE_bool("markdown", False, "Only print the Markdown table of the finished points.")
-
 
 def overrides(config: str, target: Target) -> list[str]:
     """The flags of one point: bf16, chunked loss, the target's mesh and batch layout."""
@@ -91,33 +81,20 @@ def markdown(points: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main(argv) -> None:
-    del argv
-    path = Path(_OUTPUT.value)
+def extend(path: Path, targets: list[str], configs: list[str]) -> list[dict]:
+    """The points in `path`, with every (target, config) not yet there estimated and written
+    back after each one (printed as it finishes): an interrupted table resumes."""
     points = json.loads(path.read_text()) if path.exists() else []
-    if not _MARKDOWN.value:
-        unknown = sorted(set(_TARGETS.value) - set(TARGETS))
-        if unknown:
-            print(f"error: unknown --targets {unknown}; choose among {', '.join(TARGETS)}", file=sys.stderr)
-            sys.exit(2)
-        for target in (TARGETS[t] for t in _TARGETS.value):
-            for config in _CONFIGS.value:
-                lay = target.layout(config)
-                if any(p["config"] == config and p["target"] == target.name and p["microbatches"] == lay["microbatches"]
-                       for p in points):
-                    continue  # finished on an earlier run
-                # a point of an older layout is replaced
-                points = [p for p in points if not (p["config"] == config and p["target"] == target.name)]
-                points.append(estimate(config, target))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(points, indent=1) + "\n")
-                print(json.dumps(points[-1]), flush=True)
-    print(markdown(points))
-
-
-def run() -> None:
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()
+    for target in (TARGETS[t] for t in targets):
+        for config in configs:
+            lay = target.layout(config)
+            if any(p["config"] == config and p["target"] == target.name and p["microbatches"] == lay["microbatches"]
+                   for p in points):
+                continue  # finished on an earlier run
+            # a point of an older layout is replaced
+            points = [p for p in points if not (p["config"] == config and p["target"] == target.name)]
+            points.append(estimate(config, target))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(points, indent=1) + "\n")
+            print(json.dumps(points[-1]), flush=True)
+    return points

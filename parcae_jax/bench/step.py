@@ -27,10 +27,10 @@ import numpy as np
 
 from parcae_jax.bench.breakdown import breakdown
 from parcae_jax.bench.roof import measure_roof, published_bf16_peak
-from parcae_jax.checkpoint import abstract_with_shardings
-from parcae_jax.describe import flops_per_token
-from parcae_jax.train import Trainer
-from parcae_jax.validate import Run
+from parcae_jax.runtime.checkpoint import abstract_with_shardings
+from parcae_jax.training.describe import flops_per_token
+from parcae_jax.training.train import Trainer
+from parcae_jax.training.validate import Run
 
 
 def _memory(compiled) -> dict:
@@ -93,7 +93,7 @@ def bench(config, run: Run) -> dict:
         compile_s = time.perf_counter() - start
         memory = compiled.memory_analysis()
         times = []
-        for i in range(config.bench.warmup + config.bench.steps):
+        for _ in range(config.bench.warmup + config.bench.steps):
             b = batch()
             start = time.perf_counter()
             state, metrics = compiled(state, b)

@@ -2,7 +2,7 @@
 
 - source=embedded: the corpus that ships with Python (data/corpus.py), prepared into the
   cache on first use;
-- source=prepared: a directory written by `python -m parcae_jax.data.prepare`, local or
+- source=prepared: a directory written by `python -m parcae_jax.commands.prepare`, local or
   gs:// (then staged once per host into the cache: data/staging.py);
 - source=tfds: a TFDS dataset in array_record format, read through `tfds.data_source`
   (no TensorFlow) and tokenised once into the cache (tokens are smaller than text and

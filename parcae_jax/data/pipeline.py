@@ -44,8 +44,9 @@ def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, "manifest.json")
     if not os.path.exists(path):
         if os.path.exists(os.path.join(directory, "plan.json")):
-            raise DataError(f"{directory}: preparation did not finish (no manifest.json); re-run the same prepare command")
-        raise DataError(f"{directory}: no manifest.json; make the data with python -m parcae_jax.data.prepare")
+            raise DataError(f"{directory}: preparation did not finish (no manifest.json); "
+                            "re-run the same prepare command")
+        raise DataError(f"{directory}: no manifest.json; make the data with python -m parcae_jax.commands.prepare")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -61,8 +62,9 @@ def open_split(directory: str, split: str, fingerprint: str | None = None) -> To
     manifest = read_manifest(directory)
     made_with = manifest["tokenizer"]["fingerprint"]
     if fingerprint is not None and made_with != fingerprint:
-        raise DataError(f"{directory} was tokenized with {made_with} ({manifest['tokenizer']['spec']}) but data.tokenizer "
-                        f"is {fingerprint}; set data.tokenizer to the one used, or prepare the data again")
+        raise DataError(f"{directory} was tokenized with {made_with} ({manifest['tokenizer']['spec']}) "
+                        f"but data.tokenizer is {fingerprint}; set data.tokenizer to the one used, "
+                        "or prepare the data again")
     shards = manifest["splits"][split]["shards"]
     if not shards:
         raise DataError(f"{directory}: the {split} split holds no documents (see its split_rule / val_every)")
@@ -90,7 +92,8 @@ def _check_shard(path: str, table: np.ndarray, dtype: np.dtype) -> None:
         first = reader.read([0])[0] if records else b""
         reader.close()
     except Exception as e:  # noqa: BLE001 - a truncated or garbage shard: array_record raises RuntimeError
-        raise DataError(f"{path}: not a readable shard ({str(e).splitlines()[0][:120]}); prepare the data again") from None
+        raise DataError(f"{path}: not a readable shard ({str(e).splitlines()[0][:120]}); "
+                        "prepare the data again") from None
     if records != len(table):
         raise DataError(f"{path} holds {records} documents but its .lengths.npy lists {len(table)}; "
                         "prepare the data again")

@@ -1,6 +1,6 @@
 """Tokenise documents into ArrayRecord shards plus a JSON manifest.
 
-    python -m parcae_jax.data.prepare --input=DIR_OR_FILES --output=OUT --tokenizer=bytes|tokenizer.json|x.model
+    python -m parcae_jax.commands.prepare --input=DIR_OR_FILES --output=OUT --tokenizer=bytes|tokenizer.json|x.model
 
 OUT gets `{train,validation}-NNNNN.arrayrecord` (one record per document: its token ids,
 ending in the end-of-document id), a `.lengths.npy` beside each shard, and, last of all,
@@ -200,7 +200,8 @@ def _resume_writers(output: str, dtype) -> tuple[dict, dict]:
 
 
 def _unwritten(documents: Iterable[str], val_every: int, skip: dict, stats: dict) -> Iterator[tuple[str, str]]:
-    """(split, text) of non-empty documents not in complete shards (those are read, not tokenised); counts in `stats`."""
+    """(split, text) of non-empty documents not in complete shards (those are read, not tokenised); counts in
+    `stats`."""
     seen = {s: 0 for s in SPLITS}
     for text in (d for d in documents if d):
         split = "validation" if is_validation(text, val_every) else "train"
@@ -232,7 +233,8 @@ def _tokenise_into(writers: dict, items: Iterator[tuple[str, str]], stats: dict,
                     writers[split].finish()
             secs = time.perf_counter() - start
             bar.update(len(batch))
-            bar.set_postfix_str(f"{stats['tokens'] / secs:,.0f} tok/s, {stats['bytes'] / secs / 1e6:.2f} MB/s", refresh=False)
+            bar.set_postfix_str(f"{stats['tokens'] / secs:,.0f} tok/s, {stats['bytes'] / secs / 1e6:.2f} MB/s",
+                                refresh=False)
     finally:
         bar.close()
         if pool is not None:
@@ -254,55 +256,3 @@ def _remove_preparation(output: str) -> None:
     for name in os.listdir(output):
         if name.endswith((".arrayrecord", ".lengths.npy", ".tmp")) or name in ("plan.json", "manifest.json"):
             os.remove(os.path.join(output, name))
-
-
-def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from parcae_jax import storage
-    from parcae_jax.data import readers, staging
-    from parcae_jax.data.corpus import default_cache_dir
-
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        readers.exit_with(DataError(f"unexpected arguments {argv[1:]}"))
-    try:
-        docs = readers.documents_from_flags(FLAGS)
-        output = FLAGS.output
-        if storage.is_remote(output):  # prepared on local disk, then uploaded (manifest last)
-            storage.make_dir(output)  # a missing bucket fails now, not after the work
-            output = staging.local_for(output, default_cache_dir())
-        tokenizer = FLAGS.tokenizer
-        if storage.is_remote(tokenizer):
-            tokenizer = staging.stage_file(tokenizer, default_cache_dir())
-        m = prepare(docs, output, tokenizer, eod_token=FLAGS.eod_token, docs_per_shard=FLAGS.docs_per_shard,
-                    val_every=FLAGS.val_every, workers=FLAGS.workers,
-                    description=f"tfds:{FLAGS.tfds}/{FLAGS.tfds_split}" if FLAGS.tfds else ",".join(FLAGS.input),
-                    source=readers.input_fingerprint(FLAGS), overwrite=FLAGS.overwrite)
-        if output != FLAGS.output:
-            staging.upload_prepared(output, FLAGS.output)
-    except (DataError, storage.StorageError) as e:
-        readers.exit_with(e)
-    print(json.dumps({s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in SPLITS}))
-
-
-def run() -> None:
-    """The `parcae-prepare` command (also `python -m parcae_jax.data.prepare`)."""
-    from absl import flags
-
-    from parcae_jax import cli
-    from parcae_jax.data import readers
-
-    readers.define_input_flags()
-    flags.DEFINE_string("output", None, "Directory for shards and manifest.json.", required=True)
-    flags.DEFINE_bool("overwrite", False, "Replace a preparation of another input or settings in --output.")
-    flags.DEFINE_string("tokenizer", "bytes", "bytes | path to tokenizer.json | path to a SentencePiece .model")
-    flags.DEFINE_string("eod_token", None, "End-of-document token, if not <|endoftext|> (or the SentencePiece EOS).")
-    flags.DEFINE_integer("docs_per_shard", DOCS_PER_SHARD, "Documents per shard.")
-    flags.DEFINE_integer("val_every", VAL_EVERY, "Hold out about 1 in val_every documents, by a hash of their text (0: none).")
-    flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizer worker processes (0: in this process).")
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()

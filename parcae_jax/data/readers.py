@@ -7,24 +7,21 @@ one line naming the file (and line) and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import gzip
 import hashlib
 import json
 import os
-import sys
 from typing import Iterator
+
+from parcae_jax.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data or settings; the message is one line naming what and how to fix it."""
-
-
-def exit_with(err: Exception) -> None:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -121,31 +118,38 @@ def read_tfds(name: str, split: str, data_dir: str | None, text_field: str = "te
         yield _decode(text, f"TFDS {name!r} record {i}") if isinstance(text, bytes) else str(text)
 
 
-def define_input_flags() -> None:
-    from absl import flags
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Where documents come from: files, directories or globs (`paths`, each file's
+    `text_field`), or a TFDS dataset (`tfds`, its split and data_dir) instead."""
 
-    flags.DEFINE_multi_string("input", [], "Input files, directories or glob patterns (repeatable).")
-    flags.DEFINE_string("text_field", "text", "JSON field / parquet column / TFDS feature holding the text.")
-    flags.DEFINE_string("tfds", None, "Read this TFDS dataset (array_record format) instead of --input.")
-    flags.DEFINE_string("tfds_split", "train", "TFDS split.")
-    flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    tfds: str | None = None
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
+
+    @property
+    def description(self) -> str:
+        return f"tfds:{self.tfds}/{self.tfds_split}" if self.tfds else ",".join(self.paths)
 
 
-def input_fingerprint(FLAGS) -> str:
-    """What --input / --tfds name, as a short hash: each file's path, size and modification
-    time (cheap; a re-run over unchanged files gives the same), or the TFDS dataset."""
-    if FLAGS.tfds:
-        return f"tfds:{FLAGS.tfds}/{FLAGS.tfds_split}@{FLAGS.tfds_data_dir or ''}"
+def input_fingerprint(inputs: Inputs) -> str:
+    """What the inputs name, as a short hash: each file's path, size and modification time
+    (cheap; a re-run over unchanged files gives the same), or the TFDS dataset."""
+    if inputs.tfds:
+        return f"tfds:{inputs.tfds}/{inputs.tfds_split}@{inputs.tfds_data_dir or ''}"
     h = hashlib.sha256()
-    for path in expand_inputs(FLAGS.input):
+    for path in expand_inputs(list(inputs.paths)):
         stat = os.stat(path)
         h.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return "files:" + h.hexdigest()[:16]
 
 
-def documents_from_flags(FLAGS) -> Iterator[str]:
-    if FLAGS.tfds:
-        return read_tfds(FLAGS.tfds, FLAGS.tfds_split, FLAGS.tfds_data_dir, FLAGS.text_field)
-    if not FLAGS.input:
+def documents(inputs: Inputs) -> Iterator[str]:
+    """The documents' texts, in a fixed order."""
+    if inputs.tfds:
+        return read_tfds(inputs.tfds, inputs.tfds_split, inputs.tfds_data_dir, inputs.text_field)
+    if not inputs.paths:
         raise DataError("no input: pass --input=FILE_OR_DIR (repeatable) or --tfds=NAME")
-    return read_documents(expand_inputs(FLAGS.input), FLAGS.text_field)
+    return read_documents(expand_inputs(list(inputs.paths)), inputs.text_field)

@@ -42,7 +42,8 @@ def complete_shards(output: str, split: str) -> list[str]:
     names = []
     for i in itertools.count():
         name = shard_name(split, i)
-        if not (os.path.exists(os.path.join(output, name)) and os.path.exists(os.path.join(output, name + ".lengths.npy"))):
+        if not (os.path.exists(os.path.join(output, name))
+                and os.path.exists(os.path.join(output, name + ".lengths.npy"))):
             return names
         names.append(name)
 
@@ -81,6 +82,7 @@ class ShardWriter:
         if self.writer is None:
             return
         self.writer.close()
-        atomic_write(self.path + ".lengths.npy", lambda tmp: np.save(open(tmp, "wb"), np.asarray(self.lengths, np.int32)))
+        atomic_write(self.path + ".lengths.npy",
+                     lambda tmp: np.save(open(tmp, "wb"), np.asarray(self.lengths, np.int32)))
         os.replace(self.path + ".tmp", self.path)  # the shard counts as complete from here on
         self.writer, self.lengths, self.index = None, [], self.index + 1

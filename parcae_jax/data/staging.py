@@ -57,7 +57,7 @@ def remote_manifest(remote: str) -> tuple[dict, bytes]:
         raw = path.read_bytes()
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"data.path={remote}: no manifest.json there ({type(e).__name__}); prepare the data with "
-                        f"python -m parcae_jax.data.prepare --output={remote}") from None
+                        f"python -m parcae_jax.commands.prepare --output={remote}") from None
     return json.loads(raw), raw
 
 

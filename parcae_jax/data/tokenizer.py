@@ -1,6 +1,6 @@
 """Tokenizers behind one interface: bytes, BPE (HF `tokenizers`), SentencePiece.
 
-    python -m parcae_jax.data.tokenizer train --input=corpus/ --vocab_size=32768 --output=tokenizer.json
+    python -m parcae_jax.commands.train_tokenizer --input=corpus/ --vocab_size=32768 --output=tokenizer.json
 
 trains a byte-level BPE with GPT-4-style pre-tokenisation on the documents of the inputs
 (any format `prepare` reads). `load_tokenizer(spec)` takes "bytes", a `tokenizer.json` or
@@ -131,41 +131,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 32768) -> HFTokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok)
-
-
-def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from parcae_jax.data import readers
-
-    FLAGS = flags.FLAGS
-    if argv[1:] != ["train"]:
-        readers.exit_with(DataError(f"usage: python -m parcae_jax.data.tokenizer train --input=... --output=...; got {argv[1:]}"))
-    try:
-        docs = readers.documents_from_flags(FLAGS)
-        if FLAGS.max_documents:
-            docs = (d for i, d in zip(range(FLAGS.max_documents), docs))
-        tok = train_bpe(docs, FLAGS.vocab_size)
-    except DataError as e:
-        readers.exit_with(e)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    tok.save(FLAGS.output)
-    print(f"wrote {FLAGS.output}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint}")
-
-
-def run() -> None:
-    """The `parcae-tokenizer` command (also `python -m parcae_jax.data.tokenizer`)."""
-    from absl import flags
-
-    from parcae_jax import cli
-    from parcae_jax.data import readers
-
-    readers.define_input_flags()
-    flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size, special tokens included.")
-    flags.DEFINE_integer("max_documents", 0, "Train on at most this many documents (0: all).")
-    flags.DEFINE_string("output", None, "Where to write tokenizer.json.", required=True)
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import re
 
+from parcae_jax.infer import GenerationError
+
 STRATEGY = re.compile(r"full|compress-(first|last|stride|s|r)(\d+)|compress-(boundaries|anchor)")
 
 
@@ -37,10 +39,10 @@ def check_strategy(strategy: str) -> None:
     """One line naming the accepted forms, for a strategy this module does not know."""
     m = STRATEGY.fullmatch(strategy)
     if not m:
-        raise ValueError(f"cache strategy {strategy!r} is unknown; use full, compress-firstK, compress-lastK, "
+        raise GenerationError(f"cache strategy {strategy!r} is unknown; use full, compress-firstK, compress-lastK, "
                          "compress-strideK, compress-sK, compress-rK, compress-boundaries or compress-anchor")
     if m.group(2) is not None and int(m.group(2)) < 1:  # K iterations or slots: 0 would divide by zero
-        raise ValueError(f"cache strategy {strategy!r} needs K >= 1")
+        raise GenerationError(f"cache strategy {strategy!r} needs K >= 1")
 
 
 def slot(step: int, n_prelude: int, n_core: int, recurrence: int, strategy: str = "full") -> int:
@@ -57,7 +59,7 @@ def slot(step: int, n_prelude: int, n_core: int, recurrence: int, strategy: str 
         return step if r < k else core_start + k * n_core + j
     if kind == "last":
         if k >= recurrence:  # the official rule would put the last iteration in the coda's first slot
-            raise ValueError(f"cache strategy {strategy!r} needs a recurrence above {k} (it keeps the last {k} "
+            raise GenerationError(f"cache strategy {strategy!r} needs a recurrence above {k} (it keeps the last {k} "
                              f"iterations apart), got {recurrence}")
         threshold = recurrence - k
         return core_start + j if r < threshold else core_start + (r - threshold + 1) * n_core + j
@@ -65,7 +67,7 @@ def slot(step: int, n_prelude: int, n_core: int, recurrence: int, strategy: str 
         return core_start + (r // k) * n_core + j
     if kind == "boundaries":
         if recurrence < 2:  # as compress-last: the last iteration would take the coda's slot
-            raise ValueError(f"cache strategy {strategy!r} needs at least 2 recurrences")
+            raise GenerationError(f"cache strategy {strategy!r} needs at least 2 recurrences")
         return core_start + (n_core if r == recurrence - 1 else 0) + j
     if kind == "s":
         return core_start + rel % (k * n_core)

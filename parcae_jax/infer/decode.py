@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parcae_jax.infer import GenerationError
 from parcae_jax.infer.cache_slots import check_strategy, slot_table
 from parcae_jax.model import build
 from parcae_jax.model.attention import KVSlots, cache_mask, ropes
@@ -70,11 +71,11 @@ class Plan:
     def __post_init__(self):
         check_strategy(self.strategy)
         if self.exit_rule not in EXIT_RULES:
-            raise ValueError(f"exit rule {self.exit_rule!r} is unknown; use one of {', '.join(EXIT_RULES)}")
+            raise GenerationError(f"exit rule {self.exit_rule!r} is unknown; use one of {', '.join(EXIT_RULES)}")
         if self.recurrence < 1:
-            raise ValueError(f"recurrence must be >= 1, got {self.recurrence}")
+            raise GenerationError(f"recurrence must be >= 1, got {self.recurrence}")
         if not (math.isfinite(self.exit_threshold) and self.exit_threshold >= 0):  # nan would never exit, silently
-            raise ValueError(f"exit threshold must be a finite number >= 0, got {self.exit_threshold}")
+            raise GenerationError(f"exit threshold must be a finite number >= 0, got {self.exit_threshold}")
 
     @property
     def is_gpt(self) -> bool:
@@ -152,7 +153,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
     core = KVSlots(cache.core_k, cache.core_v, start, mask)
     if adaptive and plan.exit_rule != "none":
         if T != 1:
-            raise ValueError(f"adaptive exit decodes one token at a time, got {T}")
+            raise AssertionError(f"adaptive exit decodes one token at a time, got {T}")
         x, core, depth_B = _adaptive(plan, iteration, lambda x: head(x, main)[0], x, core, slots, start)
     else:
         for r in range(plan.recurrence):

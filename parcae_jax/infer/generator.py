@@ -25,17 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parcae_jax.infer import decode
+from parcae_jax.infer import GenerationError, decode
 from parcae_jax.infer.sampling import Sampling, next_token
-from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.config import ModelConfig, inference_dtype
 from parcae_jax.model.recurrence import evaluation_state
 
 PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
-
-
-class GenerationError(ValueError):
-    """A request the model cannot serve (one line, names the fix)."""
 
 
 def encode(tokenizer, text: str, vocab_size: int) -> list[int]:
@@ -79,12 +75,8 @@ class Generator:
 
     def __init__(self, cfg: ModelConfig, params: dict, *, recurrence: int | None = None, strategy: str = "full",
                  exit_rule: str = "none", exit_threshold: float = 0.0, dtype: str | None = None):
-        """dtype: the compute dtype (a ModelConfig dtype name). Default: the config's on
-        accelerators, float32 on CPU, where decoding is bound by memory reads and XLA:CPU's
-        bfloat16 products over the cache run slower than float32 ones (bench_cpu shape, batch
-        8, 1024-token prompts: 76 ms a step in bfloat16, 14 in float32)."""
-        if dtype is None and jax.default_backend() == "cpu":
-            dtype = "float32"
+        """dtype: the compute dtype (a ModelConfig dtype name); default config.inference_dtype's."""
+        dtype = inference_dtype(dtype)
         cfg = cfg if dtype is None else cfg.replace(dtype=dtype)
         self.cfg, self.params = cfg, params
         self.recurrence = cfg.mean_recurrence if recurrence is None else recurrence
@@ -124,7 +116,8 @@ class Generator:
         if plan.is_gpt:
             x0_all = jnp.zeros((B, plan.max_len, 1), jnp.float32)
         elif x0 is not None:
-            x0_all = jnp.zeros((B, plan.max_len, self.cfg.d_rec), jnp.float32).at[:, :x0.shape[1]].set(x0[:, :plan.max_len])
+            x0_all = (jnp.zeros((B, plan.max_len, self.cfg.d_rec), jnp.float32)
+                      .at[:, :x0.shape[1]].set(x0[:, :plan.max_len]))
         else:
             x0_all = initial_states(seed, pad, plan.max_len, self.cfg)
         prefill, step = _compiled(plan, sampling)

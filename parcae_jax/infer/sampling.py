@@ -8,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from parcae_jax.infer import GenerationError
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -21,11 +23,11 @@ class Sampling:
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan sampled token 0 throughout
-            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def filtered_logits(logits_BxV: jax.Array, s: Sampling) -> jax.Array:

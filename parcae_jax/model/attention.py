@@ -73,7 +73,8 @@ def rope_angles(positions, head_dim: int, base: float, condense_ratio: float) ->
     step: XLA would otherwise fuse sin/cos into every consumer and recompute them there.
     """
     xp = np if isinstance(positions, np.ndarray) else jnp
-    inv_freq = xp.float32(1.0) / (xp.float32(base) ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / xp.float32(head_dim)))
+    inv_freq = xp.float32(1.0) / (xp.float32(base)
+                                  ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / xp.float32(head_dim)))
     t = positions.astype(xp.float32) / xp.float32(condense_ratio)
     angles = t[..., None] * inv_freq  # [..., T, D/2]
     return xp.cos(angles)[..., None, :], xp.sin(angles)[..., None, :]
@@ -268,7 +269,8 @@ class Attention(nn.Module):
         perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
         B, T = h_BxTxW.shape[:2]
         if cache is None:  # one matmul instead of three; its weight is rebuilt per call, amortised over B x T tokens
-            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D), jnp.asarray(Wk)[..., perm].reshape(W, G * D),
+            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D),
+                                    jnp.asarray(Wk)[..., perm].reshape(W, G * D),
                                     jnp.asarray(Wv).reshape(W, G * D)], axis=1)
             q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
             q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
@@ -276,7 +278,8 @@ class Attention(nn.Module):
             q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
-            gate_kernel = self.param("ve_gate", nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
+            gate_kernel = self.param("ve_gate",
+                                     nn.with_logical_partitioning(torch_linear_default(c), (None, "kv_heads")),
                                      (c, G), jnp.float32)
             if ve_BxTxK is not None:
                 gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))

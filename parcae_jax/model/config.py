@@ -1,6 +1,6 @@
 """Model hyper-parameters: one frozen dataclass, validated before anything is traced.
 
-Field names are ours; `parcae_jax/convert.py` maps them to the official config fields
+Field names are ours; `parcae_jax/interop/convert.py` maps them to the official config fields
 (`n_embd` -> `d_model`, `recurrent_embedding_dimension` -> `d_rec`, ...).
 """
 
@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import math
 from typing import Any, Mapping
+
+from parcae_jax.errors import UserError
 
 ARCHS = ("parcae", "gpt")
 INJECTIONS = ("diagonal", "linear", "add")
@@ -34,7 +36,7 @@ DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad setting. The message is one line that names the field and the fix."""
 
 
@@ -46,7 +48,7 @@ class ModelConfig:
     """Architecture of a Parcae looped model or of its fixed-depth GPT baseline.
 
     Defaults are the published 140m Parcae model (docs/design.md §1). This dataclass is the
-    one place they are defined: `parcae_jax/defaults.py` builds `config.model` from it.
+    one place they are defined: `parcae_jax/training/defaults.py` builds `config.model` from it.
     """
 
     arch: str = "parcae"
@@ -91,7 +93,8 @@ class ModelConfig:
     remat_policy: str = "full"  # per loop iteration; see REMAT_POLICIES
     block_remat: str = "none"  # per prelude, coda and GPT block; see REMAT_POLICIES
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
-    dtype: str = "auto"  # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
+    # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
+    dtype: str = "auto"
     attention_impl: str = "xla"
     # The official config this model was converted from (JSON), so that save_reference can
     # write back the fields parcae_jax does not model. Empty for models made here.
@@ -162,6 +165,18 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if name == "fast" and cpu_has_bf16_dots() else "float32"
 
 
+def inference_dtype(requested: str | None) -> str | None:
+    """The compute dtype for scoring and decoding a trained model: `requested`, else float32 on
+    CPU, else None (the checkpoint's own). On CPU decoding is bound by memory reads, and
+    XLA:CPU's bfloat16 products over the cache run slower than float32 ones (bench_cpu shape,
+    batch 8, 1024-token prompts: 76 ms a step in bfloat16, 14 in float32)."""
+    if requested:
+        return requested
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else None
+
+
 _BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names; XLA:CPU's bf16 dots use them
 
 
@@ -219,16 +234,20 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         ("attention_impl", ATTENTION_IMPLS),
     ):
         _choice(prefix, cfg, field, options)
-    for field in ("vocab_size", "padding_multiple", "block_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "d_mlp"):
+    for field in ("vocab_size", "padding_multiple", "block_size", "seq_len", "d_model", "n_heads", "n_kv_heads",
+                  "d_mlp"):
         need(getattr(cfg, field) >= 1, f"{field}={getattr(cfg, field)} must be >= 1")
         # a size from a hostile config.json must not reach an allocation (block_size=10**12: a 3.6 TiB RoPE table)
         need(getattr(cfg, field) <= MAX_SIZE, f"{field}={getattr(cfg, field)} is beyond any model here (> {MAX_SIZE})")
-    need(cfg.seq_len <= cfg.block_size, f"seq_len={cfg.seq_len} exceeds block_size={cfg.block_size}; lower seq_len or raise block_size")
+    need(cfg.seq_len <= cfg.block_size,
+         f"seq_len={cfg.seq_len} exceeds block_size={cfg.block_size}; lower seq_len or raise block_size")
     need(cfg.d_model % cfg.n_heads == 0,
          f"n_heads={cfg.n_heads} does not divide d_model={cfg.d_model}; pick n_heads among the divisors of d_model")
     need(cfg.n_heads % cfg.n_kv_heads == 0,
-         f"n_kv_heads={cfg.n_kv_heads} does not divide n_heads={cfg.n_heads}; pick n_kv_heads among the divisors of n_heads")
-    need(cfg.head_dim % 2 == 0, f"n_heads={cfg.n_heads} gives an odd head_dim={cfg.head_dim}; RoPE needs an even head_dim")
+         f"n_kv_heads={cfg.n_kv_heads} does not divide n_heads={cfg.n_heads}; "
+         "pick n_kv_heads among the divisors of n_heads")
+    need(cfg.head_dim % 2 == 0,
+         f"n_heads={cfg.n_heads} gives an odd head_dim={cfg.head_dim}; RoPE needs an even head_dim")
     need(cfg.norm_eps > 0, f"norm_eps={cfg.norm_eps} must be > 0")
     need(cfg.rope_base > 1, f"rope_base={cfg.rope_base} must be > 1")
     need(cfg.rope_condense_ratio > 0, f"rope_condense_ratio={cfg.rope_condense_ratio} must be > 0")
@@ -241,14 +260,16 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         need(cfg.n_layers >= 1, f"n_layers={cfg.n_layers} must be >= 1")
         if cfg.value_embeds:
             need(cfg.d_model >= cfg.ve_gate_channels,
-                 f"d_model={cfg.d_model} is narrower than ve_gate_channels={cfg.ve_gate_channels}; widen it or set value_embeds=False")
+                 f"d_model={cfg.d_model} is narrower than ve_gate_channels={cfg.ve_gate_channels}; "
+                 "widen it or set value_embeds=False")
         return cfg
     for field in ("n_prelude", "n_coda"):
         need(getattr(cfg, field) >= 0, f"{field}={getattr(cfg, field)} must be >= 0")
     for field in ("n_core", "d_rec", "d_rec_mlp", "n_rec_heads"):
         need(getattr(cfg, field) >= 1, f"{field}={getattr(cfg, field)} must be >= 1")
     need(cfg.d_rec % cfg.n_rec_heads == 0,
-         f"n_rec_heads={cfg.n_rec_heads} does not divide d_rec={cfg.d_rec}; pick n_rec_heads among the divisors of d_rec")
+         f"n_rec_heads={cfg.n_rec_heads} does not divide d_rec={cfg.d_rec}; "
+         "pick n_rec_heads among the divisors of d_rec")
     need(cfg.rec_head_dim % 2 == 0,
          f"n_rec_heads={cfg.n_rec_heads} gives an odd recurrent head_dim={cfg.rec_head_dim}; RoPE needs it even")
     need(cfg.injection != "add" or cfg.d_rec == cfg.d_model,

@@ -20,7 +20,8 @@ class TokenEmbed(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("vocab", "embed")),
+            "embedding",
+            nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("vocab", "embed")),
             (cfg.padded_vocab_size, cfg.d_model), jnp.float32)
 
     def __call__(self, ids_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,7 +70,8 @@ class LMHead(nn.Module):
             spec, kernel = "btd,vd->btv", embedding_VxD
         else:
             spec, kernel = "btd,dv->btv", self.param(
-                "kernel", nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("embed", "vocab")),
+                "kernel",
+                nn.with_logical_partitioning(matrix_init(cfg.init_std, cfg.init_orthogonal), ("embed", "vocab")),
                 (cfg.d_model, cfg.padded_vocab_size), jnp.float32)
 
         def logits_fn(y):

@@ -99,9 +99,11 @@ class Injection(nn.Module):
                          kernel_init=nn.with_logical_partitioning(trunc_normal(std), ("concat_embed", "state")))(
                 jnp.concatenate([x_BxTxR, e_BxTxD.astype(x_BxTxR.dtype)], axis=-1))
         A_log = self.param("A_log", nn.with_logical_partitioning(nn.initializers.zeros, ("state",)), (r,), jnp.float32)
-        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(nn.initializers.constant(DT_BIAS_INIT), ("state",)),
+        dt_bias = self.param("dt_bias",
+                             nn.with_logical_partitioning(nn.initializers.constant(DT_BIAS_INIT), ("state",)),
                              (r,), jnp.float32)
-        B = self.param("B", nn.with_logical_partitioning(identity_or_orthogonal, ("embed", "state")), (d, r), jnp.float32)
+        B = self.param("B", nn.with_logical_partitioning(identity_or_orthogonal, ("embed", "state")), (d, r),
+                       jnp.float32)
         decay, dt = diagonal_coefficients(A_log, dt_bias)
         Be = matmul.einsum("btd,dr->btr", e_BxTxD, B, dtype)
         return decay * x_BxTxR + dt * Be

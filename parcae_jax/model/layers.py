@@ -47,10 +47,12 @@ class MLP(nn.Module):
         dtype = jnp.dtype(self.cfg.compute_dtype)
         std = math.sqrt(2.0 / (5.0 * self.width))
         h = matmul.Dense(self.d_mlp, dtype=dtype, name="fc",
-                     kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal), ("embed", "mlp")))(x_BxTxW)
+                     kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal),
+                                                              ("embed", "mlp")))(x_BxTxW)
         h = nn.with_logical_constraint(relu2(h), ("batch", "length", "mlp"))
         return matmul.Dense(self.width, dtype=dtype, name="proj",
-                        kernel_init=nn.with_logical_partitioning(matrix_init(0.0, self.cfg.init_orthogonal), ("mlp", "embed")))(h)
+                        kernel_init=nn.with_logical_partitioning(matrix_init(0.0, self.cfg.init_orthogonal),
+                                                                 ("mlp", "embed")))(h)
 
 
 class Block(nn.Module):
@@ -69,7 +71,8 @@ class Block(nn.Module):
                                                          segment_ids_BxT, cache)
         a, kv = a if cache is not None else (a, None)
         x_BxTxW = x_BxTxW + a
-        x_BxTxW = x_BxTxW + MLP(self.spec.width, self.spec.d_mlp, self.cfg, name="mlp")(RMSNorm(eps, name="norm_2")(x_BxTxW))
+        x_BxTxW = x_BxTxW + MLP(self.spec.width, self.spec.d_mlp, self.cfg, name="mlp")(
+            RMSNorm(eps, name="norm_2")(x_BxTxW))
         x_BxTxW = nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
         return x_BxTxW if cache is None else (x_BxTxW, kv)
 

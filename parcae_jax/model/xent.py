@@ -48,3 +48,9 @@ def chunked_token_cross_entropy(y_BxTxD: jax.Array, logits_fn: Callable[[jax.Arr
     _, (loss_NxBxC, mask_NxBxC) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (y_NxBxCxD, t_NxBxC))
     unchunk = lambda a: a.transpose(1, 0, 2).reshape(B, n * chunk)[:, :T]  # noqa: E731
     return unchunk(loss_NxBxC), unchunk(mask_NxBxC)
+
+
+def mean_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Mean over real targets (0 when there are none)."""
+    loss, mask = token_cross_entropy(logits_BxTxV, targets_BxT)
+    return loss.sum() / jnp.maximum(mask.sum(), 1)

@@ -1,6 +1,6 @@
 """Parcae against its GPT at equal parameters and tokens, one command.
 
-    python -m parcae_jax.science.compare --out_dir=DIR [--base=tiny] [--steps=N]
+    python -m parcae_jax.commands.compare --out_dir=DIR [--base=tiny] [--steps=N]
 
 The GPT is `base` with arch=gpt and n_layers = n_prelude + n_core + n_coda: the same blocks
 once each, as the published baselines (configs/gpt_*.py), so the two differ only by the loop
@@ -18,13 +18,9 @@ from __future__ import annotations
 import copy
 import json
 
-from parcae_jax import cli
-from parcae_jax.metrics import read_rows
-from parcae_jax.model_flags import fail
+from parcae_jax.runtime.metrics import eval_key, read_rows
 from parcae_jax.science import provenance
-from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.science.tables import write_csv
-from parcae_jax.science.training_flags import BASE, STEPS
 
 
 def gpt_of(parcae_config):
@@ -42,8 +38,8 @@ def finished(workdir: str, steps: int) -> bool:
 
 def summary(config, workdir: str) -> dict:
     """Parameters, tokens, FLOPs and the validation losses a finished run logged."""
-    from parcae_jax.describe import describe
     from parcae_jax.model.config import ModelConfig
+    from parcae_jax.training.describe import describe
 
     info = describe(ModelConfig.from_mapping(config.model))
     steps = config.train.steps
@@ -51,7 +47,7 @@ def summary(config, workdir: str) -> dict:
     evals = [r for r in read_rows(workdir) if any(k.startswith("eval/loss") for k in r)]
     last = evals[-1] if evals else {}
     arch = config.model.arch
-    main_key = f"eval/loss_r{config.model.mean_recurrence}" if arch == "parcae" else "eval/loss"
+    main_key = eval_key(arch, config.model.mean_recurrence)
     return {"arch": arch, "params": info["params_total"], "tokens": tokens,
             "flops_per_token": info["flops_per_token"], "flops": info["flops_per_token"] * tokens,
             "mean_recurrence": config.model.mean_recurrence if arch == "parcae" else None,
@@ -64,8 +60,8 @@ def compare(config, out_dir: str) -> dict:
     JSON, CSV and figure; returns the JSON's content."""
     from parcae_jax import storage
     from parcae_jax.science import plots
-    from parcae_jax.train import train
-    from parcae_jax.validate import validate
+    from parcae_jax.training.train import train
+    from parcae_jax.training.validate import validate
 
     config = copy.deepcopy(config)
     config.train.eval_every = config.train.eval_every or config.train.steps
@@ -90,31 +86,3 @@ def compare(config, out_dir: str) -> dict:
     write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in results))
     plots.compare(results, str(out / "compare.png"))
     return report
-
-
-def main(argv) -> None:
-    """The compare command (module docstring): flags in, files out, bad input one line and exit 2."""
-    del argv
-    from parcae_jax import config_files
-    from parcae_jax.errors import one_line_errors
-
-    if not OUT_DIR.value:
-        fail("pass --out_dir=DIR (both runs, compare.json, .csv and .png go there)")
-    if STEPS.value is not None and STEPS.value < 1:
-        fail(f"--steps={STEPS.value} must be >= 1")
-    with one_line_errors(config_files.ConfigFileError, provenance.OtherSettings):
-        config = config_files.load(config_files.shipped(BASE.value), flag="--base")
-        if config.model.arch != "parcae":
-            fail(f"--base={BASE.value} is a {config.model.arch}; give the Parcae config (its GPT is derived)")
-        if STEPS.value:
-            config.train.steps = STEPS.value
-        report = compare(config, OUT_DIR.value)
-    print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
-
-
-def run() -> None:
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()

@@ -23,8 +23,10 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
+from parcae_jax.errors import UserError
 
-class FitError(ValueError):
+
+class FitError(UserError, ValueError):
     """The points cannot determine the law; the message says why and what would."""
 
 

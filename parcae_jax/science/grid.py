@@ -27,14 +27,15 @@ import shlex
 
 from ml_collections import config_dict
 
-from parcae_jax import config_files
+from parcae_jax.errors import UserError, first_line
+from parcae_jax.training import config_files
 
 KEYS = {"base", "root", "recurrences", "budgets", "backprop", "set", "warmup_fraction", "launcher"}
 REQUIRED = ("base", "root", "recurrences", "budgets")
 LAUNCHER = "python -m parcae_jax.main --config={config} --workdir={workdir} {flags}"
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file or a point that cannot be run (one line, names the key and the fix)."""
 
 
@@ -66,7 +67,7 @@ def load(value: str) -> config_dict.ConfigDict:
     """The sweep file `value` (path[:arg], or a name under configs/sweeps/), its keys checked."""
     path, sep, arg = value.partition(":")
     if not os.path.exists(path):  # a shipped sweep's name
-        from parcae_jax.defaults import shipped_config
+        from parcae_jax.training.defaults import shipped_config
 
         found = shipped_config(f"sweeps/{os.path.basename(path).removesuffix('.py')}")
         value = found + sep + arg if found else value
@@ -106,7 +107,7 @@ def assign(config: config_dict.ConfigDict, key: str, value) -> None:
     try:
         node[leaf] = value
     except (TypeError, ValueError) as e:
-        raise SweepError(f"set.{key}={value!r}: {config_files.first_line(e)}") from None
+        raise SweepError(f"set.{key}={value!r}: {first_line(e)}") from None
 
 
 def _check_shapes(sweep: config_dict.ConfigDict) -> None:
@@ -137,16 +138,16 @@ def _check_shapes(sweep: config_dict.ConfigDict) -> None:
     try:
         template.format(config="", workdir="", flags="")
     except (KeyError, IndexError, ValueError, AttributeError) as e:
-        raise SweepError(f"launcher {template!r}: {config_files.first_line(e)}; it may use {{config}}, "
+        raise SweepError(f"launcher {template!r}: {first_line(e)}; it may use {{config}}, "
                          "{workdir} and {flags}") from None
 
 
 def points(sweep: config_dict.ConfigDict) -> list[Point]:
     """Every point of the grid, budgets then recurrences ascending; raises SweepError for a bad
     key or value, or a budget too small for one step, naming the point."""
-    from parcae_jax.describe import flops_per_token
     from parcae_jax.model.config import ConfigError, ModelConfig
-    from parcae_jax.validate import validate
+    from parcae_jax.training.describe import flops_per_token
+    from parcae_jax.training.validate import validate
 
     _check_shapes(sweep)
     try:
@@ -174,8 +175,8 @@ def points(sweep: config_dict.ConfigDict) -> list[Point]:
             per_step = config.train.batch_size * config.model.seq_len
             steps = int(budget // (fpt * per_step))
             if steps < 1:
-                raise SweepError(f"point {name}: a budget of {budget:.3g} FLOPs is {budget / fpt:.3g} tokens, less than "
-                                 f"one step of {per_step} tokens; raise the budget or lower train.batch_size")
+                raise SweepError(f"point {name}: a budget of {budget:.3g} FLOPs is {budget / fpt:.3g} tokens, "
+                                 f"less than one step of {per_step} tokens; raise the budget or lower train.batch_size")
             more = [("train.steps", steps), ("train.eval_every", config.train.eval_every or steps)]
             evaluated = config.train.eval_recurrences
             if evaluated and rec not in evaluated:  # the point is finished by its evaluation at its own mean

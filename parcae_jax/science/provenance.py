@@ -8,10 +8,12 @@ readable checkpoint; the settings that cannot change a result (HARMLESS) are ign
 
 from __future__ import annotations
 
-from parcae_jax import resume, storage
+from parcae_jax.runtime.run_dir import RunDir
+from parcae_jax.errors import UserError
+from parcae_jax.runtime import resume
 
 
-class OtherSettings(ValueError):
+class OtherSettings(UserError, ValueError):
     """A workdir holds a run of other settings (one line: the differences and the fix)."""
 
 
@@ -34,7 +36,7 @@ def differences(saved: dict, config: dict) -> str | None:
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """The workdir's checkpoint steps, ascending (none: [])."""
-    ckpts = storage.resolve(workdir) / "checkpoints"
+    ckpts = RunDir(workdir).checkpoints
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
 
 
@@ -46,11 +48,11 @@ def saved_config(workdir: str) -> dict | None:
         return None
     from absl import logging
 
-    from parcae_jax.checkpoint import Checkpointer
+    from parcae_jax.runtime.checkpoint import Checkpointer
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)  # orbax logs every open and read at INFO: a check, not an event
-    ckpt = Checkpointer(storage.resolve(workdir) / "checkpoints", keep=len(steps), async_save=False)
+    ckpt = Checkpointer(RunDir(workdir).checkpoints, keep=len(steps), async_save=False)
     try:
         for step in reversed(steps):
             try:

@@ -1,11 +1,11 @@
 """All of the paper's measurable claims at one scale, into one folder with a Markdown report.
 
-    python -m parcae_jax.science.report --preset=toy --out_dir=DIR
+    python -m parcae_jax.commands.report --preset=toy --out_dir=DIR
 
 Runs, each stage resumable (a second call reuses what is finished):
 1. compare: Parcae against its GPT twin at equal parameters and tokens (science/compare.py);
 2. test_time: that Parcae run's validation loss at T = 1 .. 2 x mean_recurrence and the
-   saturating-exponential fit (science/test_time.py);
+   saturating-exponential fit (science/recurrence_curve.py);
 3. sweep: the preset's recurrence x FLOP grid, trained and fitted (science/sweep.py);
 4. stability: injection variants over learning rates (science/stability.py);
 then writes the report as README.md in DIR (a folder's page on code hosts): every figure,
@@ -26,12 +26,6 @@ import os
 import platform
 import time
 
-from absl import flags
-
-from parcae_jax import cli
-from parcae_jax.model_flags import fail
-from parcae_jax.science.cli_flags import OUT_DIR
-
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -48,13 +42,12 @@ PRESETS = {"toy": Preset(sweep="toy", compare_steps=600,
            "smoke": Preset(sweep="smoke", compare_steps=8,
                            stability_variants=("diagonal", "linear"), stability_multipliers=(1.0, 64.0),
                            stability_steps=12)}
-_PRESET = flags.DEFINE_enum("preset", "toy", list(PRESETS), "Which sizes to run.")
 
 
 def _base(sweep):
     """The sweep's base config with its `set` overrides: the model every stage trains."""
-    from parcae_jax import config_files
     from parcae_jax.science.grid import assign
+    from parcae_jax.training import config_files
 
     config = config_files.load(config_files.shipped(sweep.base), flag="base")
     for key, value in sweep.get("set") or ():
@@ -95,8 +88,10 @@ def verdicts(compare: dict, test_time: dict, fit: dict, stability: dict) -> dict
     if tt:
         v, r2 = tt["values"], tt["r2"]
         t95 = math.log(20) / v["kappa"]
-        out["test_time"] = (f"{'reproduced' if r2 > 0.9 else 'weak'}: L(T) = {v['L_inf']:.3f} + {v['A']:.3f} exp(-{v['kappa']:.2f} T), "
-                            f"R^2 = {r2:.3f}; 95% of the fall is reached at T = {t95:.1f} (training mean {test_time['mean_recurrence']})")
+        out["test_time"] = (f"{'reproduced' if r2 > 0.9 else 'weak'}: "
+                            f"L(T) = {v['L_inf']:.3f} + {v['A']:.3f} exp(-{v['kappa']:.2f} T), "
+                            f"R^2 = {r2:.3f}; 95% of the fall is reached at T = {t95:.1f} "
+                            f"(training mean {test_time['mean_recurrence']})")
     else:
         out["test_time"] = f"no fit: {test_time.get('fit_error')}"
     d = compare.get("loss_difference")
@@ -125,12 +120,14 @@ def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
     """The report: numbers and figures of every stage (paths relative to the report)."""
     c, t, f, s = stages["compare"], stages["test_time"], stages["fit"], stages["stability"]
     lines = [f"# Parcae science report: preset `{preset}`", "",
-             f"Machine: {_machine()}. Wall time of each stage when it ran: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+             f"Machine: {_machine()}. Wall time of each stage when it ran: "
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
              + f"; total {sum(times.values()) / 60:.1f} min.", "", "## What this scale shows", ""]
     lines += [f"- **{k.replace('_', ' ')}**: {v}" for k, v in verdict.items()]
     lines += ["", "## Parcae against its GPT (equal parameters and tokens)", "", "![compare](compare/compare.png)", "",
               "| arch | parameters | tokens | FLOPs/token | validation loss |", "|---|---|---|---|---|"]
-    lines += [f"| {r['arch']} | {r['params']:,} | {r['tokens']:,} | {r['flops_per_token']:.3g} | {_num(r['val_loss'], '.4f')} |"
+    lines += [f"| {r['arch']} | {r['params']:,} | {r['tokens']:,} | {r['flops_per_token']:.3g} | "
+              f"{_num(r['val_loss'], '.4f')} |"
               for r in c["runs"]]
     lines += ["", "## Test-time scaling", "", "![test time](test_time/test_time.png)", "",
               "| T | loss | bits/byte |", "|---|---|---|"]
@@ -155,7 +152,8 @@ def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
         lines.append(f"\nAICc: parabolas {f['comparison']['aic_parabolas']:.1f}, additive law "
                      f"{f['comparison']['aic_additive']:.1f}: the {f['comparison']['better']} fit better.")
     lines += ["", "## Stability", "", "![stability](stability/stability.png)", "",
-              "| run | diverged at step | spikes | max state norm | max rho | final loss |", "|---|---|---|---|---|---|"]
+              "| run | diverged at step | spikes | max state norm | max rho | final loss |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['diverged_at'] if r['diverged_at'] is not None else '-'} | {len(r['spikes'])} | "
               f"{_num(r['max_state_norm'], '.3g')} | {_num(r['max_rho'], '.3f')} | {_num(r['final_loss'], '.3f')} |"
               for r in s["runs"]]
@@ -165,7 +163,7 @@ def markdown(preset: str, stages: dict, times: dict, verdict: dict) -> str:
 def report(preset_name: str, out_dir: str) -> dict:
     """Every stage of the preset into out_dir, then the report (README.md); returns the verdicts."""
     from parcae_jax import storage
-    from parcae_jax.science import compare, grid, stability, sweep, test_time
+    from parcae_jax.science import compare, grid, recurrence_curve, stability, sweep
 
     preset = PRESETS[preset_name]
     sweep_config = grid.load(f"{preset.sweep}:{out_dir}/sweep")
@@ -185,7 +183,7 @@ def report(preset_name: str, out_dir: str) -> dict:
     config.train.update(steps=preset.compare_steps, eval_every=preset.compare_steps // 4)
     fresh = not all(compare.finished(f"{out_dir}/compare/{n}", preset.compare_steps) for n in ("parcae", "gpt"))
     stages["compare"] = timed("compare", fresh, lambda: compare.compare(config, f"{out_dir}/compare"))
-    stages["test_time"], _ = timed("test_time", True, lambda: test_time.measure(
+    stages["test_time"], _ = timed("test_time", True, lambda: recurrence_curve.measure(
         f"{out_dir}/compare/parcae", f"{out_dir}/test_time", dtype=config.model.dtype))
     points = grid.points(sweep_config)
     fresh = any(sweep.state(p) not in ("done", "diverged") for p in points)
@@ -205,29 +203,3 @@ def report(preset_name: str, out_dir: str) -> dict:
     (folder / "README.md").write_text(markdown(preset_name, stages, times, verdict))
     (folder / "report.json").write_text(json.dumps({"times_s": times, "verdicts": verdict}, indent=1))
     return verdict
-
-
-def main(argv) -> None:
-    """The report command (module docstring): flags in, files out, bad input one line and exit 2."""
-    del argv
-    from parcae_jax import config_files
-    from parcae_jax.errors import one_line_errors
-    from parcae_jax.science import provenance
-    from parcae_jax.science.grid import SweepError
-    from parcae_jax.science.stability import StabilityError
-    from parcae_jax.science.test_time import TestTimeError
-
-    if not OUT_DIR.value:
-        fail("pass --out_dir=DIR (every stage's folder and the report, README.md, go there)")
-    with one_line_errors(config_files.ConfigFileError, SweepError, TestTimeError, StabilityError,
-                         provenance.OtherSettings):
-        verdict = report(_PRESET.value, OUT_DIR.value)
-    print(json.dumps(verdict, indent=1))
-
-
-def run() -> None:
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()

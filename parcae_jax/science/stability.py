@@ -1,7 +1,7 @@
 """The stability experiment: one small model trained with diagonal, linear and additive
 injection (and diagonal without the prelude norm) over a grid of learning rates.
 
-    python -m parcae_jax.science.stability --out_dir=DIR [--base=tiny] [--steps=150] \\
+    python -m parcae_jax.commands.stability --out_dir=DIR [--base=tiny] [--steps=150] \\
         [--lr_multipliers=1,4,16,64] [--variants=diagonal,linear,add,diagonal-no-prelude-norm]
 
 Each run is `base` with the variant's injection, both learning rates (AdamW's and Muon's)
@@ -26,13 +26,8 @@ import json
 import math
 import statistics
 
-from absl import flags
-
-from parcae_jax import cli
-from parcae_jax.model_flags import fail
-from parcae_jax.science.cli_flags import OUT_DIR
+from parcae_jax.errors import UserError
 from parcae_jax.science.tables import write_csv
-from parcae_jax.science.training_flags import BASE, STEPS
 
 VARIANTS = {  # name -> model overrides
     "diagonal": {"injection": "diagonal"},
@@ -41,16 +36,11 @@ VARIANTS = {  # name -> model overrides
     "diagonal-no-prelude-norm": {"injection": "diagonal", "prelude_norm": False},
 }
 DEFAULT_STEPS = 150
-_MULTS = flags.DEFINE_list("lr_multipliers", ["1", "4", "16", "64"], "Learning-rate multipliers over the base's.")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
 STATE_BOUND, SPIKE_NATS = 1e3, 0.5
-_BOUND = flags.DEFINE_float("state_bound", STATE_BOUND, "A state norm above this counts as divergence.")
-_SPIKE = flags.DEFINE_float("spike_nats", SPIKE_NATS,
-                            "A loss this far above the median of the previous 10 steps is a spike.")
 RESULT = "stability_run.json"
 
 
-class StabilityError(ValueError):
+class StabilityError(UserError, ValueError):
     """A request the experiment cannot run (one line, names the fix)."""
 
 
@@ -119,9 +109,9 @@ def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
     """Trains one run, or reads it back when it finished with this config, and returns its
     summary and series (marks recomputed, so changed thresholds need no training)."""
     from parcae_jax import storage
-    from parcae_jax.metrics import read_rows
-    from parcae_jax.train import NonFiniteRun, train
-    from parcae_jax.validate import validate
+    from parcae_jax.runtime.metrics import read_rows
+    from parcae_jax.training.train import NonFiniteRun, train
+    from parcae_jax.training.validate import validate
 
     directory = storage.resolve(workdir)
     record = _finished(config, workdir)
@@ -166,39 +156,3 @@ def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[flo
                 s.get("skipped", "")] for r in runs for s in r["series"]))
     plots.stability(runs, str(out / "stability.png"))
     return report
-
-
-def main(argv) -> None:
-    """The stability command (module docstring): flags in, files out, bad input one line and exit 2."""
-    del argv
-    from parcae_jax import config_files
-    from parcae_jax.errors import one_line_errors
-
-    if not OUT_DIR.value:
-        fail("pass --out_dir=DIR (the runs, stability.json, .csv and .png go there)")
-    steps = STEPS.value or DEFAULT_STEPS
-    unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
-    if not _VARIANTS.value:
-        fail(f"--variants is empty; give any of {', '.join(VARIANTS)}")
-    if unknown:
-        fail(f"--variants: {unknown[0]!r} is unknown; use any of {', '.join(VARIANTS)}")
-    try:
-        multipliers = [float(m) for m in _MULTS.value]
-    except ValueError:
-        fail(f"--lr_multipliers={','.join(_MULTS.value)}: give positive numbers such as 1,4,16")
-    if not multipliers or min(multipliers) <= 0 or steps < 11:
-        fail("--lr_multipliers must be > 0 and --steps >= 11 (spikes compare with the previous 10 steps)")
-    if not _BOUND.value > 0 or not _SPIKE.value > 0:
-        fail(f"--state_bound={_BOUND.value} and --spike_nats={_SPIKE.value} must be > 0")
-    with one_line_errors(config_files.ConfigFileError, StabilityError):
-        base = config_files.load(config_files.shipped(BASE.value), flag="--base")
-        experiment(base, OUT_DIR.value, variants=_VARIANTS.value, multipliers=multipliers, steps=steps,
-                   state_bound=_BOUND.value, spike_nats=_SPIKE.value)
-
-
-def run() -> None:
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()

@@ -1,9 +1,10 @@
 """Recurrence x FLOP-budget sweeps: plan, run, follow and fit them.
 
-    python -m parcae_jax.science.sweep plan   SWEEP [--commands]   # tokens and steps per point
-    python -m parcae_jax.science.sweep run    SWEEP                # train unfinished points here
-    python -m parcae_jax.science.sweep status SWEEP
-    python -m parcae_jax.science.sweep fit    SWEEP [--allow_missing] [--out_dir=DIR (default ROOT/fit)]
+    python -m parcae_jax.commands.sweep --action=plan   --sweep=SWEEP [--commands]   # tokens and steps per point
+    python -m parcae_jax.commands.sweep --action=run    --sweep=SWEEP                # train unfinished points here
+    python -m parcae_jax.commands.sweep --action=status --sweep=SWEEP
+    python -m parcae_jax.commands.sweep --action=fit    --sweep=SWEEP [--allow_missing]
+                                                        [--out_dir=DIR (default ROOT/fit)]
 
 SWEEP is a sweep file (science/grid.py says what it holds) or the name of a shipped one
 (configs/sweeps/: recurrence_140m, the paper's grid; toy). `plan --commands` prints one
@@ -20,18 +21,13 @@ from __future__ import annotations
 
 import json
 
-from absl import flags
-
-from parcae_jax import cli, storage
-from parcae_jax.metrics import read_rows
-from parcae_jax.model_flags import fail
+from parcae_jax.runtime.run_dir import RunDir
+from parcae_jax import storage
+from parcae_jax.runtime.metrics import eval_key, read_rows
 from parcae_jax.science import provenance
-from parcae_jax.science.cli_flags import OUT_DIR
 from parcae_jax.science.grid import SweepError
 from parcae_jax.science.tables import write_csv
 
-_COMMANDS = flags.DEFINE_bool("commands", False, "plan: print one launcher command per point.")
-_ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "fit: fit the finished points, skipping the others.")
 ACTIONS = ("plan", "run", "status", "fit")
 RECORD = "sweep_point.json"  # in a point's workdir: the config `run` trained it with, and whether it diverged
 FINAL_UNEVALUATED = "final checkpoint, not evaluated"
@@ -62,7 +58,7 @@ def other_settings(point) -> str | None:
 
 def final_loss(point) -> float | None:
     """The point's validation loss at its mean recurrence, logged at its last step, or None."""
-    key = f"eval/loss_r{point.recurrence}"
+    key = eval_key("parcae", point.recurrence)
     done = [r for r in read_rows(point.workdir) if r.get("step") == point.steps and key in r]
     return float(done[-1][key]) if done else None
 
@@ -99,18 +95,25 @@ def _stale(points) -> None:
 def evaluate_final(point) -> float:
     """Evaluates a final checkpoint whose evaluation was not logged (e.g. a kill between the
     checkpoint and the metrics upload) and appends the row to its metrics.jsonl."""
-    from parcae_jax.train import evaluate_checkpoint
-    from parcae_jax.validate import validate
+    from parcae_jax.training.train import evaluate_checkpoint
+    from parcae_jax.training.validate import validate
 
     row = evaluate_checkpoint(point.config, point.workdir, validate(point.config))
     if row["step"] != point.steps:  # the final checkpoint could not be read: an older one was evaluated
         raise SweepError(f"point {point.name}: its final checkpoint {point.steps} cannot be restored (step "
                          f"{row['step']} was the newest readable); delete checkpoints/{point.steps} in {point.workdir} "
                          "and run again to train the last steps")
-    path = storage.resolve(point.workdir) / "metrics.jsonl"
+    path = RunDir(point.workdir).metrics
     text = _read(path) or ""
     path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(row) + "\n")
     return final_loss(point)
+
+
+def status(points: list) -> str:
+    """Each point's steps, state and final loss, as a Markdown table."""
+    return _table(["point", "steps", "state", "loss"],
+                  [[p.name, p.steps, state(p), f"{final_loss(p):.4f}" if final_loss(p) is not None else ""]
+                   for p in points])
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -118,14 +121,14 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def plan(sweep, points: list) -> str:
-    """The plan as a Markdown table (and, with --commands, one launcher line per point)."""
+def plan(sweep, points: list, commands: bool = False) -> str:
+    """The plan as a Markdown table (and, with `commands`, one launcher line per point)."""
     from parcae_jax.science import grid
 
     rows = [[p.name, f"{p.budget:.3g}", p.recurrence, p.backprop, f"{p.flops_per_token:.4g}", p.steps,
              f"{p.tokens:,}"] for p in points]
     out = _table(["point", "FLOPs", "recurrence", "backprop", "FLOPs/token", "steps", "tokens"], rows)
-    if _COMMANDS.value:
+    if commands:
         out += "\n\n" + "\n".join(grid.command(sweep, p) for p in points)
     return out
 
@@ -134,9 +137,9 @@ def run_all(points: list) -> None:
     """Trains every point that is not finished, in order; interrupted points resume, a final
     checkpoint without its evaluation is evaluated. Refuses (SweepError) before training
     anything when a workdir holds a run of other settings."""
-    from parcae_jax import compile_cache
-    from parcae_jax.train import NonFiniteRun, train
-    from parcae_jax.validate import validate
+    from parcae_jax.runtime import compile_cache
+    from parcae_jax.training.train import NonFiniteRun, train
+    from parcae_jax.training.validate import validate
 
     _stale(points)
     if points:  # as `main` does: a resumed sweep loads the steps it compiled before
@@ -195,35 +198,3 @@ def fit(sweep, points: list, out_dir: str | None = None, allow_missing: bool = F
     summary = {what: law.get("values", {}).get("a", law.get("error")) for what, law in analysis["laws"].items()}
     return {"points": len(rows), "exponents": summary, "paper": scaling.PAPER,
             "better": (analysis.get("comparison") or {}).get("better"), "out": str(out)}
-
-
-def main(argv) -> None:
-    """The sweep command: ACTION SWEEP (module docstring); bad input one line and exit 2."""
-    from parcae_jax.errors import one_line_errors
-    from parcae_jax.science import grid
-
-    if len(argv) != 3 or argv[1] not in ACTIONS:
-        fail(f"usage: python -m parcae_jax.science.sweep {{{'|'.join(ACTIONS)}}} SWEEP (a sweep file or a shipped "
-             "sweep's name)")
-    action, value = argv[1], argv[2]
-    with one_line_errors(grid.SweepError):
-        sweep = grid.load(value)
-        points = grid.points(sweep)
-        if action == "plan":
-            print(plan(sweep, points))
-        elif action == "status":
-            print(_table(["point", "steps", "state", "loss"],
-                         [[p.name, p.steps, state(p), f"{final_loss(p):.4f}" if final_loss(p) is not None else ""]
-                          for p in points]))
-        elif action == "run":
-            run_all(points)
-        else:
-            print(json.dumps(fit(sweep, points, OUT_DIR.value, _ALLOW_MISSING.value)))
-
-
-def run() -> None:
-    cli.run(main, __name__)
-
-
-if __name__ == "__main__":
-    run()

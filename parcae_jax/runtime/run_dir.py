@@ -1,0 +1,57 @@
+"""The layout of a training run's directory, local or gs://: the one place that names its files.
+
+    WORKDIR/
+      checkpoints/<step>/     orbax steps (runtime/checkpoint.py)
+      metrics.jsonl           one JSON row per logged step (runtime/metrics.py)
+      tensorboard/            TensorBoard events
+      logs/process_<i>.log    each process's start-up line, warnings and errors
+      profile/                profiler traces (config.profile)
+      lock                    one trainer per workdir (runtime/workdir_lock.py)
+      science/                what `recurrence_curve` writes unless told otherwise
+
+A gs:// run writes metrics, events, logs and traces to a local staging folder with the same
+layout and uploads them (storage.Mirror), so the names below are relative to either root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from etils import epath
+
+from parcae_jax import storage
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+LOGS = "logs"
+PROFILE = "profile"
+LOCK = "lock"
+SCIENCE = "science"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """A run's directory (`workdir`: a local path or gs://) and the paths in it."""
+
+    workdir: str
+
+    @property
+    def root(self) -> epath.Path:
+        return storage.resolve(self.workdir)
+
+    @property
+    def checkpoints(self) -> epath.Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def metrics(self) -> epath.Path:
+        return self.root / METRICS
+
+    @property
+    def lock(self) -> epath.Path:
+        return self.root / LOCK
+
+    @property
+    def science(self) -> str:
+        return f"{self.workdir.rstrip('/')}/{SCIENCE}"
