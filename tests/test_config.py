@@ -127,3 +127,26 @@ def test_dtype_fast_is_bf16_exactly_where_the_cpu_has_bf16_dot_instructions(tmp_
     assert (resolve_dtype("fast"), resolve_dtype("auto"), resolve_dtype("float16")) == (fast, "float32", "float16")
     assert ModelConfig.from_mapping({**TINY, "dtype": "fast"}).dtype == fast
     assert load("tiny").model.dtype == load("bench_cpu").model.dtype == "fast"
+
+
+def test_every_config_key_has_one_kind_for_resume_and_for_science():
+    """runtime/config_keys.py is the one table: each default key matches an entry, each entry
+    governs some key, and resume and the science provenance read their answers from it."""
+    from parcae_jax.runtime import config_keys, resume
+    from parcae_jax.science import provenance
+
+    keys = resume._flat(defaults.get_config().to_dict())
+    assert [k for k in keys if config_keys.entry(k) is None] == []
+    assert {config_keys.entry(k) for k in keys} == set(config_keys.KINDS)
+    saved = defaults.get_config().to_dict()
+    for key, kind in ((("model", "d_model"), config_keys.IDENTITY), (("optim", "lr"), config_keys.SCHEDULE),
+                      (("model", "loss_chunk"), config_keys.EXECUTION)):
+        now = defaults.get_config().to_dict()
+        now[key[0]][key[1]] = 7
+        refused = kind == config_keys.IDENTITY
+        if refused:
+            with pytest.raises(resume.ResumeRefused, match=".".join(key)):
+                resume.check(saved, now, 10, None)
+        else:
+            assert resume.check(saved, now, 10, None) is None
+        assert (provenance.differences(saved, now) is None) == (kind == config_keys.EXECUTION)

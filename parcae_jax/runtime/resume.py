@@ -2,10 +2,10 @@
 
 A workdir is one run. Resuming it with another seed would mix two depth and data streams;
 another batch size would re-read windows already trained on; another model shape or tokenizer
-cannot load at all, or means something else. Such changes are refused in one line naming each
-field (old -> new) and the flag that accepts it on purpose, `ckpt.allow_changes`. Cadences,
-step counts, the mesh, remat and the like change nothing the run means: they are allowed and
-logged. An accepted batch-size change resumes at the same place in the data: the sequences
+cannot load at all, or means something else. Such changes (config_keys.IDENTITY) are refused in
+one line naming each field (old -> new) and the flag that accepts it on purpose,
+`ckpt.allow_changes`. Learning rates, step counts, cadences, the mesh, remat and the like
+(SCHEDULE, EXECUTION) change nothing the run is: they are allowed and logged. An accepted batch-size change resumes at the same place in the data: the sequences
 already read are counted, and the loader starts at the first whole new batch after them.
 """
 
@@ -14,13 +14,7 @@ from __future__ import annotations
 from absl import logging
 
 from parcae_jax.errors import UserError
-
-# Keys whose change changes the run (prefixes end in "."); everything else is harmless.
-MEANING = ("seed", "model.", "train.batch_size", "optim.name", "data.source", "data.path", "data.tokenizer",
-           "data.eod_token", "data.tfds_name", "data.tfds_split", "data.text_field", "data.val_every",
-           "data.document_masking")
-# Model settings that change how, not what, is computed.
-HOW = ("model.remat_policy", "model.attention_impl", "model.dtype")
+from parcae_jax.runtime import config_keys
 
 
 class ResumeRefused(UserError, ValueError):
@@ -38,7 +32,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _meaningful(key: str) -> bool:
-    return key not in HOW and any(key == m or (m.endswith(".") and key.startswith(m)) for m in MEANING)
+    return config_keys.kind(key) == config_keys.IDENTITY
 
 
 def changes(saved: dict, now: dict) -> dict[str, tuple]:

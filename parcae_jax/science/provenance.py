@@ -3,33 +3,24 @@
 The science commands read finished runs back instead of training them again. That is only
 right when the run was trained with the same settings: a changed sweep file or base config
 must not silently reuse old results. A run's settings are those saved with its newest
-readable checkpoint; the settings that cannot change a result (HARMLESS) are ignored.
+readable checkpoint; the settings that cannot change a result (config_keys.EXECUTION) are ignored.
 """
 
 from __future__ import annotations
 
-from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax.errors import UserError
-from parcae_jax.runtime import resume
+from parcae_jax.runtime import config_keys, resume
+from parcae_jax.runtime.run_dir import RunDir
 
 
 class OtherSettings(UserError, ValueError):
     """A workdir holds a run of other settings (one line: the differences and the fix)."""
 
 
-# Prefixes (ending in ".") and keys whose value does not change a finished run's result.
-# Besides resume.HOW (how, not what, the model computes): cadences, storage, the mesh, the
-# microbatch split and the loss's chunking, which change memory and speed, not the result.
-HARMLESS = resume.HOW + ("ckpt.", "profile.", "wandb.", "bench.", "dist.", "mesh.", "compilation_cache_dir",
-                         "train.log_every", "train.eval_every", "train.eval_recurrences", "train.microbatches",
-                         "data.cache_dir", "data.num_workers", "data.prefetch", "data.read_threads",
-                         "data.tfds_data_dir", "model.block_remat", "model.loss_chunk")
-
-
 def differences(saved: dict, config: dict) -> str | None:
     """'key old -> new, ...' over the settings that change a result, or None when they agree."""
     changed = resume.changes(saved, config)
-    differ = [k for k in changed if not any(k == h or (h.endswith(".") and k.startswith(h)) for h in HARMLESS)]
+    differ = [k for k in changed if config_keys.kind(k) != config_keys.EXECUTION]
     more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
     return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in differ[:4]) + more if differ else None
 
