@@ -26,7 +26,8 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_test_time_reproduces_the_runs_own_evaluations_and_writes_its_files(run, tmp_path):
     workdir, config, _, _ = run
-    out = science("recurrence_curve", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}", f"--out_dir={tmp_path}")
+    out = science("recurrence_curve", f"--checkpoint={workdir}", f"--dtype={config.model.dtype}",
+                  f"--out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "test_time.json").read_text())
     logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]

@@ -27,7 +27,7 @@ from parcae_jax.infer.generator import CACHE_BUCKET, Generator, _round_up
 from parcae_jax.model import build, init_params
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.layout import block_specs
-from parcae_jax.training.describe import block_forward_flops
+from parcae_jax.training.describe import block_forward_flops, injection_flops, state_readout_flops
 
 
 def decode_flops(cfg: ModelConfig, recurrence: int, cache_len: int) -> dict[str, float]:
@@ -40,8 +40,7 @@ def decode_flops(cfg: ModelConfig, recurrence: int, cache_len: int) -> dict[str,
         attention += times * 4 * cache_len * s.n_heads * s.head_dim
     weights += 2 * cfg.d_model * cfg.padded_vocab_size
     if cfg.arch != "gpt":
-        inj = {"diagonal": 2 * cfg.d_model * cfg.d_rec, "linear": 2 * (cfg.d_rec + cfg.d_model) * cfg.d_rec, "add": 0}
-        weights += recurrence * inj[cfg.injection] + 2 * cfg.d_rec * cfg.d_model
+        weights += recurrence * injection_flops(cfg) + state_readout_flops(cfg)
     return {"weights": weights, "attention": attention}
 
 
@@ -76,7 +75,7 @@ def bench_decode(cfg: ModelConfig, prompt_lens=(64, 1024), batches=(1, 8), new_t
     longest = max(prompt_lens) + new_tokens
     cfg = cfg.replace(block_size=max(cfg.block_size, longest))  # the rope has no table to outgrow
     params = jax.jit(lambda k: nn.unbox(init_params(build(cfg), k)))(jax.random.key(0))
-    R = cfg.mean_recurrence if recurrence is None else recurrence
+    R = cfg.recurrence_or_mean(recurrence)
     gen = Generator(cfg, params, recurrence=R, dtype=dtype)
     cfg = gen.cfg
     rng = np.random.default_rng(0)

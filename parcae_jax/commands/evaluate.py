@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
     build_tasks(tasks, manager)
     cfg, params, tokenizer, seed = trained_model.load()
-    recurrences = recurrences or [cfg.mean_recurrence]
+    recurrences = recurrences or [cfg.recurrence_or_mean(None)]
     if cfg.arch == "gpt" and len(recurrences) > 1:
         recurrences = recurrences[:1]  # a GPT has no loop: one column
     result = evaluate(cfg, params, tokenizer, tasks, recurrences, batch_size=_BATCH.value, seed=seed,

@@ -79,7 +79,7 @@ class Generator:
         dtype = inference_dtype(dtype)
         cfg = cfg if dtype is None else cfg.replace(dtype=dtype)
         self.cfg, self.params = cfg, params
-        self.recurrence = cfg.mean_recurrence if recurrence is None else recurrence
+        self.recurrence = cfg.recurrence_or_mean(recurrence)
         self._plan = functools.partial(decode.Plan, cfg, self.recurrence, strategy,
                                        exit_rule=exit_rule, exit_threshold=exit_threshold)
         plan = self._plan(max_len=1)  # checks strategy, exit rule and recurrence now, before any compile

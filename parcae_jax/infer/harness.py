@@ -56,7 +56,7 @@ class HarnessLM(TemplateLM):
                  batch_size: int = 16, seed: int = 0, max_gen_toks: int = 256):
         super().__init__()
         self.cfg, self.params, self.tokenizer_ = cfg, params, tokenizer
-        self.recurrence = cfg.mean_recurrence if recurrence is None else recurrence
+        self.recurrence = cfg.recurrence_or_mean(recurrence)
         self.batch_size, self.seed, self.max_gen_toks = batch_size, seed, max_gen_toks
         self._x0 = evaluation_state(cfg, seed, cfg.block_size)
         self._generator = Generator(cfg, params, recurrence=self.recurrence, dtype=cfg.dtype)

@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from parcae_jax.runtime.run_dir import CHECKPOINTS, RunDir
 from parcae_jax import model as M
 from parcae_jax import storage
 from parcae_jax.interop.convert import load_reference, save_reference
 from parcae_jax.interop.reference_config import ConversionError
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.runtime.checkpoint import Checkpointer
+from parcae_jax.runtime.run_dir import CHECKPOINTS, RunDir
 from parcae_jax.training.step import TrainState
 
 

@@ -128,6 +128,11 @@ class ModelConfig:
         """scaled-zero std of the main-width modules: sqrt(2 / (5 d))."""
         return math.sqrt(2.0 / (5.0 * self.d_model))
 
+    def recurrence_or_mean(self, recurrence: int | None) -> int:
+        """The recurrence to run at when scoring or generating: `recurrence` if given, else the
+        mean the model was trained around."""
+        return self.mean_recurrence if recurrence is None else recurrence
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return validate(dataclasses.replace(self, **changes))
 

@@ -5,8 +5,9 @@ another batch size would re-read windows already trained on; another model shape
 cannot load at all, or means something else. Such changes (config_keys.IDENTITY) are refused in
 one line naming each field (old -> new) and the flag that accepts it on purpose,
 `ckpt.allow_changes`. Learning rates, step counts, cadences, the mesh, remat and the like
-(SCHEDULE, EXECUTION) change nothing the run is: they are allowed and logged. An accepted batch-size change resumes at the same place in the data: the sequences
-already read are counted, and the loader starts at the first whole new batch after them.
+(SCHEDULE, EXECUTION) change nothing the run is: they are allowed and logged. An accepted
+batch-size change resumes at the same place in the data: the sequences already read are
+counted, and the loader starts at the first whole new batch after them.
 """
 
 from __future__ import annotations

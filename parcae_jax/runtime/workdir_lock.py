@@ -34,7 +34,6 @@ from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax.storage import StorageError, is_remote
 
 
-
 class WorkdirBusy(StorageError):
     """Another trainer holds the workdir (one line: who, since when, and what to do)."""
 

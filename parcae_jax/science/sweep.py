@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 
-from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax import storage
 from parcae_jax.runtime.metrics import eval_key, read_rows
+from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax.science import provenance
 from parcae_jax.science.grid import SweepError
 from parcae_jax.science.tables import write_csv

@@ -61,6 +61,18 @@ def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
     return seq_len * (n + 1) / (2 * n)
 
 
+def injection_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of one injection: e @ B for the diagonal (the elementwise decay
+    is not counted), [x, e] @ W for the linear one, nothing for the additive one."""
+    r, d = cfg.d_rec, cfg.d_model
+    return {"diagonal": 2 * d * r, "linear": 2 * (r + d) * r, "add": 0}[cfg.injection]
+
+
+def state_readout_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of C, the state's projection to the coda's width."""
+    return 2 * cfg.d_rec * cfg.d_model
+
+
 def block_forward_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> float:
     W, H, G, D, d_mlp = spec.width, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_mlp
     projections = 2 * W * (H + 2 * G) * D + 2 * H * D * W
@@ -87,10 +99,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
         out["forward_flops_per_token"] = outside
         out["remat_recompute_flops_per_token"] = _block_recompute(cfg, T)
         return out
-    r, d = cfg.d_rec, cfg.d_model
-    outside += 2 * r * d  # C
-    injection = {"diagonal": 2 * d * r, "linear": 2 * (r + d) * r, "add": 0}[cfg.injection]
-    iteration = injection + sum(block_forward_flops(s, cfg, T) for s in specs if s.segment == "core")
+    outside += state_readout_flops(cfg)  # C
+    iteration = injection_flops(cfg) + sum(block_forward_flops(s, cfg, T) for s in specs if s.segment == "core")
     n = max(cfg.mean_recurrence - cfg.mean_backprop_depth, 0)
     k = min(cfg.mean_recurrence, cfg.mean_backprop_depth)
     out["flops_per_token"] = 3 * outside + iteration * (n + 3 * k)

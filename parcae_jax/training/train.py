@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from parcae_jax.runtime.run_dir import PROFILE, RunDir
 from parcae_jax import storage
 from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
@@ -26,6 +25,7 @@ from parcae_jax.runtime.checkpoint import Checkpointer, CheckpointError, abstrac
 from parcae_jax.runtime.metrics import MetricsWriter, ProcessLog, check_outputs, eval_key, peak_flops, slow_hosts
 from parcae_jax.runtime.preemption import Interrupted, Preemption
 from parcae_jax.runtime.profile import Profiler
+from parcae_jax.runtime.run_dir import PROFILE, RunDir
 from parcae_jax.runtime.workdir_lock import WorkdirBusy, WorkdirLock
 from parcae_jax.training import sharding
 from parcae_jax.training.describe import flops_per_token
@@ -39,7 +39,7 @@ class Trainer:
 
     def __init__(self, config, run: Run, devices=None):
         self.config, self.run = config, run
-        self.mesh = sharding.make_mesh(config.mesh.shape, devices)
+        self.mesh = sharding.make_mesh(run.mesh_shape, devices)  # validated once, by validate()
         self.model = build(run.model)
         self.tx, self.lrs = make_optimizer(config.optim, config.train.steps)
         with self.context():
