@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from parcae_jax.runtime import run_dir
 from tests.conftest import ONE_DEVICE_ENV, ROOT, XLA_CACHE
 from tests.helpers import science
 from tests.test_train import SMALL, small_config
@@ -200,7 +201,7 @@ def test_a_workdir_trained_with_other_settings_is_refused_not_reused(trained_poi
         out = science("sweep", f"--action={action}", f"--sweep={other}")
         assert out.returncode == 2 and "was trained with other settings (optim.lr" in out.stderr, out.stderr[-2000:]
         assert out.stderr.count("\n") == 1
-    record = os.path.join(point.workdir, sweep.RECORD)
+    record = os.path.join(point.workdir, run_dir.SWEEP_POINT)
     saved = open(record).read()
     os.remove(record)  # as a point trained by a launcher: the checkpoint's config is checked
     try:
@@ -243,6 +244,6 @@ def test_a_point_marked_diverged_by_an_earlier_version_stays_diverged(tmp_path):
     file = write_sweep(tmp_path / "s.py", tmp_path / "root", (1, 2), (_budget_for(3, 2),))
     first, second = grid.points(grid.load(str(file)))
     os.makedirs(first.workdir)
-    with open(os.path.join(first.workdir, sweep.RECORD), "w") as f:
+    with open(os.path.join(first.workdir, run_dir.SWEEP_POINT), "w") as f:
         json.dump({"status": "diverged", "error": "3 steps in a row were skipped"}, f)
     assert sweep.state(first) == "diverged" and sweep.state(second) == "not started"

@@ -14,13 +14,13 @@ test_time.csv and test_time.png to --out_dir (default RUN/science).
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 
 from parcae_jax.commands import cli, trained_model
 from parcae_jax.commands.science_flags import OUT_DIR
 from parcae_jax.commands.trained_model import DTYPE, SEED, STEP, TOKENIZER
+from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax.science.recurrence_curve import OFFICIAL_EVAL, measure
 
 _RECURRENCES = trained_model.recurrences_flag("1 .. 2 x mean_recurrence")
@@ -36,7 +36,7 @@ _DATA_PATH = flags.DEFINE_string("data_path", None, "A prepared corpus (commands
 def main(argv: list[str]) -> None:
     cli.no_arguments(argv)
     checkpoint = trained_model.checkpoint()
-    result, paths = measure(checkpoint, OUT_DIR.value or os.path.join(checkpoint, "science"), step=STEP.value,
+    result, paths = measure(checkpoint, OUT_DIR.value or RunDir(checkpoint).science, step=STEP.value,
                             recurrences=trained_model.recurrence_list(_RECURRENCES), val_batches=_VAL_BATCHES.value,
                             val_batch_size=_VAL_BATCH.value, data_path=_DATA_PATH.value, tokenizer=TOKENIZER.value,
                             dtype=DTYPE.value, seed=SEED.value)

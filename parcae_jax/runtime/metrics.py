@@ -59,6 +59,14 @@ def read_rows(workdir: str) -> list[dict]:
     return [json.loads(line) for line in _kept_lines(path.read_text(), math.inf)] if path.exists() else []
 
 
+def append_row(workdir: str, row: dict) -> None:
+    """Adds one row to WORKDIR/metrics.jsonl (local or gs://) outside a run: an evaluation made
+    after training ended. Not for a live run, whose MetricsWriter owns the file."""
+    path = RunDir(workdir).metrics
+    text = path.read_text() if path.exists() else ""
+    path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(row) + "\n")
+
+
 def _kept_lines(text: str, resume_step: int) -> list[str]:
     """The rows of a metrics.jsonl up to resume_step, one per step (the last written wins), in
     step order. A torn last line (a crash mid-write) is dropped; any other line that is not a

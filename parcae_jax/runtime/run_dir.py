@@ -8,6 +8,8 @@
       profile/                profiler traces (config.profile)
       lock                    one trainer per workdir (runtime/workdir_lock.py)
       science/                what `recurrence_curve` writes unless told otherwise
+      sweep_point.json        a sweep point's settings and whether it diverged (science/sweep.py)
+      stability_run.json      a stability run's settings and loss series (science/stability.py)
 
 A gs:// run writes metrics, events, logs and traces to a local staging folder with the same
 layout and uploads them (storage.Mirror), so the names below are relative to either root.
@@ -28,6 +30,8 @@ LOGS = "logs"
 PROFILE = "profile"
 LOCK = "lock"
 SCIENCE = "science"
+SWEEP_POINT = "sweep_point.json"
+STABILITY_RUN = "stability_run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,14 @@ class RunDir:
     @property
     def lock(self) -> epath.Path:
         return self.root / LOCK
+
+    @property
+    def sweep_point(self) -> epath.Path:
+        return self.root / SWEEP_POINT
+
+    @property
+    def stability_run(self) -> epath.Path:
+        return self.root / STABILITY_RUN
 
     @property
     def science(self) -> str:

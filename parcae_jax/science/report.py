@@ -26,6 +26,8 @@ import os
 import platform
 import time
 
+from parcae_jax.runtime.run_dir import RunDir
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -195,7 +197,7 @@ def report(preset_name: str, out_dir: str) -> dict:
 
     stages["fit"] = timed("sweep", fresh, run_sweep)
     runs = [f"{v}_x{m:g}" for v in preset.stability_variants for m in preset.stability_multipliers]
-    fresh = not all((folder / "stability" / "runs" / r / stability.RESULT).exists() for r in runs)
+    fresh = not all(RunDir(str(folder / "stability" / "runs" / r)).stability_run.exists() for r in runs)
     stages["stability"] = timed("stability", fresh, lambda: stability.experiment(
         _base(sweep_config), f"{out_dir}/stability", variants=list(preset.stability_variants),
         multipliers=list(preset.stability_multipliers), steps=preset.stability_steps))

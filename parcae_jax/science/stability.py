@@ -27,6 +27,7 @@ import math
 import statistics
 
 from parcae_jax.errors import UserError
+from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax.science.tables import write_csv
 
 VARIANTS = {  # name -> model overrides
@@ -37,7 +38,6 @@ VARIANTS = {  # name -> model overrides
 }
 DEFAULT_STEPS = 150
 STATE_BOUND, SPIKE_NATS = 1e3, 0.5
-RESULT = "stability_run.json"
 
 
 class StabilityError(UserError, ValueError):
@@ -87,10 +87,9 @@ def summary(record: dict, bound: float, spike_nats: float) -> dict:
 def _finished(config, workdir: str) -> dict | None:
     """The stored record of a run finished with `config`, None if there is none; StabilityError
     if the folder holds a run of other settings (never mixed, never overwritten)."""
-    from parcae_jax import storage
     from parcae_jax.science import provenance
 
-    path = storage.resolve(workdir) / RESULT
+    path = RunDir(workdir).stability_run
     record = json.loads(path.read_text()) if path.exists() else None
     saved = (record or {}).get("config") or provenance.saved_config(workdir)
     differ = provenance.differences(saved, config.to_dict()) if saved is not None else None
@@ -108,12 +107,10 @@ def _finished(config, workdir: str) -> dict | None:
 def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
     """Trains one run, or reads it back when it finished with this config, and returns its
     summary and series (marks recomputed, so changed thresholds need no training)."""
-    from parcae_jax import storage
     from parcae_jax.runtime.metrics import read_rows
     from parcae_jax.training.train import NonFiniteRun, train
     from parcae_jax.training.validate import validate
 
-    directory = storage.resolve(workdir)
     record = _finished(config, workdir)
     if record is None:
         stopped = None
@@ -125,7 +122,7 @@ def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
         keep = ("step", "loss", "state_norm", "rho", "skipped")
         series = [{k: (float(r[k]) if k != "step" else r[k]) for k in keep if k in r} for r in rows if "loss" in r]
         record = {"config": config.to_dict(), "stopped": stopped, "series": series}
-        (directory / RESULT).write_text(json.dumps(record))
+        RunDir(workdir).stability_run.write_text(json.dumps(record))
     return summary(record, bound, spike_nats)
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 
 from parcae_jax import storage
-from parcae_jax.runtime.metrics import eval_key, read_rows
+from parcae_jax.runtime.metrics import append_row, eval_key, read_rows
 from parcae_jax.runtime.run_dir import RunDir
 from parcae_jax.science import provenance
 from parcae_jax.science.grid import SweepError
 from parcae_jax.science.tables import write_csv
 
 ACTIONS = ("plan", "run", "status", "fit")
-RECORD = "sweep_point.json"  # in a point's workdir: the config `run` trained it with, and whether it diverged
 FINAL_UNEVALUATED = "final checkpoint, not evaluated"
 
 
@@ -38,13 +37,14 @@ def _read(path) -> str | None:
 
 
 def _record(point) -> dict | None:
-    text = _read(storage.resolve(point.workdir) / RECORD)
+    text = _read(RunDir(point.workdir).sweep_point)  # the config `run` trained it with; did it diverge
     return json.loads(text) if text else None
 
 
 def _write_record(point, diverged: str | None = None) -> None:
-    directory = storage.make_dir(point.workdir)
-    (directory / RECORD).write_text(json.dumps({"config": point.config.to_dict(), "diverged": diverged}))
+    storage.make_dir(point.workdir)
+    record = {"config": point.config.to_dict(), "diverged": diverged}
+    RunDir(point.workdir).sweep_point.write_text(json.dumps(record))
 
 
 def other_settings(point) -> str | None:
@@ -103,9 +103,7 @@ def evaluate_final(point) -> float:
         raise SweepError(f"point {point.name}: its final checkpoint {point.steps} cannot be restored (step "
                          f"{row['step']} was the newest readable); delete checkpoints/{point.steps} in {point.workdir} "
                          "and run again to train the last steps")
-    path = RunDir(point.workdir).metrics
-    text = _read(path) or ""
-    path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(row) + "\n")
+    append_row(point.workdir, row)
     return final_loss(point)
 
 
