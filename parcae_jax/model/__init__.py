@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -18,7 +20,7 @@ from parcae_jax.model.config import ConfigError, ModelConfig
 from parcae_jax.model.gpt import GPT
 from parcae_jax.model.parcae import Parcae
 
-__all__ = ["ConfigError", "GPT", "ModelConfig", "Parcae", "build", "init_params", "param_shapes"]
+__all__ = ["ConfigError", "GPT", "ModelConfig", "Parcae", "build", "init_params", "param_counts", "param_shapes"]
 
 
 def build(model_config: ModelConfig | Mapping[str, Any]) -> nn.Module:
@@ -43,3 +45,22 @@ def param_shapes(cfg: ModelConfig) -> Any:
 @functools.lru_cache(maxsize=16)
 def _traced_param_shapes(cfg: ModelConfig) -> Any:
     return jax.eval_shape(lambda: nn.unbox(init_params(build(cfg), jax.random.key(0))))
+
+
+def _group(path: tuple[str, ...]) -> str:
+    """A parameter's segment: embed, value_embeds, prelude, injection, core, C, coda, blocks (GPT), ln_f, ..."""
+    top = path[0]
+    if top == "core":
+        return "injection" if path[1] == "injection" else "core"
+    for prefix in ("prelude", "coda", "block"):
+        if top.startswith(prefix + "_"):
+            return "blocks" if prefix == "block" else prefix
+    return top
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Unique parameters by group (a tied head is the embedding, counted once)."""
+    counts: dict[str, int] = collections.Counter()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(cfg)):
+        counts[_group(tuple(str(getattr(k, "key", k)) for k in path))] += math.prod(leaf.shape)
+    return dict(counts)

@@ -17,35 +17,13 @@ each gradient iteration is reported apart.
 
 from __future__ import annotations
 
-import collections
-import math
 from typing import Any
 
-import jax
-
-from parcae_jax.model import param_shapes
+from parcae_jax.model import param_counts
 from parcae_jax.model.attention import query_chunks
 from parcae_jax.model.attention_kernels import resolve_impl, splash_block
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.layout import BlockSpec, block_specs
-
-
-def _group(path: tuple[str, ...]) -> str:
-    top = path[0]
-    if top == "core":
-        return "injection" if path[1] == "injection" else "core"
-    for prefix in ("prelude", "coda", "block"):
-        if top.startswith(prefix + "_"):
-            return "blocks" if prefix == "block" else prefix
-    return top
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Unique parameters by group (a tied head is the embedding, counted once)."""
-    counts: dict[str, int] = collections.Counter()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(cfg)):
-        counts[_group(tuple(str(getattr(k, "key", k)) for k in path))] += math.prod(leaf.shape)
-    return dict(counts)
 
 
 def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
