@@ -41,6 +41,8 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_
     assert {"matmul", "elementwise", "collective"} <= set(b["kinds"])  # 8 fake devices: the gradient all-reduce
     assert b["unattributed_ms_per_step"] < 0.01 * b["thread_ms_per_step"]
     assert math.isclose(sum(k["share"] for k in b["kinds"].values()), 1.0)
+    assert b["matmul_share"] == b["kinds"]["matmul"]["share"]
+    assert math.isclose(b["non_matmul_ms_per_step"], b["thread_ms_per_step"] - b["kinds"]["matmul"]["ms_per_step"])
     assert 0 < b["busy_ms_per_step"] <= b["thread_ms_per_step"] * 1.0001
     assert b["top_ops"] and all(op["kind"] in {*b["kinds"], "unattributed"} for op in b["top_ops"])
 

@@ -111,7 +111,9 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
 
 def summarise(events: list[dict], kinds: dict[str, tuple[str, int]], steps: int, top: int = 8) -> dict:
     """Per kind: ms per step (thread time), share of the attributed time, matmul FLOPs and
-    GFLOP/s; the time of operations the HLO does not name; the busiest operations."""
+    GFLOP/s; the matmul share and the thread time of everything else at the top level (where
+    the floor is once the matmuls are fast); the time of operations the HLO does not name; the
+    busiest operations."""
     ms = collections.defaultdict(float)
     flops = collections.defaultdict(float)
     per_op = collections.defaultdict(float)
@@ -130,6 +132,7 @@ def summarise(events: list[dict], kinds: dict[str, tuple[str, int]], steps: int,
     unattributed = ms.pop("unattributed", 0.0)
     total = sum(ms.values()) or float("nan")
     out = {"busy_ms_per_step": _busy(spans) / 1e3 / steps, "thread_ms_per_step": total,
+           "matmul_share": ms.get("matmul", 0.0) / total, "non_matmul_ms_per_step": total - ms.get("matmul", 0.0),
            "unattributed_ms_per_step": unattributed, "kinds": {}}
     for kind in sorted(ms, key=ms.get, reverse=True):
         row = {"ms_per_step": ms[kind], "share": ms[kind] / total}
