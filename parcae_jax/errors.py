@@ -7,6 +7,9 @@ derive their errors from it, so this module imports nothing."""
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 
 class UserError(Exception):
     """Bad input or a fixable environment; the message's first line names the problem and the fix."""
@@ -21,3 +24,10 @@ class UsageError(UserError, ValueError):
 def first_line(e: BaseException) -> str:
     """An exception's first line, or its type's name when it has no message."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def moved(command: str) -> NoReturn:
+    """For a library module run as `python -m` by an older habit: its command now lives in the
+    command layer, and running the library would do nothing and exit 0."""
+    print(f"error: this module is a library now; run python -m {command} (--help lists its flags)", file=sys.stderr)
+    sys.exit(2)

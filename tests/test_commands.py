@@ -56,8 +56,8 @@ COMMANDS = {
 }
 
 
-def run(module: str, args: list[str]):
-    return run_module(module, args, cwd=ROOT, timeout=120)
+def run(module: str, args: list[str], cwd=ROOT):
+    return run_module(module, args, cwd=cwd, timeout=120)
 
 
 def test_the_table_holds_every_command():
@@ -83,8 +83,20 @@ def test_a_wrong_type_and_a_bad_value_are_one_line_and_exit_2(module, tmp_path):
     _, wrong_type, bad_value, says = COMMANDS[module]
     cases = [(bad_value, says), (wrong_type, wrong_type.split("=")[0])]
     for args, message in cases:
-        out = run(module, args.format(tmp=tmp_path).split())
+        out = run(module, args.format(tmp=tmp_path).split(), cwd=tmp_path)  # a relative write would land here
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr[-2000:])
         assert message in lines[0], (args, lines[0])
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("old,new", [("parcae_jax.data.prepare", "commands.prepare"),
+                                     ("parcae_jax.data.tokenizer", "commands.train_tokenizer"),
+                                     ("parcae_jax.science.sweep", "commands.sweep"),
+                                     ("parcae_jax.bench.data", "commands.bench_data")])
+def test_an_old_command_line_says_where_the_command_went(old, new, tmp_path):
+    """The library modules that used to be commands: exit 2 and the new name, never a silent 0."""
+    out = run(old, ["--input=x", "--output=y", "plan", "toy"], cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == (f"error: this module is a library now; run python -m "
+                                                          f"parcae_jax.{new} (--help lists its flags)")
+    assert list(tmp_path.iterdir()) == []

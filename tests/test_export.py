@@ -1,4 +1,4 @@
-"""A trained run written out in the official format and read back: `convert export`."""
+"""A trained run written out in the official format and read back: `commands.export`."""
 
 import os
 

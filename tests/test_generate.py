@@ -102,12 +102,14 @@ def test_gpt_decoding_with_the_cache_equals_the_full_forward(gpt):
 
 
 # Settings the fixture does not have: grouped-query attention, no qk-norm, an untied head
-# over a padded vocabulary, no value embeddings, core heads of another width; and a Parcae
-# with neither prelude nor coda.
+# over a padded vocabulary, no value embeddings, core heads of another width; a Parcae with
+# neither prelude nor coda; the additive injection, which has no parameters (decoding once
+# looked them up by name and failed on it).
 VARIANTS = {
     "gqa-untied": dict(vocab_size=250, n_kv_heads=2, qk_norm=False, tie_embeddings=False, value_embeds=False,
                        n_rec_heads=2),
     "core-only": dict(n_prelude=0, n_coda=0),
+    "add-injection": dict(injection="add"),
 }
 
 
@@ -121,7 +123,7 @@ def _variant(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,batch,prompt", [("gqa-untied", 1, 1), ("core-only", 2, 5)])
+@pytest.mark.parametrize("name,batch,prompt", [("gqa-untied", 1, 1), ("core-only", 2, 5), ("add-injection", 1, 3)])
 def test_decoding_other_shapes_equals_the_full_forward(name, batch, prompt):
     cfg, params = _variant(name)
     ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, 12), 0, cfg.vocab_size), np.int32)

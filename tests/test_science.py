@@ -92,6 +92,15 @@ def test_one_checkpoint_gives_one_loss_through_every_door(run, tmp_path):
 
     assert by_test_time == pytest.approx(by_mode_eval, abs=2e-6)
     assert by_harness == pytest.approx(by_mode_eval, abs=2e-6)
+    # generation takes the same states, by each row's own position (a row padded by 3 starts later)
+    from parcae_jax.infer.generator import initial_states
+    from parcae_jax.model.recurrence import evaluation_state
+
+    T = len(rows[0]) - 1
+    states = np.asarray(initial_states(seed, np.array([0, 3]), T, cfg))
+    drawn = np.asarray(evaluation_state(cfg, seed, T))
+    np.testing.assert_array_equal(states[0], drawn[0])
+    np.testing.assert_array_equal(states[1, 3:], drawn[0, :T - 3])
 
 
 def test_a_gpt_curve_is_one_flat_point(tmp_path):

@@ -78,3 +78,9 @@ def measure(batch: int, loader_batches: int) -> dict:
     result["loader_over_step_ratio"] = max(result["loader_tokens_per_s_0_workers"],
                                            result["loader_tokens_per_s_2_workers"]) / result["tiny_step_tokens_per_sec"]
     return result
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.bench_data")

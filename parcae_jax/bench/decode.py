@@ -49,8 +49,8 @@ def decode_bytes(cfg: ModelConfig, recurrence: int, cache_len: int, batch: int) 
     reused across iterations) and, per layer application, the keys and values of its slot for
     the whole batch. With a few tokens per step, decoding is bound by these reads, not FLOPs."""
     unique = sum(block_forward_flops(s, cfg, 0) / 2 for s in block_specs(cfg)) + cfg.d_model * cfg.padded_vocab_size
-    if cfg.arch != "gpt":
-        unique += 2 * cfg.d_rec * cfg.d_model
+    if cfg.arch != "gpt":  # the injection's and C's weights: half their FLOPs per token
+        unique += (injection_flops(cfg) + state_readout_flops(cfg)) / 2
     item = np.dtype(jnp.dtype(cfg.compute_dtype)).itemsize
     cache = sum((recurrence if s.segment == "core" else 1) * 2 * batch * s.n_kv_heads * cache_len * s.head_dim * item
                 for s in block_specs(cfg))

@@ -98,3 +98,9 @@ def extend(path: Path, targets: list[str], configs: list[str]) -> list[dict]:
             path.write_text(json.dumps(points, indent=1) + "\n")
             print(json.dumps(points[-1]), flush=True)
     return points
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.memory_table")

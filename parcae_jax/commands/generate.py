@@ -72,6 +72,9 @@ def _bench() -> None:
         lens, batches = [int(v) for v in _BENCH_PROMPTS.value], [int(v) for v in _BENCH_BATCHES.value]
     except ValueError:
         raise UsageError("--bench_prompt_lens and --bench_batches take comma-separated integers") from None
+    if min(lens + batches, default=0) < 1:
+        raise UsageError(f"--bench_prompt_lens={','.join(map(str, lens))} and --bench_batches="
+                         f"{','.join(map(str, batches))}: every value must be >= 1")
     print(json.dumps(bench_decode(cfg, lens, batches, recurrence=_RECURRENCE.value, dtype=DTYPE.value), indent=1))
 
 

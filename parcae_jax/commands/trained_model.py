@@ -27,8 +27,9 @@ def recurrences_flag(default_help: str) -> flags.FlagHolder:
 
 
 def recurrence_list(holder: flags.FlagHolder) -> list[int] | None:
-    """The recurrences given, as positive integers (None when the flag was not given)."""
-    if holder.value is None:
+    """The recurrences given, as positive integers (None when the flag was not given or empty:
+    the command's default)."""
+    if not holder.value:
         return None
     try:
         values = [int(r) for r in holder.value]

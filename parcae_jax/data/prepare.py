@@ -256,3 +256,9 @@ def _remove_preparation(output: str) -> None:
     for name in os.listdir(output):
         if name.endswith((".arrayrecord", ".lengths.npy", ".tmp")) or name in ("plan.json", "manifest.json"):
             os.remove(os.path.join(output, name))
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.prepare")

@@ -131,3 +131,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 32768) -> HFTokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok)
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.train_tokenizer")

@@ -118,7 +118,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
     """Logits [B, T, V] (float32) of T new tokens at positions cache.length .., the cache with
     their keys and values written, and depth_B (iterations each row ran on its last token).
 
-    x0_BxTxR: the initial recurrent state of these tokens (Parcae; recurrence.draw_initial_state).
+    x0_BxTxR: the initial recurrent state of these tokens (Parcae; generator.initial_states draws them).
     adaptive: apply the plan's exit rule (a decode step of one token: T must be 1).
 
     Every piece is one of the model's own segments, applied to the whole parameter tree (a

@@ -205,7 +205,7 @@ class Checkpointer:
         `restore`. A checkpoint that cannot be read (truncated or garbage files, a missing item,
         an empty folder) is reported in one line and, with set_aside, moved to
         `checkpoints_unreadable/` beside the checkpoints (never deleted); then the one before it
-        is tried. Readers of a run (generate, export, test_time) pass `read(step, saved_config)`
+        is tried. Readers of a run (generate, export, recurrence_curve) pass `read(step, saved_config)`
         to restore what they need, set_aside=False, and `only` for a step the user named."""
         steps = sorted(self.manager.all_steps(), reverse=True) if only is None else [only]
         aside = self._aside_dir()

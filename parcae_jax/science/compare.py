@@ -86,3 +86,9 @@ def compare(config, out_dir: str) -> dict:
     write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in results))
     plots.compare(results, str(out / "compare.png"))
     return report
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.compare")

@@ -205,3 +205,9 @@ def report(preset_name: str, out_dir: str) -> dict:
     (folder / "README.md").write_text(markdown(preset_name, stages, times, verdict))
     (folder / "report.json").write_text(json.dumps({"times_s": times, "verdicts": verdict}, indent=1))
     return verdict
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.report")

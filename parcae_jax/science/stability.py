@@ -153,3 +153,9 @@ def experiment(base, out_dir: str, *, variants: list[str], multipliers: list[flo
                 s.get("skipped", "")] for r in runs for s in r["series"]))
     plots.stability(runs, str(out / "stability.png"))
     return report
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.stability")

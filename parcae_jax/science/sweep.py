@@ -173,11 +173,11 @@ def table(points: list, allow_missing: bool) -> list[dict]:
         rows.append({"point": p.name, "budget": p.budget, "recurrence": p.recurrence, "backprop": p.backprop,
                      "flops_per_token": p.flops_per_token, "steps": p.steps, "tokens": p.tokens, "loss": loss})
     if not rows:
-        raise SweepError(f"no point has a final evaluation yet (e.g. {points[0].workdir}); run `sweep run` first")
+        raise SweepError(f"no point has a final evaluation yet (e.g. {points[0].workdir}); run `--action=run` first")
     if missing and not allow_missing:
         p = missing[0]
         raise SweepError(f"point {p.name} has no evaluation at its final step {p.steps} in {p.workdir} ({state(p)}); "
-                         f"run `sweep run` or pass --allow_missing to fit the {len(rows)} finished points")
+                         f"run `--action=run` or pass --allow_missing to fit the {len(rows)} finished points")
     return rows
 
 
@@ -196,3 +196,9 @@ def fit(sweep, points: list, out_dir: str | None = None, allow_missing: bool = F
     summary = {what: law.get("values", {}).get("a", law.get("error")) for what, law in analysis["laws"].items()}
     return {"points": len(rows), "exponents": summary, "paper": scaling.PAPER,
             "better": (analysis.get("comparison") or {}).get("better"), "out": str(out)}
+
+
+if __name__ == "__main__":  # an old command line: say where the command went instead of doing nothing
+    from parcae_jax.errors import moved
+
+    moved("parcae_jax.commands.sweep")

@@ -113,7 +113,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
 def make_eval_step(model: nn.Module, *, seed: int, document_masking: bool = False) -> Callable:
     """(params, batch, R) -> (loss sum, real tokens); R is traced: one compile for every R.
     x0 is recurrence.evaluation_state: every evaluation of the same weights gives the same loss,
-    and so do test_time and the lm-eval adapter."""
+    and so do recurrence_curve and the lm-eval adapter."""
     cfg: ModelConfig = model.cfg
 
     def eval_step(params, batch: dict, recurrence) -> tuple[jax.Array, jax.Array]:
