@@ -124,6 +124,8 @@ def test_the_command_prints_a_table_and_writes_the_scores_the_reference_loop_giv
     assert f"| task | metric | R=1 | R={R} |" in done.stdout and "| parcae_sample_mc | acc |" in done.stdout
     saved = json.loads(out.read_text())
     assert saved["recurrences"] == [1, R] and set(saved["scores"]["parcae_sample_mc"]) == {"1", str(R)}
+    speed = saved["scoring_tokens_per_s"]  # the adapter's throughput at each R (issue 27)
+    assert set(speed) == {"1", str(R)} and all(v > 0 for v in speed.values())
     cfg, params = parcae
     docs = [json.loads(line) for line in (FIXTURES / "eval" / "sample_mc.jsonl").read_text().splitlines()]
     for r in (1, R):

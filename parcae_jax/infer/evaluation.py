@@ -104,7 +104,8 @@ def table(scores: dict[str, dict[int, dict[str, float]]], recurrences: list[int]
 def evaluate(cfg, params, tokenizer, tasks: list, recurrences: list[int], *, batch_size: int = 16, seed: int = 0,
              limit: int | None = None, num_fewshot: int | None = None, manager=None) -> dict:
     """Every task at every recurrence: {"recurrences", "scores": {task: {R: {metric: value}}},
-    "lm_eval": {R: lm-eval's results}}. tasks: lm-eval names or local_task dicts; manager: an
+    "scoring_tokens_per_s": {R: tokens through the scored forward per second, compiles
+    included}, "lm_eval": {R: lm-eval's results}}. tasks: lm-eval names or local_task dicts; manager: an
     lm-eval TaskManager (indexing its registry takes seconds: pass the one build_tasks used)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -114,11 +115,13 @@ def evaluate(cfg, params, tokenizer, tasks: list, recurrences: list[int], *, bat
     manager = manager or TaskManager()
     scores: dict = {}
     raw: dict = {}
+    speed: dict = {}
     for r in recurrences:
         lm = HarnessLM(cfg, params, tokenizer, recurrence=r, batch_size=batch_size, seed=seed)
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=False)
         raw[r] = out["results"]
+        speed[r] = lm.scored_tokens / lm.scoring_seconds if lm.scoring_seconds else None
         for task, res in out["results"].items():
             scores.setdefault(task, {})[r] = headline(res)
-    return {"recurrences": recurrences, "scores": scores, "lm_eval": raw}
+    return {"recurrences": recurrences, "scores": scores, "scoring_tokens_per_s": speed, "lm_eval": raw}

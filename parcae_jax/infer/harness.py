@@ -18,6 +18,7 @@ settings (greedy unless the task asks to sample) and cuts each at its first stop
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ class HarnessLM(TemplateLM):
         self.recurrence = cfg.recurrence_or_mean(recurrence)
         self.batch_size, self.seed, self.max_gen_toks = batch_size, seed, max_gen_toks
         self._x0 = evaluation_state(cfg, seed, cfg.block_size)
+        self.scored_tokens, self.scoring_seconds = 0, 0.0  # what score_tokens ran, for tokens/s
         self._generator = Generator(cfg, params, recurrence=self.recurrence, dtype=cfg.dtype)
 
     @property
@@ -78,6 +80,7 @@ class HarnessLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         score = _scorer(self.cfg)
+        start = time.perf_counter()
         for first in range(0, len(order), self.batch_size):
             chunk = order[first:first + self.batch_size]
             T = min(-(-len(rows[chunk[0]][0]) // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
@@ -92,6 +95,8 @@ class HarnessLM(TemplateLM):
                 n = len(rows[i][0])
                 k = min(rows[i][2], n)  # a continuation longer than the block: the part that fits
                 out[i] = (float(logp[b, n - k:n].sum()), bool(greedy[b, n - k:n].all()))
+        self.scoring_seconds += time.perf_counter() - start  # compiles included: what a user waits for
+        self.scored_tokens += sum(len(r[0]) for r in rows)
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
