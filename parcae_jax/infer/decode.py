@@ -45,8 +45,8 @@ from parcae_jax.infer.cache_slots import check_strategy, slot_table
 from parcae_jax.model import build
 from parcae_jax.model.attention import KVSlots, cache_mask, ropes
 from parcae_jax.model.config import ModelConfig
-from parcae_jax.model.layout import block_specs
-from parcae_jax.model.recurrence import core_specs
+from parcae_jax.model.layout import CORE, block_specs, segment_specs
+from parcae_jax.model.recurrence import core_ves
 
 EXIT_RULES = ("none", "delta", "kl")
 
@@ -102,7 +102,7 @@ def init_cache(plan: Plan, pad_B) -> Cache:
     """An empty cache for len(pad_B) rows, in the compute dtype."""
     cfg, B, S = plan.cfg, len(pad_B), plan.max_len
     dtype = jnp.dtype(cfg.compute_dtype)
-    core = core_specs(cfg)
+    core = segment_specs(cfg, CORE)
     main = [s for s in block_specs(cfg) if s not in core]
     zeros = lambda s, n: tuple(jnp.zeros((B * s.n_kv_heads, S, s.head_dim), dtype) for _ in range(n))  # noqa: E731
     n_core_slots = 0 if plan.is_gpt else int(plan.core_slots().max()) + 1
@@ -139,12 +139,12 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
         return logits, cache._replace(main_k=main.k, main_v=main.v, length=start + T), jnp.zeros((B,), jnp.int32)
 
     e, main = segment("run_prelude", h, rope, ves, None, main)
-    core_ves = segment("core_ves", ves)
+    ves_core = core_ves(cfg, ves)
     slots = plan.core_slots()
 
     def iteration(x, core: KVSlots, r: int):
         """One pass of the core: (state, slots, the (k, v) each layer wrote)."""
-        return segment("iterate", x, e, rope_core, core_ves, None, core, tuple(int(i) for i in slots[r]))
+        return segment("iterate", x, e, rope_core, ves_core, None, core, tuple(int(i) for i in slots[r]))
 
     def head(x, main: KVSlots):
         return segment("run_coda", x, table, rope, ves, None, None, main)

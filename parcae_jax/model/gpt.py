@@ -18,7 +18,7 @@ class GPT(nn.Module):
     (or, given `targets_BxT`, the per-token loss and mask as Parcae does).
 
     Segments (shared with generation, as Parcae's): `embed_tokens` and `run_body` (the
-    blocks, the final norm and the head).
+    blocks, the final norm and the head; it returns (output, kv), as Parcae's run_coda).
 
     Unlike the official GPT, whose eval path skips `logit_scale` and whose training
     head skips the softcap, both are applied here as configured (published configs use
@@ -42,16 +42,15 @@ class GPT(nn.Module):
 
     def run_body(self, h_BxTxD, table, rope: Rope, ves: dict, segment_ids_BxT=None, targets_BxT=None,
                  kv: KVSlots | None = None):
-        """The blocks, final norm and head; with `kv`, (logits, kv): layer i in slot i."""
+        """The blocks, final norm and head: (logits, or with targets loss and mask; kv): layer i
+        in slot i."""
         specs = block_specs(self.cfg)
-        out = run_blocks(self.block, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
-        h, kv = (out, None) if kv is None else out[:2]
-        logits = self.lm_head(self.ln_f(h), table, targets_BxT)
-        return logits if kv is None else (logits, kv)
+        h, kv, _ = run_blocks(self.block, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
+        return self.lm_head(self.ln_f(h), table, targets_BxT), kv
 
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
                  segment_ids_BxT=None, positions=None, targets_BxT=None):
         del recurrence, initial_state, num_steps
         rope, _ = ropes(self.cfg, np.arange(input_ids_BxT.shape[1]) if positions is None else positions)
         h, table, ves = self.embed_tokens(input_ids_BxT)
-        return self.run_body(h, table, rope, ves, segment_ids_BxT, targets_BxT)
+        return self.run_body(h, table, rope, ves, segment_ids_BxT, targets_BxT)[0]

@@ -89,9 +89,9 @@ def block_class(cfg: ModelConfig) -> type[Block]:
 
 def run_blocks(blocks, specs, h_BxTxW, rope: Rope, ves: dict, segment_ids_BxT=None,
                kv: KVSlots | None = None, slots=()):
-    """h through `blocks` in order, block i reading value embedding ves[specs[i].table] where it
-    applies. With `kv` (generation) block i reads and writes slot slots[i]; returns (h, kv, the
-    (k, v) each block wrote), else h."""
+    """(h through `blocks` in order, kv, the (k, v) each block wrote). Block i reads value
+    embedding ves[specs[i].table] where it applies; with `kv` (generation) it reads and writes
+    slot slots[i] (without, kv stays None and nothing is written)."""
     written = []
     for i, (blk, s) in enumerate(zip(blocks, specs)):
         ve = ves[s.table] if s.applies_ve else None
@@ -101,4 +101,4 @@ def run_blocks(blocks, specs, h_BxTxW, rope: Rope, ves: dict, segment_ids_BxT=No
             h_BxTxW, new = blk(h_BxTxW, rope, ve, None, kv.view(slots[i]))
             kv = kv.write(slots[i], new)
             written.append(new)
-    return h_BxTxW if kv is None else (h_BxTxW, kv, tuple(written))
+    return h_BxTxW, kv, tuple(written)

@@ -22,6 +22,9 @@ def has_ve(index: int, n: int) -> bool:
     return index % 2 == (n - 1) % 2
 
 
+PRELUDE, CORE, CODA = "prelude", "core", "coda"  # a Parcae's segments, in stack order
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
     segment: str  # "prelude" | "core" | "coda" | "gpt"
@@ -62,15 +65,20 @@ def block_specs(cfg: ModelConfig) -> list[BlockSpec]:
     coda_first_id = cfg.n_prelude + cfg.n_core * cfg.mean_recurrence
     specs = []
     for segment, count, first_table, first_id, dims in (
-        ("prelude", cfg.n_prelude, 0, 0, main),
-        ("core", cfg.n_core, cfg.n_prelude, cfg.n_prelude, core),
-        ("coda", cfg.n_coda, cfg.n_prelude + cfg.n_core, coda_first_id, main),
+        (PRELUDE, cfg.n_prelude, 0, 0, main),
+        (CORE, cfg.n_core, cfg.n_prelude, cfg.n_prelude, core),
+        (CODA, cfg.n_coda, cfg.n_prelude + cfg.n_core, coda_first_id, main),
     ):
         for i in range(count):
             k = first_table + i
             table = str(k) if use and has_ve(k, n_eff) else None
             specs.append(BlockSpec(segment, i, table=table, gate=use and has_ve(first_id + i, n_gate), **dims))
     return specs
+
+
+def segment_specs(cfg: ModelConfig, segment: str) -> list[BlockSpec]:
+    """The blocks of one segment (PRELUDE, CORE, CODA), in order."""
+    return [s for s in block_specs(cfg) if s.segment == segment]
 
 
 def table_widths(cfg: ModelConfig) -> dict[str, int]:

@@ -3,8 +3,8 @@
 The forward is built from segments, methods that training (`__call__`) and generation
 (infer/decode) both call, so the architecture is written once: `embed_tokens`,
 `run_prelude`, `iterate` (one loop iteration, recurrence.CoreStep) and `run_coda` (C, the
-coda, the final norm and the head). Given `kv` (generation's cache slots) a segment reads
-and writes them and returns them too.
+coda, the final norm and the head). `run_prelude` and `run_coda` return (output, kv): given
+`kv` (generation's cache slots) they read and write them, else kv stays None.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds, embed_ids
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.layers import RMSNorm, block_class, run_blocks
-from parcae_jax.model.layout import block_specs
-from parcae_jax.model.recurrence import CoreStep, core_specs, recur
+from parcae_jax.model.layout import CODA, PRELUDE, segment_specs
+from parcae_jax.model.recurrence import CoreStep, core_ves, recur
 
 
 class Parcae(nn.Module):
@@ -44,15 +44,14 @@ class Parcae(nn.Module):
     def setup(self):
         cfg = self.cfg
         block = block_class(cfg)
-        specs = block_specs(cfg)
         self.embed = TokenEmbed(cfg)
         self.value_embeds = ValueEmbeds(cfg)
-        self.prelude = [block(s, cfg) for s in specs if s.segment == "prelude"]  # prelude_0, ...
+        self.prelude = [block(s, cfg) for s in segment_specs(cfg, PRELUDE)]  # prelude_0, ...
         self.ln_prelude = RMSNorm(cfg.norm_eps) if cfg.prelude_norm else None
         self.core = CoreStep(cfg)
         self.C = matmul.Dense(cfg.d_model, dtype=cfg.compute_dtype, kernel_init=nn.with_logical_partitioning(
             matrix_init(cfg.init_std, cfg.init_orthogonal), ("state", "embed")))
-        self.coda = [block(s, cfg) for s in specs if s.segment == "coda"]  # coda_0, ...
+        self.coda = [block(s, cfg) for s in segment_specs(cfg, CODA)]  # coda_0, ...
         self.ln_f = RMSNorm(cfg.norm_eps)
         self.lm_head = LMHead(cfg)
 
@@ -61,32 +60,24 @@ class Parcae(nn.Module):
         return embed_ids(self.embed, self.value_embeds, self.cfg, ids_BxT)
 
     def run_prelude(self, h_BxTxD, rope: Rope, ves: dict, segment_ids_BxT=None, kv: KVSlots | None = None):
-        """e, the injected prelude output; with `kv`, (e, kv): prelude layer i in main slot i."""
-        specs = [s for s in block_specs(self.cfg) if s.segment == "prelude"]
-        out = run_blocks(self.prelude, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
-        h, kv = (out, None) if kv is None else out[:2]
-        e = self.ln_prelude(h) if self.ln_prelude is not None else h
-        return e if kv is None else (e, kv)
+        """(e, the injected prelude output; kv): prelude layer i in main slot i."""
+        specs = segment_specs(self.cfg, PRELUDE)
+        h, kv, _ = run_blocks(self.prelude, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
+        return (self.ln_prelude(h) if self.ln_prelude is not None else h), kv
 
     def iterate(self, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_BxT=None, kv: KVSlots | None = None,
                 slots: tuple[int, ...] = ()):
-        """One loop iteration (recurrence.CoreStep); `ves` as core_ves gives them."""
+        """One loop iteration (recurrence.CoreStep); `ves` as recurrence.core_ves gives them."""
         return self.core(x_BxTxR, e_BxTxD, rope, ves, segment_ids_BxT, kv, slots)
-
-    def core_ves(self, ves: dict) -> dict:
-        """The value embeddings the core reads (the loop carries no others)."""
-        return {s.table: ves[s.table] for s in core_specs(self.cfg) if s.applies_ve}
 
     def run_coda(self, x_BxTxR, table, rope: Rope, ves: dict, segment_ids_BxT=None, targets_BxT=None,
                  kv: KVSlots | None = None):
-        """C, the coda, the final norm and the head: logits (or with targets, loss and mask);
-        with `kv`, (logits, kv): coda layer c in main slot n_prelude + c."""
-        specs = [s for s in block_specs(self.cfg) if s.segment == "coda"]
+        """C, the coda, the final norm and the head: (logits, or with targets loss and mask; kv):
+        coda layer c in main slot n_prelude + c."""
+        specs = segment_specs(self.cfg, CODA)
         slots = range(self.cfg.n_prelude, self.cfg.n_prelude + len(specs))
-        out = run_blocks(self.coda, specs, self.C(x_BxTxR), rope, ves, segment_ids_BxT, kv, slots)
-        y, kv = (out, None) if kv is None else out[:2]
-        logits = self.lm_head(self.ln_f(y), table, targets_BxT)
-        return logits if kv is None else (logits, kv)
+        y, kv, _ = run_blocks(self.coda, specs, self.C(x_BxTxR), rope, ves, segment_ids_BxT, kv, slots)
+        return self.lm_head(self.ln_f(y), table, targets_BxT), kv
 
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
                  segment_ids_BxT=None, positions=None, targets_BxT=None):
@@ -94,7 +85,7 @@ class Parcae(nn.Module):
         B, T = input_ids_BxT.shape
         rope_main, rope_core = ropes(cfg, np.arange(T) if positions is None else positions)
         h, table, ves = self.embed_tokens(input_ids_BxT)
-        e = self.run_prelude(h, rope_main, ves, segment_ids_BxT)
+        e, _ = self.run_prelude(h, rope_main, ves, segment_ids_BxT)
         self.sow("intermediates", "prelude_out", e)
 
         if initial_state is None:
@@ -107,12 +98,12 @@ class Parcae(nn.Module):
         self.sow("intermediates", "n_steps", n_B)
         self.sow("intermediates", "k_steps", k_B)
 
-        core_ves = self.core_ves(ves)
+        ves_core = core_ves(cfg, ves)
         if self.is_initializing():  # create the shared core weights before the lifted loops read them
-            self.core(x, e, rope_core, core_ves, segment_ids_BxT)
-        x = recur(self.core, x, e, rope_core, core_ves, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
+            self.core(x, e, rope_core, ves_core, segment_ids_BxT)
+        x = recur(self.core, x, e, rope_core, ves_core, segment_ids_BxT, n_B, k_B, grad_steps, cfg.remat_policy)
         self.sow("intermediates", "state", x)
-        return self.run_coda(x, table, rope_main, ves, segment_ids_BxT, targets_BxT)
+        return self.run_coda(x, table, rope_main, ves, segment_ids_BxT, targets_BxT)[0]
 
     def _schedule(self, B: int, recurrence, num_steps):
         cfg = self.cfg

@@ -22,7 +22,7 @@ from parcae_jax.model.attention import KVSlots, Rope
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.injection import Injection
 from parcae_jax.model.layers import Block, run_blocks
-from parcae_jax.model.layout import block_specs
+from parcae_jax.model.layout import CORE, segment_specs
 
 
 def sample_depths(key: jax.Array, batch_size: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -106,14 +106,15 @@ class CoreStep(nn.Module):
     def __call__(self, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_BxT=None,
                  kv: KVSlots | None = None, slots: tuple[int, ...] = ()):
         u = Injection(self.cfg, name="injection")(x_BxTxR, e_BxTxD)
-        specs = core_specs(self.cfg)
+        specs = segment_specs(self.cfg, CORE)
         blocks = [Block(spec, self.cfg, name=f"block_{j}") for j, spec in enumerate(specs)]
-        return run_blocks(blocks, specs, u, rope, ves, segment_ids_BxT, kv, slots)
+        u, kv, written = run_blocks(blocks, specs, u, rope, ves, segment_ids_BxT, kv, slots)
+        return u if kv is None else (u, kv, written)
 
 
-def core_specs(cfg: ModelConfig) -> list:
-    """The core's blocks, in order."""
-    return [s for s in block_specs(cfg) if s.segment == "core"]
+def core_ves(cfg: ModelConfig, ves: dict) -> dict:
+    """The value embeddings the core reads, of all of them by table (the loop carries no others)."""
+    return {s.table: ves[s.table] for s in segment_specs(cfg, CORE) if s.applies_ve}
 
 
 def _stop_gradient_tree(tree):

@@ -34,6 +34,11 @@ SWEEP_POINT = "sweep_point.json"
 STABILITY_RUN = "stability_run.json"
 
 
+def _entry(name: str) -> property:
+    """WORKDIR/name as an epath.Path."""
+    return property(lambda self: self.root / name, doc=f"WORKDIR/{name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """A run's directory (`workdir`: a local path or gs://) and the paths in it."""
@@ -44,25 +49,11 @@ class RunDir:
     def root(self) -> epath.Path:
         return storage.resolve(self.workdir)
 
-    @property
-    def checkpoints(self) -> epath.Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def metrics(self) -> epath.Path:
-        return self.root / METRICS
-
-    @property
-    def lock(self) -> epath.Path:
-        return self.root / LOCK
-
-    @property
-    def sweep_point(self) -> epath.Path:
-        return self.root / SWEEP_POINT
-
-    @property
-    def stability_run(self) -> epath.Path:
-        return self.root / STABILITY_RUN
+    checkpoints = _entry(CHECKPOINTS)
+    metrics = _entry(METRICS)
+    lock = _entry(LOCK)
+    sweep_point = _entry(SWEEP_POINT)
+    stability_run = _entry(STABILITY_RUN)
 
     @property
     def science(self) -> str:
