@@ -68,9 +68,9 @@ def test_gpt_greedy_generation_matches_the_official_code(gpt):
 
 def _decode_every_prefix(cfg, params, ids, x0, plan, prompt=8):
     """Logits of prefill(ids[:, :prompt]) then one decode call per later token: [B, T, V]."""
-    f = jax.jit(lambda p, i, c, x: decode.forward(plan, p, i, c, x))
+    f = jax.jit(lambda p, i, c, x, fresh=False: decode.forward(plan, p, i, c, x, fresh=fresh), static_argnums=4)
     cache = decode.init_cache(plan, np.zeros(ids.shape[0], np.int32))
-    logits, cache, _ = f(params, ids[:, :prompt], cache, None if x0 is None else x0[:, :prompt])
+    logits, cache, _ = f(params, ids[:, :prompt], cache, None if x0 is None else x0[:, :prompt], True)
     rows = [logits]
     for t in range(prompt, ids.shape[1]):
         logits, cache, _ = f(params, ids[:, t:t + 1], cache, None if x0 is None else x0[:, t:t + 1])

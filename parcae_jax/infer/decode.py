@@ -114,12 +114,14 @@ def init_cache(plan: Plan, pad_B) -> Cache:
 
 
 def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR: jax.Array | None = None,
-            adaptive: bool = False):
+            adaptive: bool = False, fresh: bool = False):
     """Logits [B, T, V] (float32) of T new tokens at positions cache.length .., the cache with
     their keys and values written, and depth_B (iterations each row ran on its last token).
 
     x0_BxTxR: the initial recurrent state of these tokens (Parcae; generator.initial_states draws them).
     adaptive: apply the plan's exit rule (a decode step of one token: T must be 1).
+    fresh: `cache` is init_cache's, empty (a prefill): attention then reads only the T new
+    tokens, skipping masked blocks, instead of every slot position.
 
     Every piece is one of the model's own segments, applied to the whole parameter tree (a
     separate `apply` each, so that adaptive exit can put iterations under `lax.cond`).
@@ -131,7 +133,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
     start, S = cache.length, plan.max_len
     mask = cache_mask(start, T, S, cache.pad_B)
     rope, rope_core = ropes(cfg, start + jnp.arange(T)[None, :] - cache.pad_B[:, None])
-    main = KVSlots(cache.main_k, cache.main_v, start, mask)
+    main = KVSlots(cache.main_k, cache.main_v, start, mask, fresh)
     h, table, ves = segment("embed_tokens", ids_BxT)
 
     if plan.is_gpt:
@@ -150,7 +152,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
         return segment("run_coda", x, table, rope, ves, None, None, main)
 
     x = (jnp.zeros((B, T, cfg.d_rec), jnp.float32) if x0_BxTxR is None else x0_BxTxR).astype(jnp.float32)
-    core = KVSlots(cache.core_k, cache.core_v, start, mask)
+    core = KVSlots(cache.core_k, cache.core_v, start, mask, fresh)
     if adaptive and plan.exit_rule != "none":
         if T != 1:
             raise AssertionError(f"adaptive exit decodes one token at a time, got {T}")

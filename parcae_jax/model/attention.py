@@ -30,12 +30,14 @@ class CacheView(NamedTuple):
     any reshape of the written slot (a size-1 batch dimension dropped included) made XLA:CPU
     duplicate the in-place write and copy the whole slot twice per layer. The call writes its
     T new keys at positions start .. start + T - 1 and attends over the whole slot under
-    `mask` [B, 1, 1, T, S] (cache_mask)."""
+    `mask` [B, 1, 1, T, S] (cache_mask). `fresh`: the slot is empty and start is 0 (a prefill),
+    so the new tokens read only one another and attention skips the masked blocks."""
 
     k: jax.Array
     v: jax.Array
     start: jax.Array | int
     mask: jax.Array
+    fresh: bool = False
 
 
 class KVSlots(NamedTuple):
@@ -47,9 +49,10 @@ class KVSlots(NamedTuple):
     v: tuple[jax.Array, ...]
     start: jax.Array | int
     mask: jax.Array
+    fresh: bool = False  # see CacheView
 
     def view(self, slot: int) -> CacheView:
-        return CacheView(self.k[slot], self.v[slot], self.start, self.mask)
+        return CacheView(self.k[slot], self.v[slot], self.start, self.mask, self.fresh)
 
     def write(self, slot: int, kv: tuple[jax.Array, jax.Array]) -> KVSlots:
         put = lambda t, a: t[:slot] + (a,) + t[slot + 1:]  # noqa: E731
@@ -150,8 +153,7 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     q and k are RMS-normalised, so |q.k| / sqrt(D) <= sqrt(D) and exp cannot overflow; the
     max subtraction (an extra pass over the scores) is then skipped.
     """
-    B, T, H, D = q_BxTxHxD.shape
-    G = k_BxTxGxD.shape[2]
+    _, T, _, D = q_BxTxHxD.shape
     impl = attention_kernels.resolve_impl(impl, dtype, D, T, segment_ids_BxT is not None)
     emulate = attention_kernels.emulating()  # tests on CPU: the same wrappers, runnable anywhere
     if impl == "cudnn":
@@ -160,10 +162,17 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     if impl == "splash":
         return attention_kernels.splash_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype,
                                                   interpret=emulate)
+    return causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, attention_mask(T, segment_ids_BxT), bounded, dtype)
+
+
+def causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, mask, bounded: bool, dtype) -> jax.Array:
+    """Softmax attention of T queries over the same T positions under a causal `mask`
+    [B or 1, 1, 1, T, T], skipping the blocks the mask removes: query chunk c reads keys only up
+    to its own end (T=256 in two chunks: 25% fewer score and value FLOPs, ~30% less attention
+    time on CPU; a 1024-token prefill in eight: 44% fewer). Returns float32 [B, T, H, D]."""
+    B, T, H, D = q_BxTxHxD.shape
+    G = k_BxTxGxD.shape[2]
     q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, H // G, D)
-    mask = attention_mask(T, segment_ids_BxT)
-    # Causal block skipping: query chunk c only reads keys up to its own end (T=256 in two
-    # chunks: 25% fewer score and value FLOPs, ~30% less attention time on CPU).
     n = query_chunks(T)
     c = T // n
     outs = []
@@ -185,6 +194,8 @@ def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded:
     k_all, v_all = (jax.lax.dynamic_update_slice(
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
+    if cache.fresh:  # every key this call reads is its own: attend among the new tokens
+        return causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache.mask[..., :T], bounded, dtype), (k_all, v_all)
     S, R = k_all.shape[1], H // G
     q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, R, D).transpose(0, 2, 3, 1, 4).reshape(B * G, R * T, D)
     s_NxQxS = matmul.einsum("nqd,nsd->nqs", q, k_all, dtype)
