@@ -40,7 +40,7 @@ COMMANDS = {
                                               "bench", "bench_config", "bench_prompt_lens", "bench_batches"},
                                      "--max_new_tokens=abc", "--prompt=a --top_p=0", "top_p must be in (0, 1]"),
     "parcae_jax.commands.evaluate": (MODEL | {"recurrences", "tasks", "limit", "num_fewshot", "eval_batch_size",
-                                              "output"},
+                                              "output", "bench", "bench_config"},
                                      "--limit=x", "--tasks=t --recurrences=0", "give positive integers"),
     "parcae_jax.commands.recurrence_curve": (MODEL | {"recurrences", "val_batches", "val_batch_size", "data_path",
                                                       "out_dir"},

@@ -16,8 +16,6 @@ predict (attention over the cache is the only term of either that grows with the
 
 from __future__ import annotations
 
-import platform
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,20 +55,12 @@ def decode_bytes(cfg: ModelConfig, recurrence: int, cache_len: int, batch: int) 
     return {"weights": 4 * unique, "cache": cache}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor())
-    except OSError:
-        return platform.processor()
-
 
 def bench_decode(cfg: ModelConfig, prompt_lens=(64, 1024), batches=(1, 8), new_tokens: int = 32,
                  recurrence: int | None = None, repeats: int = 3, dtype: str | None = None) -> dict:
     """One JSON-ready dict: the points, the roofs and the machine. dtype: as Generator's
     (default float32 on CPU, the config's on accelerators)."""
-    from parcae_jax.bench.roof import measure_roof, memory_bytes_per_sec
+    from parcae_jax.bench.roof import cpu_name, measure_roof, memory_bytes_per_sec
 
     longest = max(prompt_lens) + new_tokens
     cfg = cfg.replace(block_size=max(cfg.block_size, longest))  # the rope has no table to outgrow
@@ -110,5 +100,5 @@ def bench_decode(cfg: ModelConfig, prompt_lens=(64, 1024), batches=(1, 8), new_t
     return {"what": "decode", "arch": cfg.arch, "recurrence": R, "dtype": cfg.compute_dtype, "new_tokens": new_tokens,
             "d_model": cfg.d_model,
             "layers": [cfg.n_prelude, cfg.n_core, cfg.n_coda] if cfg.arch != "gpt" else cfg.n_layers,
-            "points": points, "cost_ratio_long_vs_short": ratios, "cpu": _cpu_name(),
+            "points": points, "cost_ratio_long_vs_short": ratios, "cpu": cpu_name(),
             "backend": jax.default_backend(), "roof_memory_bytes_per_sec": memory, **measure_roof()}

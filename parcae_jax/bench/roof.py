@@ -9,6 +9,7 @@ square matmul large enough to saturate the device.
 
 from __future__ import annotations
 
+import platform
 import time
 
 import jax
@@ -24,6 +25,16 @@ PUBLISHED_BF16_PEAKS = (
     ("A100", 312e12), ("L4", 121e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
     ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v4", 275e12),
 )
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (/proc/cpuinfo), to name the machine beside every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def published_bf16_peak(device_kind: str) -> float | None:

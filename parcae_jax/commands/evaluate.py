@@ -10,6 +10,11 @@ each recurrence (infer/harness.py: log-likelihoods batched by length through the
 forward, generation through the cached decoder). Prints one table, metric by task and
 recurrence, and writes it with lm-eval's full results to --output. Computes in float32 on
 CPU unless --dtype. Bad input is one line on stderr and exit code 2.
+
+    python -m parcae_jax.commands.evaluate --bench [--bench_config=bench_cpu] [--dtype=bfloat16]
+
+times the adapter's rolling log-likelihood of 64 synthetic documents with random weights,
+batched against one call per document, and prints one JSON object (bench/harness.py).
 """
 
 from __future__ import annotations
@@ -30,10 +35,14 @@ _LIMIT = flags.DEFINE_integer("limit", None, "At most this many documents per ta
 _FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: the task's).", lower_bound=0)
 _BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Scored sequences per forward.", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", None, "Write the table and lm-eval's results here (JSON).")
+_BENCH = flags.DEFINE_bool("bench", False, "Benchmark the rolling log-likelihood (bench/harness.py) instead.")
+_BENCH_CONFIG = flags.DEFINE_string("bench_config", "bench_cpu", "--bench: a shipped config's name.")
 
 
 def main(argv: list[str]) -> None:
     cli.no_arguments(argv)
+    if _BENCH.value:
+        return _bench()
     if not _TASKS.value:
         raise UsageError("pass --tasks=NAME_OR_YAML[,...]")
     recurrences = trained_model.recurrence_list(_RECURRENCES)
@@ -59,6 +68,19 @@ def main(argv: list[str]) -> None:
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1, default=str)
         os.replace(tmp, _OUTPUT.value)  # whole or not at all
+
+
+def _bench() -> None:
+    from parcae_jax.bench.harness import bench_rolling
+    from parcae_jax.model.config import ModelConfig, inference_dtype
+    from parcae_jax.training.defaults import load_shipped, shipped_config
+
+    if shipped_config(_BENCH_CONFIG.value) is None:
+        raise UsageError(f"--bench_config={_BENCH_CONFIG.value}: not a shipped config (tiny, bench_cpu, 140m, ...)")
+    cfg = ModelConfig.from_mapping(load_shipped(_BENCH_CONFIG.value).model)
+    cfg = cfg.replace(dtype=inference_dtype(trained_model.DTYPE.value) or cfg.dtype)
+    recurrences = trained_model.recurrence_list(_RECURRENCES) or [None]
+    print(json.dumps(bench_rolling(cfg, recurrence=recurrences[0], batch_size=_BATCH.value), indent=1))
 
 
 def _check_writable(path: str) -> None:
