@@ -104,7 +104,8 @@ def test_compile_only_estimate_equals_the_real_compiled_steps_temp_bytes():
     trainer = Trainer(config, run)
     with trainer.context():
         state = trainer.fresh_state()
-        real = trainer.train_step.lower(state, batch(trainer, T=run.model.seq_len)).compile().memory_analysis()
+        lowered = trainer.train_step.lower(state, batch(trainer, T=run.model.seq_len), trainer.schedule)
+        real = lowered.compile().memory_analysis()
     assert estimate["device_count"] == jax.device_count() == 8
     assert estimate["temp_bytes"] == real.temp_size_in_bytes
     assert estimate["argument_bytes"] == real.argument_size_in_bytes

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from parcae_jax.training import defaults
-from parcae_jax.training.optim import lr_factor, make_optimizer, muon_labels
+from parcae_jax.training.optim import lr_factor, make_optimizer, muon_labels, schedule_values
 
 COEFFS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
           (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -69,7 +69,8 @@ def test_muon_adamw_matches_numpy_for_several_steps(dtype, monkeypatch):
     optim = defaults.get_config().optim
     optim.muon_dtype = dtype
     steps_total = 100
-    tx, lrs = make_optimizer(optim, steps_total)
+    tx, lrs = make_optimizer(optim)
+    hp = schedule_values(optim, steps_total)
     rng = np.random.default_rng(0)
     shapes = {("blk", "mlp", "fc", "kernel"): (16, 64),  # official [64, 16]: tall, lr x 2, per-row statistics
               ("blk", "attn", "o", "kernel"): (2, 8, 16),  # [16, 16]: square
@@ -89,14 +90,14 @@ def test_muon_adamw_matches_numpy_for_several_steps(dtype, monkeypatch):
     state = tx.init(params)
     ref = {p: {"P": None, "M": None, "V": None} for p in shapes}
     get = lambda tree, path: tree[path[0]] if len(path) == 1 else get(tree[path[0]], path[1:])  # noqa: E731
-    update = jax.jit(lambda g, s, p, step: tx.update(g, s, p, step=step))
+    update = jax.jit(lambda g, s, p, step: tx.update(g, s, p, step=step, schedule=hp))
     for step in range(4):
         grads = jax.tree.map(lambda w: rng.normal(size=w.shape).astype(np.float32), params)
         updates, state = update(grads, state, params, step)
         new = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
         mu = 0.85 + min(step / 300, 1) * (0.95 - 0.85)
         wd = 0.2 * max(0.0, 1 - step / steps_total)
-        lr = float(lrs["lr"](step))
+        lr = float(lrs["lr"](step, hp))
         for path in shapes:
             p0, g = get(params, path), get(grads, path)
             r = ref[path]
@@ -105,7 +106,7 @@ def test_muon_adamw_matches_numpy_for_several_steps(dtype, monkeypatch):
                 r["M"] = np.zeros_like(P) if r["M"] is None else r["M"]
                 r["V"] = (np.zeros((P.shape[0], 1) if P.shape[0] >= P.shape[1] else (1, P.shape[1]), np.float32)
                           if r["V"] is None else r["V"])
-                want, r["M"], r["V"] = np_muon(P, G, r["M"], r["V"], mu, float(lrs["muon_lr"](step)), wd)
+                want, r["M"], r["V"] = np_muon(P, G, r["M"], r["V"], mu, float(lrs["muon_lr"](step, hp)), wd)
                 got = torch_view(path, get(new, path))
                 delta_want, delta_got = want - P, got - P
                 if dtype == "float32":
@@ -132,7 +133,7 @@ def labels_of(labels, path):
 def test_schedules(schedule):
     optim = defaults.get_config().optim
     optim.update(schedule=schedule, warmup_steps=10, cooldown_fraction=0.5, min_lr_ratio=0.1)
-    f = lambda s: float(lr_factor(optim, 100)(s))  # noqa: E731
+    f = lambda s: float(lr_factor(optim)(s, 100))  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     if schedule == "trapezoid":  # official: flat until max_steps - cooldown, then linear to the floor
         assert f(50) == pytest.approx(1.0) and f(75) == pytest.approx(0.1 + 0.9 * 0.5) and f(100) == pytest.approx(0.1)
@@ -144,5 +145,5 @@ def test_schedules(schedule):
 
 def test_official_trapezoid_has_no_warmup_and_decays_to_zero():
     optim = defaults.get_config().optim
-    f = lambda s: float(lr_factor(optim, 1000)(s))  # noqa: E731
+    f = lambda s: float(lr_factor(optim)(s, 1000))  # noqa: E731
     assert [f(0), f(500), f(750), f(1000)] == pytest.approx([1.0, 1.0, 0.5, 0.0])

@@ -192,7 +192,7 @@ def test_an_update_that_makes_the_parameters_non_finite_is_skipped():
     step = jax.jit(make_train_step(model, tx, {}, seed=0))
     ids = np.random.default_rng(0).integers(0, 256, (2, 17)).astype(np.int32)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((2, 16), np.int32)}
-    new, metrics = step(state, batch)
+    new, metrics = step(state, batch, {})
     assert bool(metrics["skipped"]) and np.isfinite(float(metrics["grad_norm"]))
     jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
     assert int(new.skipped) == 1 and int(new.step) == 1

@@ -49,7 +49,7 @@ def test_no_device_holds_an_activation_of_the_whole_global_batch():
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=trainer.batch_sharding)
              for k in ("inputs", "targets", "segment_ids")}
     with trainer.context():
-        hlo = trainer.train_step.lower(state, batch).compile().as_text()
+        hlo = trainer.train_step.lower(state, batch, trainer.schedule).compile().as_text()
     whole = sorted(set(re.findall(rf"\b(?:f32|bf16|u32|s32)\[{B},{T},[\d,]+\]", hlo)))
     assert not whole, whole
     assert re.search(rf"f32\[{B // 8},{T},{config.model.d_rec}\]", hlo)  # the per-device state is there

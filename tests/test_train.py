@@ -56,7 +56,7 @@ def one_step(config, devices, trainer=None):
     trainer = trainer or Trainer(config, validate(config, n_devices=len(devices), check_data=False), devices)
     with trainer.context():
         state = trainer.fresh_state()
-        state, metrics = trainer.train_step(state, batch(trainer))
+        state, metrics = trainer.train_step(state, batch(trainer), trainer.schedule)
     return jax.device_get(state.params), float(metrics["loss"])
 
 
@@ -102,7 +102,7 @@ def test_a_non_finite_gradient_step_is_skipped(first_step):
         poisoned = state.replace(params=jax.tree.map(lambda x: x, state.params))
         poisoned.params["ln_f"]["scale"] = poisoned.params["ln_f"]["scale"].at[0].set(jnp.inf)
         kept = jax.device_get(poisoned)
-        after, metrics = trainer.train_step(poisoned, batch(trainer))
+        after, metrics = trainer.train_step(poisoned, batch(trainer), trainer.schedule)
         after = jax.device_get(after)
     assert bool(metrics["skipped"]) and int(after.skipped) == 1 and int(after.step) == 1
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), after.params, kept.params)

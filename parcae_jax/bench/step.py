@@ -52,7 +52,7 @@ def lower_only(config, run: Run) -> tuple[Trainer, jax.stages.Lowered]:
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=trainer.batch_sharding)
              for k in ("inputs", "targets", "segment_ids")}
     with trainer.context():
-        return trainer, trainer.train_step.lower(state, batch)
+        return trainer, trainer.train_step.lower(state, batch, trainer.schedule)
 
 
 def compile_only(config, run: Run) -> dict:
@@ -89,21 +89,21 @@ def bench(config, run: Run) -> dict:
             return {k: jax.device_put(v, trainer.batch_sharding) for k, v in local.items()}
 
         start = time.perf_counter()
-        compiled = trainer.train_step.lower(state, batch()).compile()
+        compiled = trainer.train_step.lower(state, batch(), trainer.schedule).compile()
         compile_s = time.perf_counter() - start
         memory = compiled.memory_analysis()
         times = []
         for _ in range(config.bench.warmup + config.bench.steps):
             b = batch()
             start = time.perf_counter()
-            state, metrics = compiled(state, b)
+            state, metrics = compiled(state, b, trainer.schedule)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - start)
         traced = {}
         if config.bench.breakdown_steps:  # after the timed steps, so the trace costs them nothing
             def step():
                 nonlocal state
-                state, metrics = compiled(state, batch())
+                state, metrics = compiled(state, batch(), trainer.schedule)
                 jax.block_until_ready(metrics["loss"])
             traced = {"breakdown": breakdown(compiled, step, config.bench.breakdown_steps)}
     step_time = float(np.median(times[config.bench.warmup:]))

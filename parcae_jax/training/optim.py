@@ -1,7 +1,11 @@
 """Optimizers (AdamW, MuonAdamW) and learning-rate schedules, on optax.
 
 Every schedule is a function of the global step, passed to `update(..., step=step)`, so a
-skipped step (non-finite gradient) or a resume never shifts it. MuonAdamW follows the
+skipped step (non-finite gradient) or a resume never shifts it. The values that differ between
+otherwise equal runs (base learning rates, the run's length: what a sweep or a learning-rate
+scan varies) arrive at run time too, as `update(..., schedule=schedule_values(...))`, not as
+constants of the compiled step: runs that differ only in them share one executable (the
+persistent compilation cache then serves a sweep's later points). MuonAdamW follows the
 official optimizer (docs/design.md §7); what optax lacks is written here: the
 Polar Express orthogonalisation with its 1.02 normalisation, the NorMuon second moment,
 the sqrt(max(1, rows/cols)) lr scale and cautious weight decay.
@@ -14,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 POLAR_EXPRESS = (
@@ -27,21 +32,26 @@ SCHEDULES = ("trapezoid", "cosine", "constant")
 OPTIMIZERS = ("muon_adamw", "adamw")
 
 
-def lr_factor(optim, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Multiplier of the base lr at a 0-based step: linear warm-up, then
+def schedule_values(optim, total_steps: int) -> dict[str, np.ndarray]:
+    """The run-time schedule arguments of `update`: base learning rates and the run's length."""
+    return {"lr": np.float32(optim.lr), "muon_lr": np.float32(optim.muon_lr), "total_steps": np.float32(total_steps)}
+
+
+def lr_factor(optim) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Multiplier of the base lr at a 0-based step of a run of `total_steps`: linear warm-up, then
     trapezoid (warmup-stable-decay: constant, then linear to min_lr_ratio over the last
     cooldown_fraction of the run), cosine (to min_lr_ratio) or constant."""
     warm, floor = optim.warmup_steps, optim.min_lr_ratio
-    cooldown = max(int(round(optim.cooldown_fraction * total_steps)), 1)
 
-    def factor(step):
-        s = jnp.asarray(step, jnp.float32)
+    def factor(step, total_steps):
+        s, total = jnp.asarray(step, jnp.float32), jnp.asarray(total_steps, jnp.float32)
         up = jnp.minimum(1.0, (s + 1) / warm) if warm > 0 else 1.0
         if optim.schedule == "trapezoid":  # official: base until max_steps - cd, then base * (max_steps - s) / cd
-            down = jnp.clip((total_steps - s) / cooldown, 0.0, 1.0)
+            cooldown = jnp.maximum(jnp.round(optim.cooldown_fraction * total), 1.0)
+            down = jnp.clip((total - s) / cooldown, 0.0, 1.0)
             return up * (floor + (1 - floor) * down)
         if optim.schedule == "cosine":
-            t = jnp.clip((s - warm) / max(total_steps - warm, 1), 0.0, 1.0)
+            t = jnp.clip((s - warm) / jnp.maximum(total - warm, 1.0), 0.0, 1.0)
             return up * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * t)))
         return up * jnp.ones_like(s)
 
@@ -91,7 +101,7 @@ def scale_by_muon(lr: Callable, momentum: Callable, weight_decay: Callable, beta
                   ns_steps: int = 5, dtype: str = "bfloat16") -> optax.GradientTransformationExtraArgs:
     """The official Muon update (its sign included: add it to the params), per leaf.
 
-    lr, momentum, weight_decay: functions of the global step. dtype: where the official
+    lr, momentum, weight_decay: functions of the global step and the schedule values. dtype: where the official
     code works in bfloat16 (orthogonalisation, rescaled update, effective lr).
     """
     low = jnp.dtype(dtype)
@@ -104,8 +114,8 @@ def scale_by_muon(lr: Callable, momentum: Callable, weight_decay: Callable, beta
         return MuonState(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                          jax.tree_util.tree_map_with_path(v0, params))
 
-    def update(grads, state, params=None, *, step, **_):
-        mu, lr_t, wd_t = momentum(step), lr(step), weight_decay(step)
+    def update(grads, state, params=None, *, step, schedule, **_):
+        mu, lr_t, wd_t = momentum(step, schedule), lr(step, schedule), weight_decay(step, schedule)
 
         def leaf(path, g, p, m, v):
             n_in, rows, cols = torch_view_shape(_path_names(path), g.shape)
@@ -137,8 +147,8 @@ def scale_by_muon(lr: Callable, momentum: Callable, weight_decay: Callable, beta
 
 
 def scale_by_global_lr(lr: Callable) -> optax.GradientTransformationExtraArgs:
-    def update(updates, state, params=None, *, step, **_):
-        return jax.tree.map(lambda u: -lr(step) * u, updates), state
+    def update(updates, state, params=None, *, step, schedule, **_):
+        return jax.tree.map(lambda u: -lr(step, schedule) * u, updates), state
 
     return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
 
@@ -148,22 +158,23 @@ def muon_labels(params) -> Any:
                                             params)
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformationExtraArgs, dict[str, Callable]]:
-    """(transformation, {name: lr at step}) for config.optim; update takes `step=`."""
-    factor = lr_factor(optim, total_steps)
-    lrs = {"lr": lambda s: optim.lr * factor(s)}
+def make_optimizer(optim) -> tuple[optax.GradientTransformationExtraArgs, dict[str, Callable]]:
+    """(transformation, {name: lr at (step, schedule)}) for config.optim; update takes `step=`
+    and `schedule=` (schedule_values)."""
+    factor = lr_factor(optim)
+    lrs = {"lr": lambda s, h: h["lr"] * factor(s, h["total_steps"])}
     adamw = optax.chain(optax.scale_by_adam(optim.b1, optim.b2, optim.eps),
                         optax.add_decayed_weights(optim.weight_decay), scale_by_global_lr(lrs["lr"]))
     if optim.name == "adamw":
         return optax.with_extra_args_support(adamw), lrs
-    lrs["muon_lr"] = lambda s: optim.muon_lr * factor(s)
+    lrs["muon_lr"] = lambda s, h: h["muon_lr"] * factor(s, h["total_steps"])
 
-    def momentum(s):
+    def momentum(s, h):
         frac = jnp.minimum(jnp.asarray(s, jnp.float32) / max(optim.muon_momentum_warmup_steps, 1), 1.0)
         return optim.muon_momentum_start + frac * (optim.muon_momentum - optim.muon_momentum_start)
 
-    def weight_decay(s):
-        return optim.muon_weight_decay * jnp.maximum(0.0, 1.0 - jnp.asarray(s, jnp.float32) / total_steps)
+    def weight_decay(s, h):
+        return optim.muon_weight_decay * jnp.maximum(0.0, 1.0 - jnp.asarray(s, jnp.float32) / h["total_steps"])
 
     muon = scale_by_muon(lrs["muon_lr"], momentum, weight_decay, optim.muon_beta2, optim.muon_ns_steps,
                          optim.muon_dtype)

@@ -42,7 +42,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
 
 def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int, microbatches: int = 1,
                     clip_norm: float = 1.0, document_masking: bool = False) -> Callable:
-    """The pure step `(TrainState, batch) -> (TrainState, metrics)` for `jax.jit`.
+    """The pure step `(TrainState, batch, schedule) -> (TrainState, metrics)` for `jax.jit`.
 
     `batch` holds `inputs`, `targets` ([B, T] int32; a target < 0 is not a token) and
     `segment_ids`. The depths and x0 come from fold_in(key(seed), state.step) for the whole
@@ -50,6 +50,8 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
     `scan`, so the update equals the one-batch update. The gradient is clipped to
     `clip_norm` (0: off). A step whose loss, gradient, new parameters or optimizer state are
     not finite changes nothing but `step` and `skipped`. `lrs` names schedules logged per step.
+    `schedule`: optim.schedule_values, arguments rather than constants (one executable serves
+    runs that differ only in learning rate or length).
     """
     cfg: ModelConfig = model.cfg
 
@@ -64,7 +66,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, schedule: dict) -> tuple[TrainState, dict]:
         B, T = batch["inputs"].shape
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         data = {**batch, **(draw_loop_inputs(key, B, T, cfg) if cfg.arch == "parcae" else {})}
@@ -88,7 +90,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
         if clip_norm > 0:  # as torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above it
             grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_norm / (grad_norm + 1e-6)), grads)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step, schedule=schedule)
         params = optax.apply_updates(state.params, updates)
         # A finite gradient can still give non-finite parameters or moments (an lr of 1e6, an
         # overflow in the optimizer): such an update is skipped like a non-finite gradient.
@@ -99,7 +101,7 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
         params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state), lambda: (state.params, state.opt_state))
         new = TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": ~finite,
-                   **{name: lr(state.step) for name, lr in lrs.items()}}
+                   **{name: lr(state.step, schedule) for name, lr in lrs.items()}}
         if cfg.arch == "parcae":
             inj = injection_params(state.params)
             metrics.update(rho=spectral_radius(inj, cfg.injection), state_norm=norm,

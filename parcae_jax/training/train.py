@@ -29,7 +29,7 @@ from parcae_jax.runtime.run_dir import PROFILE, RunDir
 from parcae_jax.runtime.workdir_lock import WorkdirBusy, WorkdirLock
 from parcae_jax.training import sharding
 from parcae_jax.training.describe import flops_per_token
-from parcae_jax.training.optim import make_optimizer
+from parcae_jax.training.optim import make_optimizer, schedule_values
 from parcae_jax.training.step import TrainState, init_state, make_eval_step, make_train_step
 from parcae_jax.training.validate import Run
 
@@ -41,7 +41,8 @@ class Trainer:
         self.config, self.run = config, run
         self.mesh = sharding.make_mesh(run.mesh_shape, devices)  # validated once, by validate()
         self.model = build(run.model)
-        self.tx, self.lrs = make_optimizer(config.optim, config.train.steps)
+        self.tx, self.lrs = make_optimizer(config.optim)
+        self.schedule = schedule_values(config.optim, config.train.steps)  # train_step's third argument
         with self.context():
             key = jax.random.key(config.seed)
             boxed = jax.eval_shape(lambda: init_params(self.model, key))
@@ -56,7 +57,7 @@ class Trainer:
             masking = config.data.document_masking
             step = make_train_step(self.model, self.tx, self.lrs, seed=config.seed, microbatches=t.microbatches,
                                    clip_norm=t.clip_norm, document_masking=masking)
-            self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+            self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                                       out_shardings=(self.state_sharding, rep), donate_argnums=0)
             self.eval_step = jax.jit(make_eval_step(self.model, seed=config.seed, document_masking=masking),
                                      in_shardings=(params_sh, self.batch_sharding, rep), out_shardings=rep)
@@ -177,7 +178,7 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
                 waited = time.perf_counter()
                 batch = to_global(next(data_iter), trainer.batch_sharding)
                 data_wait += time.perf_counter() - waited
-                state, metrics = trainer.train_step(state, batch)
+                state, metrics = trainer.train_step(state, batch, trainer.schedule)
                 pending.append(metrics)
                 step += 1
                 profiler.after(step, state)
