@@ -1,0 +1,124 @@
+"""The streaming source (data/stream.py) against a NumPy reference: the windows of the
+documents concatenated in file order, resumed exactly from a JSON state, bad files in one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from parcae_jax.data.pipeline import PAD_TARGET
+from parcae_jax.data.readers import DataError
+from parcae_jax.data.stream import make_stream, restore_state
+from parcae_jax.data.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+SEQ, BATCH = 15, 2
+
+
+def encode(text: str) -> np.ndarray:
+    return np.append(TOK.encode(text), TOK.eod_id)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Four files of every kind: (paths, their documents in order)."""
+    d = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(0)
+    words = ["loop", "state", "prelude", "coda", "é", "token", "x" * 20]
+
+    def docs(n):
+        return [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(n)]
+
+    files = {"a.parquet": docs(7), "b.jsonl": docs(5), "c.jsonl.gz": docs(4), "d.parquet": docs(6)}
+    for name, texts in files.items():
+        path = d / name
+        if name.endswith(".parquet"):  # small row groups: the state crosses them
+            pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), path, row_group_size=3)
+        else:
+            lines = "".join(json.dumps({"text": t, "n": i}) + "\n" + ("\n" if i == 1 else "")
+                            for i, t in enumerate(texts))  # a blank line is skipped
+            (gzip.open if name.endswith(".gz") else open)(path, "wt").write(lines)
+    return [str(d / n) for n in files], list(files.values())
+
+
+def reference(texts: list[str]) -> list[dict]:
+    """Concatenate, cut into windows of SEQ + 1, number documents per window, batch."""
+    ids = [encode(t) for t in texts]
+    stream = np.concatenate(ids)
+    doc = np.concatenate([np.full(len(x), i) for i, x in enumerate(ids)])
+    W = SEQ + 1
+    rows = []
+    for start in range(0, len(stream), W):
+        toks, owner = stream[start:start + W], doc[start:start + W]
+        seg = np.searchsorted(np.unique(owner), owner) + 1
+        n = len(toks)
+        inputs, targets, segs = np.full(SEQ, TOK.eod_id), np.full(SEQ, PAD_TARGET), np.zeros(SEQ, int)
+        inputs[:n - 1 if n == W else n], segs[:n - 1 if n == W else n] = toks[:SEQ], seg[:SEQ]
+        targets[:n - 1] = toks[1:]
+        rows.append((inputs, targets, segs))
+    batches = []
+    for b in range(len(rows) // BATCH):
+        chunk = rows[b * BATCH:(b + 1) * BATCH]
+        batches.append({k: np.stack([r[i] for r in chunk]) for i, k in enumerate(("inputs", "targets", "segment_ids"))})
+    return batches
+
+
+def batches_of(it, n=None) -> list[dict]:
+    out = []
+    for b in it:
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def assert_equal(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+@pytest.mark.parametrize("process", [(0, 1), (0, 2), (1, 2)])
+def test_the_stream_is_the_concatenated_documents_cut_into_windows(corpus, process):
+    files, texts = corpus
+    p, c = process
+    got = batches_of(make_stream(files, encode, TOK.eod_id, SEQ, BATCH, process_index=p, process_count=c))
+    assert_equal(got, reference([t for ts in texts[p::c] for t in ts]))  # files p, p + c, ...
+
+
+def test_a_stream_resumed_from_its_json_state_continues_with_the_next_batch(corpus):
+    files, texts = corpus
+    ds = make_stream(files, encode, TOK.eod_id, SEQ, BATCH)
+    whole = batches_of(ds)
+    assert len(whole) > 8
+    for k in (1, 3, 5, 8):
+        it = iter(ds)
+        batches_of(it, k)
+        state = json.dumps(it.get_state())
+        resumed = iter(make_stream(files, encode, TOK.eod_id, SEQ, BATCH))
+        resumed.set_state(restore_state(json.loads(state)))
+        assert_equal(batches_of(resumed), whole[k:])
+
+
+def test_bad_stream_files_are_one_line_naming_the_file(tmp_path):
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "nocol.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    (tmp_path / "nofield.jsonl").write_text('{"body": "a"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    gz = gzip.compress(b'{"text": "a"}\n' * 200)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    cases = {"nocol.parquet": "no column 'text'", "ints.parquet": "not text", "nofield.jsonl": "no field 'text'",
+             "bad.jsonl": "bad.jsonl:2: not a JSON object", "junk.parquet": "not a readable Parquet file",
+             "cut.jsonl.gz": "the file is damaged"}
+    for name, words in cases.items():
+        with pytest.raises(DataError) as e:
+            batches_of(make_stream([str(tmp_path / name)], encode, TOK.eod_id, 3, 1))
+        message = str(e.value)
+        assert name in message and words in message and "\n" not in message, message
