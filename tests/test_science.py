@@ -77,8 +77,8 @@ def test_one_checkpoint_gives_one_loss_through_every_door(run, tmp_path):
     result, _ = recurrence_curve.measure(str(workdir), str(tmp_path), recurrences=[R], dtype="float32")
     by_test_time = result["points"][0]["loss"]
 
-    _, val_split = dataset.open_splits(config.data, run_.tokenizer)
-    rows = [np.append(b["inputs"][i], b["targets"][i][-1]) for b in trainer.local_eval_batches(val_split)
+    val_data = dataset.open_data(config.data, run_.tokenizer)
+    rows = [np.append(b["inputs"][i], b["targets"][i][-1]) for b in trainer.local_eval_batches(val_data)
             for i in range(len(b["inputs"]))]
     assert all(b >= 0 for r in rows for b in r) and len(rows) == 2 * config.train.batch_size  # no padded target
     cfg, params, _, seed = transfer.load_model(str(workdir))

@@ -58,8 +58,7 @@ def reference(texts: list[str]) -> list[dict]:
         seg = np.searchsorted(np.unique(owner), owner) + 1
         n = len(toks)
         inputs, targets, segs = np.full(SEQ, TOK.eod_id), np.full(SEQ, PAD_TARGET), np.zeros(SEQ, int)
-        inputs[:n - 1 if n == W else n], segs[:n - 1 if n == W else n] = toks[:SEQ], seg[:SEQ]
-        targets[:n - 1] = toks[1:]
+        inputs[:n - 1], segs[:n - 1], targets[:n - 1] = toks[:-1], seg[:-1], toks[1:]
         rows.append((inputs, targets, segs))
     batches = []
     for b in range(len(rows) // BATCH):
@@ -122,3 +121,41 @@ def test_bad_stream_files_are_one_line_naming_the_file(tmp_path):
             batches_of(make_stream([str(tmp_path / name)], encode, TOK.eod_id, 3, 1))
         message = str(e.value)
         assert name in message and words in message and "\n" not in message, message
+
+
+def test_the_stream_gives_the_prepared_loaders_windows_in_file_order(corpus, tmp_path):
+    """The same files prepared (nothing held out) and read unshuffled: equal windows. Training
+    orders differ by design: the prepared loader shuffles, a stream is read in file order."""
+    from parcae_jax.data.pipeline import PackedWindows, open_split
+    from parcae_jax.data.prepare import prepare
+    from parcae_jax.data.readers import Inputs, documents
+
+    files, _ = corpus
+    prepare(documents(Inputs(tuple(files))), str(tmp_path / "prep"), "bytes", val_every=0, workers=0, progress=False)
+    windows = PackedWindows(open_split(str(tmp_path / "prep"), "train"), SEQ, shuffle=False)
+    prepared = [windows[i] for i in range(len(windows))]
+    streamed = [dict(zip(b, row)) for b in batches_of(make_stream(files, encode, TOK.eod_id, SEQ, 1))
+                for row in zip(*b.values())]
+    assert len(streamed) == len(prepared)
+    assert_equal(streamed, prepared)
+
+
+@pytest.mark.slow
+def test_a_streamed_run_resumes_with_the_uninterrupted_losses(corpus, tmp_path):
+    """Trained from Parquet and JSONL(.gz) files, evaluated on others; stopped at step 3 and
+    resumed from its checkpoint (the stream's saved position), it logs the losses of one run to 6."""
+    from parcae_jax.training.train import train
+    from tests.test_train import losses, one_device, small_config
+
+    files, _ = corpus
+    config = small_config(steps=6, eval_every=3)
+    config.data.update(source="stream", path=",".join(files[:3]), val_path=files[3])
+    config.ckpt.update(every=3)
+    trainer, run = one_device(config)
+    train(config, str(tmp_path / "whole"), run, trainer)
+    config.train.steps = 3
+    train(config, str(tmp_path / "cut"), run, trainer)
+    config.train.steps = 6
+    train(config, str(tmp_path / "cut"), run, trainer)
+    whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(whole) == list(range(1, 7)) and cut == whole

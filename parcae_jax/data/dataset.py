@@ -6,7 +6,12 @@
   gs:// (then staged once per host into the cache: data/staging.py);
 - source=tfds: a TFDS dataset in array_record format, read through `tfds.data_source`
   (no TensorFlow) and tokenised once into the cache (tokens are smaller than text and
-  are not re-tokenised every epoch).
+  are not re-tokenised every epoch);
+- source=stream: Parquet / JSONL(.gz) files (data.path, data.val_path) read in order and
+  tokenised on the fly, never written out (data/stream.py).
+
+`open_data` gives either kind behind one interface: the training loader, the evaluation
+batches and the unigram baseline.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ import os
 
 from parcae_jax import storage
 from parcae_jax.data import corpus, staging
-from parcae_jax.data.pipeline import TokenSplit, make_loader, open_split, read_manifest
+from parcae_jax.data.pipeline import TokenSplit, make_loader, open_split, read_manifest, unigram_loss
 from parcae_jax.data.prepare import prepare
 from parcae_jax.data.readers import DataError, read_tfds
 from parcae_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-SOURCES = ("embedded", "prepared", "tfds")
+SOURCES = ("embedded", "prepared", "tfds", "stream")
 
 
 def check(data, model_vocab_size: int) -> Tokenizer:
@@ -41,6 +46,10 @@ def check(data, model_vocab_size: int) -> Tokenizer:
             raise DataError(f"data.path={data.path}: no such directory")
         else:
             made_with = read_manifest(data.path)["tokenizer"]  # one line if it is not a finished preparation
+    if data.source == "stream":
+        from parcae_jax.data.stream import stream_files
+
+        stream_files(data.path, "data.path"), stream_files(data.val_path, "data.val_path")  # one line if unusable
     if data.source == "tfds" and not data.tfds_name:
         raise DataError("data.source=tfds needs data.tfds_name")
     if data.source == "embedded" and data.tokenizer != "bytes":
@@ -80,7 +89,46 @@ def prepared_dir(data, tok: Tokenizer, progress: bool = True) -> str:
     return out
 
 
+class PreparedData:
+    """Prepared train and validation splits (sources embedded, prepared and tfds)."""
+
+    def __init__(self, data, tok: Tokenizer, progress: bool = True):
+        self.data = data
+        self.train, self.val = open_splits(data, tok, progress)
+
+    def train_loader(self, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
+                     process_count: int = 1):
+        """Shuffled windows, positioned by step on resume (grain's next index)."""
+        return train_loader(self.train, self.data, seq_len, global_batch, seed, process_index, process_count)
+
+    def eval_batches(self, seq_len: int, global_batch: int, n: int, process_index: int = 0,
+                     process_count: int = 1) -> list[dict]:
+        """This process's rows of the first n validation batches (the same at every evaluation)."""
+        loader = eval_loader(self.val, self.data, seq_len, global_batch, process_index, process_count)
+        return [b for _, b in zip(range(n), loader)]
+
+    def unigram_loss(self, val_batches: list[dict], vocab_size: int) -> float:
+        import grain
+        import numpy as np
+
+        source = grain.sources.ArrayRecordDataSource(self.train.paths)
+        return unigram_loss((np.frombuffer(source[i], self.train.dtype) for i in range(len(source))), val_batches,
+                            vocab_size)
+
+
+def open_data(data, tok: Tokenizer, progress: bool = True):
+    """The training data config.data names: PreparedData, or stream.StreamData for source=stream."""
+    if data.source == "stream":
+        from parcae_jax.data.stream import StreamData
+
+        return StreamData(data, tok)
+    return PreparedData(data, tok, progress)
+
+
 def open_splits(data, tok: Tokenizer, progress: bool = True) -> tuple[TokenSplit, TokenSplit]:
+    if data.source == "stream":
+        raise DataError("data.source=stream has no prepared splits: this needs prepared data (embedded, prepared "
+                        "or tfds); prepare the files with python -m parcae_jax.commands.prepare")
     directory = prepared_dir(data, tok, progress)
     return open_split(directory, "train", tok.fingerprint), open_split(directory, "validation", tok.fingerprint)
 
@@ -97,24 +145,3 @@ def eval_loader(split: TokenSplit, data, seq_len: int, global_batch: int,
     """The validation windows in storage order, one pass: every evaluation sees the same batches."""
     return make_loader(split, seq_len, global_batch, shuffle=False, num_epochs=1, process_index=process_index,
                        process_count=process_count, read_threads=data.read_threads, prefetch=data.prefetch)
-
-
-def unigram_loss(train: TokenSplit, val_batches: list[dict], vocab_size: int, max_tokens: int = 4_000_000) -> float:
-    """Cross-entropy (nats) of the validation targets under the training split's unigram
-    distribution (add-one smoothed, from up to max_tokens of training data): the loss of a
-    model that has learnt token frequencies and nothing else."""
-    import grain
-    import numpy as np
-
-    source = grain.sources.ArrayRecordDataSource(train.paths)
-    counts, seen = np.ones(vocab_size), 0
-    for i in range(len(source)):
-        ids = np.frombuffer(source[i], train.dtype)
-        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
-        seen += len(ids)
-        if seen >= max_tokens:
-            break
-    logp = np.log(counts / counts.sum())
-    targets = np.concatenate([np.asarray(b["targets"]).ravel() for b in val_batches])
-    targets = targets[targets >= 0]
-    return float(-logp[targets].mean())

@@ -242,3 +242,19 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict:
     import jax
 
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def unigram_loss(train_tokens, val_batches: list[dict], vocab_size: int, max_tokens: int = 4_000_000) -> float:
+    """Cross-entropy (nats) of the validation targets under the unigram distribution of the
+    training token arrays `train_tokens` (add-one smoothed, from up to max_tokens of them): the
+    loss of a model that has learnt token frequencies and nothing else."""
+    counts, seen = np.ones(vocab_size), 0
+    for ids in train_tokens:
+        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+        seen += len(ids)
+        if seen >= max_tokens:
+            break
+    logp = np.log(counts / counts.sum())
+    targets = np.concatenate([np.asarray(b["targets"]).ravel() for b in val_batches])
+    targets = targets[targets >= 0]
+    return float(-logp[targets].mean())

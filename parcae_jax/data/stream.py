@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from parcae_jax.data.pipeline import PAD_TARGET
+from parcae_jax.data.pipeline import PAD_TARGET, unigram_loss
 from parcae_jax.data.readers import DataError
 
 STREAM_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
@@ -132,12 +132,34 @@ def process_files(files: list[str], process_index: int, process_count: int) -> l
     return share
 
 
+def stream_files(spec: str | None, key: str) -> list[str]:
+    """The files a comma-separated list of files, directories and glob patterns names, in
+    sorted order (readers.expand_inputs); DataError naming `key` when there are none or one is
+    not a Parquet / JSONL file."""
+    from parcae_jax.data.readers import expand_inputs
+
+    if not spec:
+        raise DataError(f"data.source=stream needs {key}: Parquet or JSONL(.gz) files, directories or globs, "
+                        "comma-separated")
+    try:
+        files = expand_inputs([item.strip() for item in spec.split(",") if item.strip()])
+    except DataError as e:
+        raise DataError(f"{key}: {str(e).removeprefix('--input=')}") from None
+    other = [f for f in files if not f.endswith(STREAM_SUFFIXES)]
+    if other:
+        raise DataError(f"{key}: {other[0]} is not a {'/'.join(STREAM_SUFFIXES)} file; a stream reads only those "
+                        "(prepare .txt files with python -m parcae_jax.commands.prepare)")
+    return files
+
+
 def make_stream(files: list[str], encode: Callable[[str], np.ndarray], eod_id: int, seq_len: int, local_batch: int,
-                *, text_field: str = "text", process_index: int = 0, process_count: int = 1):
+                *, text_field: str = "text", process_index: int = 0, process_count: int = 1, repeat: bool = False):
     """A Grain IterDataset of local batches {inputs, targets, segment_ids} ([local_batch, seq_len]
     int32) streamed from this process's share of `files`. `encode` maps a text to its ids with
-    the end-of-document id appended. The stream ends with the data (the last partial batch is
-    dropped; a last partial window is padded with ignored targets, as the prepared loader's)."""
+    the end-of-document id appended. Without `repeat` the stream ends with the data (the last
+    partial batch is dropped; a last partial window is padded with ignored targets, as the
+    prepared loader's); with it the files start again after the last, the windows running on
+    across the seam."""
     import functools
 
     import grain
@@ -148,19 +170,22 @@ def make_stream(files: list[str], encode: Callable[[str], np.ndarray], eod_id: i
     def tokens(doc: dict) -> dict:
         return {"tokens": np.asarray(encode(doc["text"]), np.int32)}
 
-    per_file = grain.MapDataset.source(share).map(lambda path: file_documents(path, text_field).map(tokens))
+    paths = grain.MapDataset.source(share)
+    per_file = (paths.repeat() if repeat else paths).map(lambda path: file_documents(path, text_field).map(tokens))
     docs = grain.experimental.InterleaveIterDataset(per_file, cycle_length=1)
     windows = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": L})
     return windows.batch(local_batch, drop_remainder=True).map(functools.partial(_language_model_batch, eod_id))
 
 
 def _language_model_batch(eod_id: int, batch: dict) -> dict[str, np.ndarray]:
-    """Windows -> inputs, targets, segment_ids; past the data's end (segment 0) the inputs are
-    end-of-document ids and the targets ignored, as in the prepared loader's last window."""
+    """Windows -> inputs, targets, segment_ids. A position is real where it has a next token: past
+    the data's end (segment 0), and at its last token, the inputs are end-of-document ids, the
+    segments 0 and the targets ignored, as in the prepared loader's last window."""
     toks, seg = batch["tokens"].astype(np.int32), batch["tokens_segment_ids"].astype(np.int32)
-    targets = np.where(seg[:, 1:] > 0, toks[:, 1:], PAD_TARGET).astype(np.int32)
-    inputs = np.where(seg[:, :-1] > 0, toks[:, :-1], eod_id).astype(np.int32)
-    return {"inputs": inputs, "targets": targets, "segment_ids": seg[:, :-1]}
+    real = seg[:, 1:] > 0
+    return {"inputs": np.where(real, toks[:, :-1], eod_id).astype(np.int32),
+            "targets": np.where(real, toks[:, 1:], PAD_TARGET).astype(np.int32),
+            "segment_ids": np.where(real, seg[:, :-1], 0).astype(np.int32)}
 
 
 def restore_state(state):
@@ -169,3 +194,73 @@ def restore_state(state):
         return {k: ({f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else restore_state(v))
                 for k, v in state.items()}
     return [restore_state(v) for v in state] if isinstance(state, list) else state
+
+
+class StreamIterator:
+    """A stream's iterator as the trainer and the checkpointer use it: its state is this
+    process's position as JSON bytes (Grain's checkpoint handler writes those as they are, one
+    file per process), and a resumed run is positioned by that state, not by the step."""
+
+    def __init__(self, dataset):
+        self._it = iter(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._it.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._it.set_state(restore_state(json.loads(state)))
+
+    def start_prefetch(self) -> None:  # Grain's handler calls it after set_state
+        pass
+
+    def close(self) -> None:
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+
+class StreamData:
+    """data.source=stream: training windows from data.path, evaluation windows from data.val_path,
+    tokenised with `tok` as they are read (the interface of dataset.PreparedData)."""
+
+    def __init__(self, data, tok):
+        self.data, self.tok = data, tok
+        self.train_files = stream_files(data.path, "data.path")
+        self.val_files = stream_files(data.val_path, "data.val_path")
+
+    def _encode(self, text: str) -> np.ndarray:
+        return np.append(np.asarray(self.tok.encode(text), np.int32), np.int32(self.tok.eod_id))
+
+    def _stream(self, files, seq_len, global_batch, process_index, process_count, repeat):
+        if global_batch % process_count:
+            raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+        return make_stream(files, self._encode, self.tok.eod_id, seq_len, global_batch // process_count,
+                           text_field=self.data.text_field, process_index=process_index,
+                           process_count=process_count, repeat=repeat)
+
+    def train_loader(self, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
+                     process_count: int = 1) -> StreamIterator:
+        """The training stream, repeating the files; `seed` is unused (a stream is not shuffled)."""
+        del seed
+        return StreamIterator(self._stream(self.train_files, seq_len, global_batch, process_index, process_count,
+                                           repeat=True))
+
+    def eval_batches(self, seq_len: int, global_batch: int, n: int, process_index: int = 0,
+                     process_count: int = 1) -> list[dict]:
+        """This process's first n validation batches (fewer if the files hold fewer; none is an error)."""
+        stream = self._stream(self.val_files, seq_len, global_batch, process_index, process_count, repeat=False)
+        batches = [b for _, b in zip(range(n), stream)]
+        if n and not batches:
+            raise DataError(f"data.val_path={self.data.val_path}: its documents fill no batch of {global_batch} "
+                            f"windows of {seq_len + 1} tokens; give more validation data or a smaller batch")
+        return batches
+
+    def unigram_loss(self, val_batches: list[dict], vocab_size: int) -> float:
+        stream = self._stream(self.train_files, 256, 16, 0, 1, repeat=False)
+        tokens = (b["inputs"][b["segment_ids"] > 0] for b in stream)
+        return unigram_loss(tokens, val_batches, vocab_size)

@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state, the data iterator and the config.
 
 Each checkpoint directory `WORKDIR/checkpoints/<step>` holds `state` (params, optimizer,
-step, skipped count), `data` (the grain iterator of every process, a cross-check: resuming
-positions the loader by the step alone) and `config` (JSON).
+step, skipped count), `data` (the grain iterator of every process: for prepared data a
+cross-check, resuming positions the loader by the step alone; for a stream the position
+itself) and `config` (JSON).
 Orbax writes under a temporary name and commits with a rename, so an interrupted save is
 never taken as the latest. A state with non-finite parameters is never saved over a good
 one. Restoring takes the target shardings from the abstract state, so a checkpoint saved
@@ -176,12 +177,28 @@ class Checkpointer:
         on neither the process count nor the workers): one mechanism, whatever changed between
         runs. The saved grain state is only a cross-check (see _check_data_position)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        if data_iterator is not None:
+        if data_iterator is not None and not isinstance(data_iterator, grain.DatasetIterator):
+            data_iterator.set_state(self._saved_stream_position(step))  # a stream (data/stream.py)
+        elif data_iterator is not None:
             index = step if data_index is None else data_index
             if data_index is None:
                 self._check_data_position(step, index)
             grain.experimental.set_next_index(data_iterator, index)
         return restored["state"]
+
+    def _saved_stream_position(self, step: int) -> bytes:
+        """This process's saved stream state. A stream has no index to compute from the step: each
+        process's position is its own, so the process count cannot change on resume."""
+        folder = self.directory / str(step) / "data"
+        path = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            saved = sorted(p.name for p in folder.glob("process_*.json")) if folder.exists() else []
+            raise CheckpointMismatch(
+                f"checkpoint {step} holds the stream positions of {saved[0].split('-of-')[-1][:-5] if saved else 'no'} "
+                f"processes, not {jax.process_count()}: a streamed run (data.source=stream) resumes with the "
+                "process count it was saved with") from None
 
     def _check_data_position(self, step: int, index: int) -> None:
         """Warns if this process's saved iterator (one without worker processes) was elsewhere:

@@ -42,6 +42,7 @@ KINDS = {
     "optim.name": IDENTITY,
     "data.source": IDENTITY,
     "data.path": IDENTITY,
+    "data.val_path": IDENTITY,
     "data.tokenizer": IDENTITY,
     "data.eod_token": IDENTITY,
     "data.tfds_name": IDENTITY,

@@ -35,8 +35,11 @@ def model_config() -> ml_collections.ConfigDict:
 
 def data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        source="embedded",  # embedded (ships with Python) | prepared | tfds
-        path=config_dict.placeholder(str),  # source=prepared: the directory `parcae_jax.commands.prepare` wrote
+        source="embedded",  # embedded (ships with Python) | prepared | tfds | stream
+        # source=prepared: the directory `parcae_jax.commands.prepare` wrote; source=stream: Parquet /
+        # JSONL(.gz) files, directories or globs, comma-separated (training), and val_path (validation)
+        path=config_dict.placeholder(str),
+        val_path=config_dict.placeholder(str),
         tokenizer="bytes",  # bytes | path to tokenizer.json | path to a SentencePiece .model
         eod_token=config_dict.placeholder(str),  # if not <|endoftext|> (or the SentencePiece EOS)
         tfds_name=config_dict.placeholder(str),  # source=tfds

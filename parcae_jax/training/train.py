@@ -74,11 +74,11 @@ class Trainer:
         with self.context():
             return self.init(jax.random.key(self.config.seed))
 
-    def local_eval_batches(self, val_split) -> list[dict]:
-        """This process's rows of the first `train.eval_batches` validation batches (the same every eval)."""
-        loader = dataset.eval_loader(val_split, self.config.data, self.run.model.seq_len, self.config.train.batch_size,
-                                     jax.process_index(), jax.process_count())
-        return [b for _, b in zip(range(self.config.train.eval_batches), loader)]
+    def local_eval_batches(self, data) -> list[dict]:
+        """This process's rows of the first `train.eval_batches` validation batches of `data`
+        (dataset.open_data; the same every eval)."""
+        return data.eval_batches(self.run.model.seq_len, self.config.train.batch_size, self.config.train.eval_batches,
+                                 jax.process_index(), jax.process_count())
 
     def evaluate(self, params, batches: list[dict]) -> dict[str, float]:
         """Mean validation loss at every eval recurrence, on the same batches each time."""
@@ -138,9 +138,8 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
     root = storage.resolve(workdir)
     trainer = trainer or Trainer(config, run)
     tok = run.tokenizer
-    train_split, val_split = dataset.open_splits(config.data, tok, progress=pid == 0)
-    seq = run.model.seq_len
-    loader = dataset.train_loader(train_split, config.data, seq, t.batch_size, config.seed, pid, nproc)
+    data = dataset.open_data(config.data, tok, progress=pid == 0)
+    loader = data.train_loader(run.model.seq_len, t.batch_size, config.seed, pid, nproc)
     data_iter = iter(loader)
     ckpt = Checkpointer(storage.make_dir(RunDir(workdir).checkpoints), config.ckpt.keep, config.ckpt.async_save)
     check_outputs(workdir)
@@ -159,9 +158,9 @@ def _train(config, workdir: str, run: Run, trainer: Trainer | None, owns_workdir
     proc_log = ProcessLog(root, pid, nproc, f"{jax.local_device_count()} local / {jax.device_count()} devices "
                           f"({jax.devices()[0].device_kind}), jax {jax.__version__}, resuming from step {start}")
     profiler = Profiler(config.profile, os.path.join(writer.local_dir, PROFILE) if pid == 0 else None)
-    local_eval = trainer.local_eval_batches(val_split)
+    local_eval = trainer.local_eval_batches(data)
     eval_batches = [to_global(b, trainer.batch_sharding) for b in local_eval]
-    unigram = dataset.unigram_loss(train_split, local_eval, run.model.padded_vocab_size) if pid == 0 else None
+    unigram = data.unigram_loss(local_eval, run.model.padded_vocab_size) if pid == 0 else None
     fpt = flops_per_token(run.model)["flops_per_token"]
     peak = peak_flops(jax.devices()[0].device_kind)
     preempt = Preemption()
@@ -243,7 +242,7 @@ def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None 
     if not directory.exists():  # and create nothing in a misspelled workdir
         raise CheckpointError(f"no checkpoint in {directory}; train first (--mode=train)")
     ckpt = Checkpointer(directory, config.ckpt.keep)
-    _, val_split = dataset.open_splits(config.data, run.tokenizer)
+    data = dataset.open_data(config.data, run.tokenizer)
     with trainer.context():
         target = abstract_with_shardings(trainer.abstract, trainer.state_sharding)
         model_only = lambda saved, step: resume.check(  # noqa: E731 - another model cannot load these weights
@@ -253,7 +252,7 @@ def evaluate_checkpoint(config, workdir: str, run: Run, trainer: Trainer | None 
         if found is None:
             raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
         latest, state = found
-        batches = [to_global(b, trainer.batch_sharding) for b in trainer.local_eval_batches(val_split)]
+        batches = [to_global(b, trainer.batch_sharding) for b in trainer.local_eval_batches(data)]
         out = {"step": latest, **trainer.evaluate(state.params, batches)}
     ckpt.close()
     return out
