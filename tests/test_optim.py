@@ -133,7 +133,7 @@ def labels_of(labels, path):
 def test_schedules(schedule):
     optim = defaults.get_config().optim
     optim.update(schedule=schedule, warmup_steps=10, cooldown_fraction=0.5, min_lr_ratio=0.1)
-    f = lambda s: float(lr_factor(optim)(s, 100))  # noqa: E731
+    f = lambda s: float(lr_factor(optim)(s, schedule_values(optim, 100)))  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     if schedule == "trapezoid":  # official: flat until max_steps - cooldown, then linear to the floor
         assert f(50) == pytest.approx(1.0) and f(75) == pytest.approx(0.1 + 0.9 * 0.5) and f(100) == pytest.approx(0.1)
@@ -145,5 +145,5 @@ def test_schedules(schedule):
 
 def test_official_trapezoid_has_no_warmup_and_decays_to_zero():
     optim = defaults.get_config().optim
-    f = lambda s: float(lr_factor(optim)(s, 1000))  # noqa: E731
+    f = lambda s: float(lr_factor(optim)(s, schedule_values(optim, 1000)))  # noqa: E731
     assert [f(0), f(500), f(750), f(1000)] == pytest.approx([1.0, 1.0, 0.5, 0.0])

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from parcae_jax.data import stream
 from parcae_jax.data.pipeline import PAD_TARGET
 from parcae_jax.data.readers import DataError
-from parcae_jax.data.stream import make_stream, restore_state
+from parcae_jax.data.stream import check_file, make_stream, restore_state, stream_files
 from parcae_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -91,18 +92,33 @@ def test_the_stream_is_the_concatenated_documents_cut_into_windows(corpus, proce
     assert_equal(got, reference([t for ts in texts[p::c] for t in ts]))  # files p, p + c, ...
 
 
-def test_a_stream_resumed_from_its_json_state_continues_with_the_next_batch(corpus):
+def test_jsonl_files_read_in_byte_ranges_give_the_same_windows(corpus, monkeypatch):
+    """Ranges of 37 bytes: most lines start in one range and end in another."""
     files, texts = corpus
-    ds = make_stream(files, encode, TOK.eod_id, SEQ, BATCH)
-    whole = batches_of(ds)
+    monkeypatch.setattr(stream, "JSONL_CHUNK_BYTES", 37)
+    assert len(stream.chunks_of(files[1])) > 5
+    assert_equal(batches_of(make_stream(files, encode, TOK.eod_id, SEQ, BATCH)), reference(sum(texts, [])))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_resumed_from_its_json_state_continues_with_the_next_batch(corpus, workers):
+    """Also read and tokenised in two worker processes: the same batches, the same resume."""
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
+    files, texts = corpus
+    whole = batches_of(make_stream(files, encode, TOK.eod_id, SEQ, BATCH, workers=workers))
     assert len(whole) > 8
-    for k in (1, 3, 5, 8):
-        it = iter(ds)
+    assert_equal(whole, reference(sum(texts, [])))
+    for k in (1, 5, 8) if workers else (1, 3, 5, 8):
+        it = iter(make_stream(files, encode, TOK.eod_id, SEQ, BATCH, workers=workers))
         batches_of(it, k)
         state = json.dumps(it.get_state())
-        resumed = iter(make_stream(files, encode, TOK.eod_id, SEQ, BATCH))
+        it.close()
+        resumed = iter(make_stream(files, encode, TOK.eod_id, SEQ, BATCH, workers=workers))
         resumed.set_state(restore_state(json.loads(state)))
         assert_equal(batches_of(resumed), whole[k:])
+        resumed.close()
 
 
 def test_bad_stream_files_are_one_line_naming_the_file(tmp_path):
@@ -114,13 +130,36 @@ def test_bad_stream_files_are_one_line_naming_the_file(tmp_path):
     gz = gzip.compress(b'{"text": "a"}\n' * 200)
     (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
     cases = {"nocol.parquet": "no column 'text'", "ints.parquet": "not text", "nofield.jsonl": "no field 'text'",
-             "bad.jsonl": "bad.jsonl:2: not a JSON object", "junk.parquet": "not a readable Parquet file",
+             "bad.jsonl": "bad.jsonl:2: a line is not a JSON object", "junk.parquet": "not a readable Parquet file",
              "cut.jsonl.gz": "the file is damaged"}
+    early = {"nocol.parquet", "ints.parquet", "nofield.jsonl", "junk.parquet"}  # found before training starts
     for name, words in cases.items():
-        with pytest.raises(DataError) as e:
-            batches_of(make_stream([str(tmp_path / name)], encode, TOK.eod_id, 3, 1))
-        message = str(e.value)
-        assert name in message and words in message and "\n" not in message, message
+        path = str(tmp_path / name)
+        checks = [lambda p=path: batches_of(make_stream([p], encode, TOK.eod_id, 3, 1))]
+        if name in early:
+            checks.append(lambda p=path: check_file(p))
+        for check in checks:
+            with pytest.raises(DataError) as e:
+                check()
+            message = str(e.value)
+            assert name in message and words in message and "\n" not in message, message
+    with pytest.raises(DataError, match=r"data.path: .*nothing\*.parquet: the pattern matches no file"):
+        stream_files(f"{tmp_path}/nothing*.parquet", "data.path")
+    with pytest.raises(DataError, match=r"data.val_path: .*notes.txt is not a"):
+        (tmp_path / "notes.txt").write_text("a")
+        stream_files(f"{tmp_path}/notes.txt", "data.val_path")
+
+
+def test_a_file_that_vanishes_mid_run_is_one_line_naming_it(corpus, tmp_path):
+    files = []
+    for i in range(2):
+        files.append(str(tmp_path / f"{i}.parquet"))
+        pq.write_table(pa.table({"text": ["some words " * 20] * 8}), files[-1], row_group_size=4)
+    it = iter(make_stream(files, encode, TOK.eod_id, SEQ, BATCH))
+    next(it)
+    (tmp_path / "1.parquet").unlink()
+    with pytest.raises(DataError, match=r"1\.parquet: (not a readable Parquet file|row group 0 unreadable)"):
+        batches_of(it)
 
 
 def test_the_stream_gives_the_prepared_loaders_windows_in_file_order(corpus, tmp_path):

@@ -1,109 +1,62 @@
-"""Streaming input: Parquet and JSONL(.gz) files read in order, tokenised on the fly, packed
-into windows, with an exact, JSON-serialisable iterator state.
+"""Streaming input: Parquet and JSONL(.gz) files read in order, tokenised on the fly (in Grain
+worker processes with data.num_workers > 0), packed into windows, with an exact,
+JSON-serialisable iterator state.
 
 The stream of process p of c is its share of the files (files p, p + c, p + 2c, ...: the
 official FineWeb-Edu loader's rule), read one after another, each document tokenised with the
 end-of-document id appended, all of them concatenated and cut into windows of seq_len + 1
 tokens: exactly the windows of the prepared loader (pipeline.PackedWindows) over the same
 documents unshuffled, with the same per-window document numbering (1, 2, ...) and the same
-inputs / targets / segment_ids. Nothing is shuffled: a stream is one pass in file order (the
-data is its own order; shuffle the files before sharding them if the corpus is sorted).
+inputs / targets / segment_ids. Nothing is shuffled: a stream is one pass in file order.
 
-Built on Grain: `ParquetIterDataset` per Parquet file, a JSONL reader with a line-offset
-state, `InterleaveIterDataset(cycle_length=1)` to chain the files and
-`ConcatThenSplitIterDataset` to cut windows. `iterator.get_state()` is the position (file,
-row, and how much of the current document the windows have taken), and `restore_state`
-turns it back after a JSON round trip (Grain 0.2.18 compares a tuple that JSON turns into a
-list: without the repair a resumed stream skips a document).
+The unit of work is a chunk: a Parquet row group (its text column only), a byte range of a
+.jsonl file (the lines that start in it) or a whole .jsonl.gz file. Chunks are a Grain
+MapDataset, read and tokenised by `mp_prefetch` workers (worker i takes chunks i, i + w, ...,
+and their outputs are taken in turn, so the order stays the file order); a flat map splits
+them into documents and `ConcatThenSplitIterDataset` cuts the windows. `get_state()` is the
+position (chunk, document, and how much of it the windows have taken): a resumed stream
+re-reads one chunk. Grain 0.2.18 compares a tuple of that state that JSON turns into a list:
+`restore_state` repairs it (without, a resumed stream skips a document).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import gzip
 import json
+import math
+import os
 from typing import Callable
 
+import grain
 import numpy as np
 
 from parcae_jax.data.pipeline import PAD_TARGET, unigram_loss
 from parcae_jax.data.readers import DataError
 
 STREAM_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+JSONL_CHUNK_BYTES = 32 << 20  # a .jsonl file is read in byte ranges of this size (a .gz whole)
 
 
-def _jsonl_dataset(path: str, field: str):
-    import grain
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A Parquet row group (`index`), or bytes [start, stop) of a JSONL file (stop -1: to the end)."""
 
-    class Lines(grain.DatasetIterator):
-        """One JSON object per line; state: lines read and their byte count (a resumed reader
-        seeks there)."""
-
-        def __init__(self):
-            super().__init__()
-            self._file, self._line, self._offset = None, 0, 0
-
-        def _open(self):
-            import gzip
-
-            if self._file is None:
-                try:
-                    self._file = (gzip.open if path.endswith(".gz") else open)(path, "rb")
-                    if self._offset:
-                        self._file.seek(self._offset)
-                except OSError as e:
-                    raise DataError(f"{path}: cannot read it ({e.strerror or e}); check the file") from None
-
-        def __next__(self) -> dict:
-            self._open()
-            while True:
-                try:
-                    raw = self._file.readline()
-                except (OSError, EOFError) as e:  # a truncated or corrupt .gz
-                    raise DataError(f"{path}:{self._line + 1}: unreadable ({e}); the file is damaged") from None
-                if not raw:
-                    raise StopIteration
-                self._line += 1
-                self._offset += len(raw)
-                if raw.strip():
-                    return {"text": _text_of_line(raw, f"{path}:{self._line}", field)}
-
-        def get_state(self) -> dict:
-            return {"line": self._line, "offset": self._offset}
-
-        def set_state(self, state: dict) -> None:
-            self.close()
-            self._line, self._offset = int(state["line"]), int(state["offset"])
-
-        def close(self) -> None:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    class JsonlFile(grain.IterDataset):
-        def __iter__(self):
-            return Lines()
-
-    return JsonlFile()
+    path: str
+    index: int = 0
+    start: int = 0
+    stop: int = -1
 
 
-def _text_of_line(raw: bytes, where: str, field: str) -> str:
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: not a JSON object ({e}); fix or remove the line") from None
-    if not isinstance(obj, dict) or field not in obj:
-        raise DataError(f"{where}: no field {field!r}; set data.text_field")
-    if not isinstance(obj[field], str):
-        raise DataError(f"{where}: field {field!r} is {type(obj[field]).__name__}, not text")
-    return obj[field]
-
-
-def _parquet_dataset(path: str, field: str):
-    import grain
+def _parquet_schema_check(path: str, field: str) -> int:
+    """The file's row-group count, after checking it has a text column `field`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        meta = pq.ParquetFile(path)
+        schema = meta.schema_arrow
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:120]})") from None
     if field not in schema.names:
@@ -111,16 +64,105 @@ def _parquet_dataset(path: str, field: str):
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{path}: column {field!r} holds {kind}, not text")
-    return grain.experimental.ParquetIterDataset(path).map(lambda row: {"text": row[field] or ""})
+    return meta.num_row_groups
 
 
-def file_documents(path: str, field: str = "text"):
-    """A Grain IterDataset of {"text": str}, one per document of `path`, in file order."""
+def chunks_of(path: str, field: str = "text") -> list[Chunk]:
+    """The file's chunks in order (a Parquet file's footer is read and checked)."""
     if path.endswith(".parquet"):
-        return _parquet_dataset(path, field)
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        return _jsonl_dataset(path, field)
+        return [Chunk(path, g) for g in range(_parquet_schema_check(path, field))]
+    if path.endswith(".jsonl"):
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+        n = max(1, math.ceil(size / JSONL_CHUNK_BYTES))
+        return [Chunk(path, i, i * JSONL_CHUNK_BYTES, min((i + 1) * JSONL_CHUNK_BYTES, size)) for i in range(n)]
+    if path.endswith(".jsonl.gz"):
+        return [Chunk(path)]
     raise DataError(f"{path}: a stream reads {', '.join(STREAM_SUFFIXES)} files")
+
+
+def read_chunk(chunk: Chunk, field: str = "text") -> list[str]:
+    """The texts of a chunk's documents, in order (DataError naming the file otherwise)."""
+    path = chunk.path
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        _parquet_schema_check(path, field)  # the file may have changed, or gone, since the run began
+        try:
+            column = pq.ParquetFile(path).read_row_group(chunk.index, columns=[field]).column(0)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: row group {chunk.index} unreadable ({str(e).splitlines()[0][:120]}); "
+                            "the file is damaged or changed") from None
+        return [t or "" for t in column.to_pylist()]
+    texts = []
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            if chunk.start:  # a line belongs to the range it starts in: finish the one begun before
+                f.seek(chunk.start - 1)
+                f.readline()
+            line = 0  # counted from the file's start in its first chunk; later ones name a byte offset
+            while chunk.stop < 0 or f.tell() < chunk.stop:
+                line += 1
+                where = f"{path}:{line}" if not chunk.start else f"{path} (the line at byte {f.tell()})"
+                raw = f.readline()
+                if not raw:
+                    break
+                if raw.strip():
+                    texts.append(_text_of_line(raw, where, field))
+    except (OSError, EOFError) as e:  # gone, unreadable, or a truncated or corrupt .gz
+        raise DataError(f"{path}: unreadable ({e}); the file is damaged or changed") from None
+    return texts
+
+
+def _text_of_line(raw: bytes, where: str, field: str) -> str:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: a line is not a JSON object ({e}); fix or remove it") from None
+    if not isinstance(obj, dict) or field not in obj:
+        raise DataError(f"{where}: no field {field!r}; set data.text_field")
+    if not isinstance(obj[field], str):
+        raise DataError(f"{where}: field {field!r} is {type(obj[field]).__name__}, not text")
+    return obj[field]
+
+
+def check_file(path: str, field: str = "text") -> None:
+    """Before training: the file opens and (Parquet) has a text column `field`, (JSONL) its first
+    line has a text `field` (DataError in one line naming the file otherwise)."""
+    if path.endswith(".parquet"):
+        _parquet_schema_check(path, field)
+        return
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = next((line for line in f if line.strip()), None)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable ({e}); check the file") from None
+    if raw is not None:
+        _text_of_line(raw, f"{path}:1", field)
+
+
+class _TokenizeChunk:
+    """Chunk -> {"tokens": every document's ids end to end, "lengths": per document}: flat
+    arrays, cheap to hand from a worker process (picklable: workers build it from its fields)."""
+
+    def __init__(self, encode: Callable[[str], np.ndarray], field: str):
+        self.encode, self.field = encode, field
+
+    def __call__(self, chunk: Chunk) -> dict[str, np.ndarray]:
+        ids = [np.asarray(self.encode(t), np.int32) for t in read_chunk(chunk, self.field)]
+        return {"tokens": np.concatenate(ids) if ids else np.zeros(0, np.int32),
+                "lengths": np.array([len(x) for x in ids], np.int64)}
+
+
+class _Documents(grain.experimental.FlatMapTransform):
+    max_fan_out = 1 << 30  # read by MapDataset's flat map only; the stream's flat map takes any count
+
+    def flat_map(self, chunk: dict) -> list[dict]:
+        bounds = np.cumsum(chunk["lengths"])[:-1]
+        return [{"tokens": t} for t in np.split(chunk["tokens"], bounds)] if len(chunk["lengths"]) else []
 
 
 def process_files(files: list[str], process_index: int, process_count: int) -> list[str]:
@@ -153,27 +195,22 @@ def stream_files(spec: str | None, key: str) -> list[str]:
 
 
 def make_stream(files: list[str], encode: Callable[[str], np.ndarray], eod_id: int, seq_len: int, local_batch: int,
-                *, text_field: str = "text", process_index: int = 0, process_count: int = 1, repeat: bool = False):
+                *, text_field: str = "text", process_index: int = 0, process_count: int = 1, repeat: bool = False,
+                workers: int = 0):
     """A Grain IterDataset of local batches {inputs, targets, segment_ids} ([local_batch, seq_len]
     int32) streamed from this process's share of `files`. `encode` maps a text to its ids with
-    the end-of-document id appended. Without `repeat` the stream ends with the data (the last
-    partial batch is dropped; a last partial window is padded with ignored targets, as the
-    prepared loader's); with it the files start again after the last, the windows running on
-    across the seam."""
-    import functools
-
-    import grain
-
+    the end-of-document id appended (picklable when `workers` > 0: chunks are read and
+    tokenised in that many worker processes). Without `repeat` the stream ends with the data
+    (the last partial batch is dropped; a last partial window is padded with ignored targets,
+    as the prepared loader's); with it the files start again after the last, the windows
+    running on across the seam."""
     share = process_files(files, process_index, process_count)
-    L = seq_len + 1
-
-    def tokens(doc: dict) -> dict:
-        return {"tokens": np.asarray(encode(doc["text"]), np.int32)}
-
-    paths = grain.MapDataset.source(share)
-    per_file = (paths.repeat() if repeat else paths).map(lambda path: file_documents(path, text_field).map(tokens))
-    docs = grain.experimental.InterleaveIterDataset(per_file, cycle_length=1)
-    windows = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": L})
+    chunks = grain.MapDataset.source([c for path in share for c in chunks_of(path, text_field)])
+    tokenized = (chunks.repeat() if repeat else chunks).map(_TokenizeChunk(encode, text_field)).to_iter_dataset()
+    if workers > 0:
+        tokenized = tokenized.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    docs = grain.experimental.FlatMapIterDataset(tokenized, _Documents())
+    windows = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
     return windows.batch(local_batch, drop_remainder=True).map(functools.partial(_language_model_batch, eod_id))
 
 
@@ -236,19 +273,20 @@ class StreamData:
     def _encode(self, text: str) -> np.ndarray:
         return np.append(np.asarray(self.tok.encode(text), np.int32), np.int32(self.tok.eod_id))
 
-    def _stream(self, files, seq_len, global_batch, process_index, process_count, repeat):
+    def _stream(self, files, seq_len, global_batch, process_index, process_count, repeat, workers=0):
         if global_batch % process_count:
             raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
         return make_stream(files, self._encode, self.tok.eod_id, seq_len, global_batch // process_count,
                            text_field=self.data.text_field, process_index=process_index,
-                           process_count=process_count, repeat=repeat)
+                           process_count=process_count, repeat=repeat, workers=workers)
 
     def train_loader(self, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
                      process_count: int = 1) -> StreamIterator:
-        """The training stream, repeating the files; `seed` is unused (a stream is not shuffled)."""
+        """The training stream, repeating the files, read and tokenised in data.num_workers worker
+        processes; `seed` is unused (a stream is not shuffled)."""
         del seed
         return StreamIterator(self._stream(self.train_files, seq_len, global_batch, process_index, process_count,
-                                           repeat=True))
+                                           repeat=True, workers=self.data.num_workers))
 
     def eval_batches(self, seq_len: int, global_batch: int, n: int, process_index: int = 0,
                      process_count: int = 1) -> list[dict]:

@@ -33,19 +33,22 @@ OPTIMIZERS = ("muon_adamw", "adamw")
 
 
 def schedule_values(optim, total_steps: int) -> dict[str, np.ndarray]:
-    """The run-time schedule arguments of `update`: base learning rates and the run's length."""
-    return {"lr": np.float32(optim.lr), "muon_lr": np.float32(optim.muon_lr), "total_steps": np.float32(total_steps)}
+    """The run-time schedule arguments of `update`: base learning rates, the run's length and its
+    warm-up (a sweep scales the warm-up with the length)."""
+    return {"lr": np.float32(optim.lr), "muon_lr": np.float32(optim.muon_lr), "total_steps": np.float32(total_steps),
+            "warmup_steps": np.float32(optim.warmup_steps)}
 
 
-def lr_factor(optim) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Multiplier of the base lr at a 0-based step of a run of `total_steps`: linear warm-up, then
+def lr_factor(optim) -> Callable[[jax.Array, dict], jax.Array]:
+    """Multiplier of the base lr at a 0-based step, given schedule_values: linear warm-up, then
     trapezoid (warmup-stable-decay: constant, then linear to min_lr_ratio over the last
     cooldown_fraction of the run), cosine (to min_lr_ratio) or constant."""
-    warm, floor = optim.warmup_steps, optim.min_lr_ratio
+    floor = optim.min_lr_ratio
 
-    def factor(step, total_steps):
-        s, total = jnp.asarray(step, jnp.float32), jnp.asarray(total_steps, jnp.float32)
-        up = jnp.minimum(1.0, (s + 1) / warm) if warm > 0 else 1.0
+    def factor(step, schedule):
+        s, total = jnp.asarray(step, jnp.float32), jnp.asarray(schedule["total_steps"], jnp.float32)
+        warm = jnp.asarray(schedule["warmup_steps"], jnp.float32)
+        up = jnp.where(warm > 0, jnp.minimum(1.0, (s + 1) / jnp.maximum(warm, 1.0)), 1.0)
         if optim.schedule == "trapezoid":  # official: base until max_steps - cd, then base * (max_steps - s) / cd
             cooldown = jnp.maximum(jnp.round(optim.cooldown_fraction * total), 1.0)
             down = jnp.clip((total - s) / cooldown, 0.0, 1.0)
@@ -162,12 +165,12 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformationExtraArgs, dict[s
     """(transformation, {name: lr at (step, schedule)}) for config.optim; update takes `step=`
     and `schedule=` (schedule_values)."""
     factor = lr_factor(optim)
-    lrs = {"lr": lambda s, h: h["lr"] * factor(s, h["total_steps"])}
+    lrs = {"lr": lambda s, h: h["lr"] * factor(s, h)}
     adamw = optax.chain(optax.scale_by_adam(optim.b1, optim.b2, optim.eps),
                         optax.add_decayed_weights(optim.weight_decay), scale_by_global_lr(lrs["lr"]))
     if optim.name == "adamw":
         return optax.with_extra_args_support(adamw), lrs
-    lrs["muon_lr"] = lambda s, h: h["muon_lr"] * factor(s, h["total_steps"])
+    lrs["muon_lr"] = lambda s, h: h["muon_lr"] * factor(s, h)
 
     def momentum(s, h):
         frac = jnp.minimum(jnp.asarray(s, jnp.float32) / max(optim.muon_momentum_warmup_steps, 1), 1.0)
