@@ -3,6 +3,7 @@ the run trains, checkpoints, is killed, resumes from the emulator exactly, and i
 metrics.jsonl and TensorBoard events are there. Nothing of ours is mocked: orbax writes
 through tensorstore's gcs driver, everything else through etils.epath and gcsfs."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -242,3 +243,47 @@ def test_a_gs_workdir_lock_is_a_lease_taken_over_only_from_the_dead(gcs):
     assert not lock.held()
     lock.release()  # does not delete the new holder's object
     assert json.loads(obj.read_text())["host"] == "elsewhere"
+
+
+@pytest.mark.slow
+def test_a_run_streams_its_files_from_gcs_as_from_local_disk(gcs, tmp_path):
+    """Parquet and JSONL(.gz) files uploaded to the emulator, named by a gs:// glob and folder:
+    the same batches as the local files, and a run trained from them logs the local run's losses."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from etils import epath
+
+    from parcae_jax.data.stream import make_stream
+    from parcae_jax.data.stream_files import stream_files
+    from tests.test_stream import TOK, batches_of, encode
+
+    local = tmp_path / "local"
+    local.mkdir()
+    texts = [f"document {i} " + "word " * (i % 7) for i in range(60)]
+    pq.write_table(pa.table({"text": texts[:30]}), local / "a.parquet", row_group_size=8)
+    (local / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[30:45]))
+    with gzip.open(local / "c.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts[45:]))
+    for name in ("a.parquet", "b.jsonl", "c.jsonl.gz"):
+        with epath.Path(f"gs://{BUCKET}/stream/{name}").open("wb") as out, open(local / name, "rb") as src:
+            shutil.copyfileobj(src, out)
+    remote = stream_files(f"gs://{BUCKET}/stream/*.*", "data.path")
+    assert remote == [f"gs://{BUCKET}/stream/{n}" for n in ("a.parquet", "b.jsonl", "c.jsonl.gz")]
+    assert stream_files(f"gs://{BUCKET}/stream", "data.path") == remote
+    local_files = [str(local / n) for n in ("a.parquet", "b.jsonl", "c.jsonl.gz")]
+    want = batches_of(make_stream(local_files, encode, TOK.eod_id, 15, 2))
+    got = batches_of(make_stream(remote, encode, TOK.eod_id, 15, 2))
+    assert len(got) == len(want) > 5
+    for g, w in zip(got, want):
+        assert all((g[k] == w[k]).all() for k in w)
+
+    ran = {}
+    for where, files in (("local", local_files), ("gcs", remote)):
+        config = small_config(steps=4, eval_every=4)
+        config.data.update(source="stream", path=",".join(files[:2]), val_path=files[2])
+        trainer, run = one_device(config)
+        train(config, str(tmp_path / where), run, trainer)
+        ran[where] = losses(tmp_path / where)
+    assert sorted(ran["gcs"]) == [1, 2, 3, 4] and ran["gcs"] == ran["local"]

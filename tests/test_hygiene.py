@@ -97,3 +97,18 @@ def test_the_slow_host_rule():
     assert slow_hosts([0.01, 0.012, 0.011, 0.3], step_time_s=1.0) == [(3, 0.3, 0.012)]
     assert slow_hosts([0.01, 0.012, 0.011, 0.05], step_time_s=1.0) == []  # slower, but not a tenth of the step
     assert slow_hosts([0.2, 0.2], step_time_s=1.0) == []  # all equally slow: nobody waits for one host
+
+
+def test_runs_that_differ_only_in_schedule_values_lower_to_one_program():
+    """A sweep's points of one shape (other lengths and warm-ups) and a stability variant's
+    learning rates: the same StableHLO, so the compilation cache serves them one executable."""
+    from parcae_jax.bench.step import lower_only
+    from parcae_jax.training.validate import validate
+
+    texts = []
+    for steps, warmup, lr in ((20, 2, 0.008), (37, 5, 0.064)):
+        config = small_config(steps=steps)
+        config.optim.update(warmup_steps=warmup, lr=lr, muon_lr=lr / 2)
+        _, lowered = lower_only(config, validate(config))
+        texts.append(lowered.as_text())
+    assert texts[0] == texts[1]

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from parcae_jax.data import stream
+from parcae_jax.data import stream_files as files_module
 from parcae_jax.data.pipeline import PAD_TARGET
 from parcae_jax.data.readers import DataError
-from parcae_jax.data.stream import check_file, make_stream, restore_state, stream_files
+from parcae_jax.data.stream import make_stream, restore_state
+from parcae_jax.data.stream_files import check_file, stream_files
 from parcae_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -95,8 +96,8 @@ def test_the_stream_is_the_concatenated_documents_cut_into_windows(corpus, proce
 def test_jsonl_files_read_in_byte_ranges_give_the_same_windows(corpus, monkeypatch):
     """Ranges of 37 bytes: most lines start in one range and end in another."""
     files, texts = corpus
-    monkeypatch.setattr(stream, "JSONL_CHUNK_BYTES", 37)
-    assert len(stream.chunks_of(files[1])) > 5
+    monkeypatch.setattr(files_module, "JSONL_CHUNK_BYTES", 37)
+    assert len(files_module.chunks_of(files[1])) > 5
     assert_equal(batches_of(make_stream(files, encode, TOK.eod_id, SEQ, BATCH)), reference(sum(texts, [])))
 
 

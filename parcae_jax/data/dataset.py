@@ -47,7 +47,7 @@ def check(data, model_vocab_size: int) -> Tokenizer:
         else:
             made_with = read_manifest(data.path)["tokenizer"]  # one line if it is not a finished preparation
     if data.source == "stream":
-        from parcae_jax.data.stream import check_file, stream_files
+        from parcae_jax.data.stream_files import check_file, stream_files
 
         for path in stream_files(data.path, "data.path") + stream_files(data.val_path, "data.val_path"):
             check_file(path, data.text_field)  # one line naming the first unusable file, before compiling
