@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
 
         print(json.dumps(describe(run.model), indent=1))
     elif mode == "bench":
-        from parcae_jax.bench import bench
+        from parcae_jax.bench.step import bench
 
         print(json.dumps(bench(config, run)))
     elif mode == "import":

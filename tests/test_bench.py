@@ -6,7 +6,8 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from parcae_jax.bench import bench, roof
+from parcae_jax.bench import roof
+from parcae_jax.bench.step import bench
 from parcae_jax.training.describe import flops_per_token
 from parcae_jax.training.validate import validate
 from tests.test_train import small_config

@@ -1,7 +1,5 @@
-"""Benchmarks, each printing one JSON object: the train step (`--mode=bench`, step.py) and
-the input pipeline (`python -m parcae_jax.commands.bench_data`, data.py). They sit above the trainer
-and the data package, so both may be imported here without running against the layering."""
-
-from parcae_jax.bench.step import bench, compile_only
-
-__all__ = ["bench", "compile_only"]
+"""Benchmarks, each printing one JSON object: the train step (`--mode=bench`, step.py), the
+input pipeline (`python -m parcae_jax.commands.bench_data`, data.py), decoding (decode.py),
+the lm-eval adapter (harness.py) and the memory table (memory_table.py). They sit above the
+trainer and the data package. Nothing is imported here: the data benchmark's worker
+processes re-import their command, and must not pay for JAX and the trainer."""
