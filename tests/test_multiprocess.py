@@ -175,3 +175,41 @@ def test_concurrent_preparations_of_one_output_tokenise_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert manifests[0]["splits"] == manifests[1]["splits"]
     assert sorted(map(int, log.read_text().split())) == list(range(400))
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_two_processes_stream_their_files_and_resume_after_a_kill(tmp_path):
+    """data.source=stream on two processes (each reads its own files): one killed with SIGKILL
+    after checkpoint 4, the same command resumes to the end with the uninterrupted run's
+    losses; resuming on one process is refused in one line (a stream's position is per process)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"shard-{i}.parquet")
+        texts = [f"shard {i} document {j}: " + "the loop state decays " * (j % 5 + 1) for j in range(40)]
+        pq.write_table(pa.table({"text": texts}), files[-1], row_group_size=16)
+    stream = ["--config.data.source=stream", f"--config.data.path={tmp_path}/shard-*.parquet",
+              f"--config.data.val_path={files[0]}", "--config.train.steps=8", "--config.ckpt.every=2",
+              "--config.train.eval_every=4"]
+    cache, logs, work, ref = tmp_path / "cache", tmp_path / "logs", tmp_path / "run", tmp_path / "ref"
+    logs.mkdir()
+    procs = []
+    try:
+        assert _wait(_start(ref, cache, logs, *stream), 240) == [0, 0], (logs / "p0.log").read_text()[-3000:]
+        procs = _start(work, cache, logs, *stream)
+        _wait_for_step(work, 5, procs)
+        procs[1].kill()
+        assert _wait(procs[:1], 90) != [0]
+        assert _wait(_start(work, cache, logs, *stream), 240) == [0, 0], (logs / "p0.log").read_text()[-3000:]
+        got, want = losses(work), losses(ref)
+        assert sorted(want) == list(range(1, 9)) and got == want, (got, want)
+        one = _start(work, cache, logs, *stream, "--config.train.steps=10", processes=1)
+        assert _wait(one, 240) == [2]
+        last = _tail(logs / "p0.log")[0]
+        assert last.startswith("error: checkpoint 8 holds the stream positions of 2 processes, not 1"), last
+    finally:
+        for p in procs:
+            p.kill()

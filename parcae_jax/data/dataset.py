@@ -28,7 +28,7 @@ from parcae_jax.data.tokenizer import Tokenizer, load_tokenizer
 SOURCES = ("embedded", "prepared", "tfds", "stream")
 
 
-def check(data, model_vocab_size: int) -> Tokenizer:
+def check(data, model_vocab_size: int, process_count: int = 1) -> Tokenizer:
     """Validates config.data before anything is compiled; returns the tokenizer."""
     if data.source not in SOURCES:
         raise DataError(f"data.source={data.source!r} is unknown; set it to one of {'|'.join(SOURCES)}")
@@ -49,7 +49,11 @@ def check(data, model_vocab_size: int) -> Tokenizer:
     if data.source == "stream":
         from parcae_jax.data.stream_files import check_file, stream_files
 
-        for path in stream_files(data.path, "data.path") + stream_files(data.val_path, "data.val_path"):
+        train = stream_files(data.path, "data.path")
+        if len(train) < process_count:  # every process reads its own files (stream.process_files)
+            raise DataError(f"data.path names {len(train)} stream files for {process_count} processes: each process "
+                            "reads its own, so give at least as many files as processes (or split them)")
+        for path in train + stream_files(data.val_path, "data.val_path"):
             check_file(path, data.text_field)  # one line naming the first unusable file, before compiling
     if data.source == "tfds" and not data.tfds_name:
         raise DataError("data.source=tfds needs data.tfds_name")

@@ -158,13 +158,18 @@ class StreamData:
 
     def eval_batches(self, seq_len: int, global_batch: int, n: int, process_index: int = 0,
                      process_count: int = 1) -> list[dict]:
-        """This process's first n validation batches (fewer if the files hold fewer; none is an error)."""
-        stream = self._stream(self.val_files, seq_len, global_batch, process_index, process_count, repeat=False)
+        """This process's rows of the first n global validation batches (fewer if the files hold
+        fewer; none is an error). Every process reads all of data.val_path, so the evaluation
+        is the same whatever the process count."""
+        stream = self._stream(self.val_files, seq_len, global_batch, 0, 1, repeat=False)
         batches = [b for _, b in zip(range(n), stream)]
         if n and not batches:
             raise DataError(f"data.val_path={self.data.val_path}: its documents fill no batch of {global_batch} "
                             f"windows of {seq_len + 1} tokens; give more validation data or a smaller batch")
-        return batches
+        if global_batch % process_count:
+            raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+        rows = global_batch // process_count
+        return [{k: v[process_index * rows:(process_index + 1) * rows] for k, v in b.items()} for b in batches]
 
     def unigram_loss(self, val_batches: list[dict], vocab_size: int) -> float:
         stream = self._stream(self.train_files, 256, 16, 0, 1, repeat=False)

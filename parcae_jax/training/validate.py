@@ -113,5 +113,5 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
     _need(all(isinstance(r, int) and r >= 1 for r in recurrences),
           f"train.eval_recurrences={recurrences} must be integers >= 1")
     recurrences = tuple(sorted(set(recurrences)))
-    tok = dataset.check(config.data, model.vocab_size) if check_data else None
+    tok = dataset.check(config.data, model.vocab_size, jax.process_count()) if check_data else None
     return Run(model, mesh, recurrences, tok)
