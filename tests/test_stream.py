@@ -153,13 +153,13 @@ def test_bad_stream_files_are_one_line_naming_the_file(tmp_path):
 
 def test_a_file_that_vanishes_mid_run_is_one_line_naming_it(corpus, tmp_path):
     files = []
-    for i in range(2):
+    for i in range(12):  # more chunks than the stream reads ahead
         files.append(str(tmp_path / f"{i}.parquet"))
         pq.write_table(pa.table({"text": ["some words " * 20] * 8}), files[-1], row_group_size=4)
     it = iter(make_stream(files, encode, TOK.eod_id, SEQ, BATCH))
     next(it)
-    (tmp_path / "1.parquet").unlink()
-    with pytest.raises(DataError, match=r"1\.parquet: (not a readable Parquet file|row group 0 unreadable)"):
+    (tmp_path / "11.parquet").unlink()
+    with pytest.raises(DataError, match=r"11\.parquet: (not a readable Parquet file|row group 0 unreadable)"):
         batches_of(it)
 
 

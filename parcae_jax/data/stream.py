@@ -74,7 +74,9 @@ def make_stream(files: list[str], encode: Callable[[str], np.ndarray], eod_id: i
     running on across the seam."""
     share = process_files(files, process_index, process_count)
     chunks = grain.MapDataset.source([c for path in share for c in chunks_of(path, text_field)])
-    tokenized = (chunks.repeat() if repeat else chunks).map(_TokenizeChunk(encode, text_field)).to_iter_dataset()
+    # A few chunks in flight, not Grain's default of 500 (a FineWeb-Edu row group is ~100 MB of text)
+    tokenized = (chunks.repeat() if repeat else chunks).map(_TokenizeChunk(encode, text_field)).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if workers > 0:
         tokenized = tokenized.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     docs = grain.experimental.FlatMapIterDataset(tokenized, _Documents())
