@@ -144,9 +144,7 @@ class StreamData:
         return np.append(np.asarray(self.tok.encode(text), np.int32), np.int32(self.tok.eod_id))
 
     def _stream(self, files, seq_len, global_batch, process_index, process_count, repeat, workers=0):
-        if global_batch % process_count:
-            raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
-        return make_stream(files, self._encode, self.tok.eod_id, seq_len, global_batch // process_count,
+        return make_stream(files, self._encode, self.tok.eod_id, seq_len, _rows(global_batch, process_count),
                            text_field=self.data.text_field, process_index=process_index,
                            process_count=process_count, repeat=repeat, workers=workers)
 
@@ -168,12 +166,17 @@ class StreamData:
         if n and not batches:
             raise DataError(f"data.val_path={self.data.val_path}: its documents fill no batch of {global_batch} "
                             f"windows of {seq_len + 1} tokens; give more validation data or a smaller batch")
-        if global_batch % process_count:
-            raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
-        rows = global_batch // process_count
+        rows = _rows(global_batch, process_count)
         return [{k: v[process_index * rows:(process_index + 1) * rows] for k, v in b.items()} for b in batches]
 
     def unigram_loss(self, val_batches: list[dict], vocab_size: int) -> float:
         stream = self._stream(self.train_files, 256, 16, 0, 1, repeat=False)
         tokens = (b["inputs"][b["segment_ids"] > 0] for b in stream)
         return unigram_loss(tokens, val_batches, vocab_size)
+
+
+def _rows(global_batch: int, process_count: int) -> int:
+    """Each process's rows of a global batch."""
+    if global_batch % process_count:
+        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+    return global_batch // process_count
