@@ -48,20 +48,18 @@ def tokenizer_ceiling(docs: list[str], path: str, mb: float) -> dict:
     """`tokenizers`' own batch encoding of the same documents in this process, in batches of
     1024: on one thread (TOKENIZERS_PARALLELISM=false) and on all cores: what preparation can
     at best reach with 1 and with all workers."""
+    from unittest import mock
+
     from parcae_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
-    out, saved = {}, os.environ.get("TOKENIZERS_PARALLELISM")
+    out = {}
     for name, parallel in (("tokenizer_batch_1_thread_mb_per_s", "false"), ("tokenizer_batch_mb_per_s", "true")):
-        os.environ["TOKENIZERS_PARALLELISM"] = parallel
-        t = time.perf_counter()
-        for i in range(0, len(docs), 1024):
-            tok.encode_batch(docs[i:i + 1024])
-        out[name] = mb / (time.perf_counter() - t)
-    if saved is None:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
-    else:
-        os.environ["TOKENIZERS_PARALLELISM"] = saved
+        with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM=parallel):
+            t = time.perf_counter()
+            for i in range(0, len(docs), 1024):
+                tok.encode_batch(docs[i:i + 1024])
+            out[name] = mb / (time.perf_counter() - t)
     return out
 
 
@@ -91,7 +89,7 @@ def bench_stream(seq_len: int, batch: int, tmp: str) -> dict:
     import pyarrow.parquet as pq
 
     from parcae_jax.data import corpus
-    from parcae_jax.data.stream import make_stream
+    from parcae_jax.data.stream import document_ids, make_stream
     from parcae_jax.data.tokenizer import ByteTokenizer
 
     docs = list(corpus.documents())
@@ -102,7 +100,7 @@ def bench_stream(seq_len: int, batch: int, tmp: str) -> dict:
     n = sum(len(d.encode()) + 1 for d in docs) // (batch * seq_len)
     out = {}
     for workers in (0, 2):
-        it = iter(make_stream(files, functools.partial(_encode, tok), tok.eod_id, seq_len, batch, repeat=True,
+        it = iter(make_stream(files, functools.partial(document_ids, tok), tok.eod_id, seq_len, batch, repeat=True,
                               workers=workers))
         next(it)  # start-up (worker processes) is not throughput
         t = time.perf_counter()
@@ -111,12 +109,6 @@ def bench_stream(seq_len: int, batch: int, tmp: str) -> dict:
         out[f"stream_tokens_per_s_{workers}_workers"] = n * batch * seq_len / (time.perf_counter() - t)
         it.close()
     return out
-
-
-def _encode(tok, text: str):
-    import numpy as np
-
-    return np.append(tok.encode(text), tok.eod_id)
 
 
 def bench_tiny_step(batch: int) -> dict:

@@ -47,12 +47,11 @@ def check(data, model_vocab_size: int, process_count: int = 1) -> Tokenizer:
         else:
             made_with = read_manifest(data.path)["tokenizer"]  # one line if it is not a finished preparation
     if data.source == "stream":
+        from parcae_jax.data.stream import process_files
         from parcae_jax.data.stream_files import check_file, stream_files
 
         train = stream_files(data.path, "data.path")
-        if len(train) < process_count:  # every process reads its own files (stream.process_files)
-            raise DataError(f"data.path names {len(train)} stream files for {process_count} processes: each process "
-                            "reads its own, so give at least as many files as processes (or split them)")
+        process_files(train, process_count - 1, process_count)  # the last process's share is the first to run out
         for path in train + stream_files(data.val_path, "data.val_path"):
             check_file(path, data.text_field)  # one line naming the first unusable file, before compiling
     if data.source == "tfds" and not data.tfds_name:

@@ -194,15 +194,20 @@ class PackedWindows:
         return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids}
 
 
+def rows_per_process(global_batch: int, process_count: int) -> int:
+    """Each process's rows of a global batch (it loads its own)."""
+    if global_batch % process_count:
+        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+    return global_batch // process_count
+
+
 class ProcessShare:
     """This process's rows of every global batch: local item i is global window
     (i // b) * G + p * b + i % b, with b = G / c rows per process."""
 
     def __init__(self, source, global_batch: int, process_index: int = 0, process_count: int = 1):
-        if global_batch % process_count:
-            raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
         self.source, self.G, self.p = source, global_batch, process_index
-        self.b = global_batch // process_count
+        self.b = rows_per_process(global_batch, process_count)
 
     def __len__(self) -> int:
         return (len(self.source) // self.G) * self.b

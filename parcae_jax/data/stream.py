@@ -27,9 +27,14 @@ from typing import Callable
 import grain
 import numpy as np
 
-from parcae_jax.data.pipeline import PAD_TARGET, unigram_loss
+from parcae_jax.data.pipeline import PAD_TARGET, rows_per_process, unigram_loss
 from parcae_jax.data.readers import DataError
 from parcae_jax.data.stream_files import Chunk, chunks_of, read_chunk, stream_files
+
+
+def document_ids(tok, text: str) -> np.ndarray:
+    """A document's ids with the end-of-document id appended, int32."""
+    return np.append(np.asarray(tok.encode(text), np.int32), np.int32(tok.eod_id))
 
 
 class _TokenizeChunk:
@@ -57,8 +62,8 @@ def process_files(files: list[str], process_index: int, process_count: int) -> l
     """This process's share: files p, p + c, ... (DataError when it would be empty)."""
     share = files[process_index::process_count]
     if not share:
-        raise DataError(f"{len(files)} stream files for {process_count} processes: each process needs at least "
-                        "one; give more files (or split them)")
+        raise DataError(f"data.path names {len(files)} stream files for {process_count} processes: each process "
+                        "reads its own, so give at least as many files as processes (or split them)")
     return share
 
 
@@ -140,11 +145,9 @@ class StreamData:
         self.train_files = stream_files(data.path, "data.path")
         self.val_files = stream_files(data.val_path, "data.val_path")
 
-    def _encode(self, text: str) -> np.ndarray:
-        return np.append(np.asarray(self.tok.encode(text), np.int32), np.int32(self.tok.eod_id))
-
     def _stream(self, files, seq_len, global_batch, process_index, process_count, repeat, workers=0):
-        return make_stream(files, self._encode, self.tok.eod_id, seq_len, _rows(global_batch, process_count),
+        encode = functools.partial(document_ids, self.tok)
+        return make_stream(files, encode, self.tok.eod_id, seq_len, rows_per_process(global_batch, process_count),
                            text_field=self.data.text_field, process_index=process_index,
                            process_count=process_count, repeat=repeat, workers=workers)
 
@@ -166,17 +169,11 @@ class StreamData:
         if n and not batches:
             raise DataError(f"data.val_path={self.data.val_path}: its documents fill no batch of {global_batch} "
                             f"windows of {seq_len + 1} tokens; give more validation data or a smaller batch")
-        rows = _rows(global_batch, process_count)
+        rows = rows_per_process(global_batch, process_count)
         return [{k: v[process_index * rows:(process_index + 1) * rows] for k, v in b.items()} for b in batches]
 
     def unigram_loss(self, val_batches: list[dict], vocab_size: int) -> float:
-        stream = self._stream(self.train_files, 256, 16, 0, 1, repeat=False)
-        tokens = (b["inputs"][b["segment_ids"] > 0] for b in stream)
-        return unigram_loss(tokens, val_batches, vocab_size)
-
-
-def _rows(global_batch: int, process_count: int) -> int:
-    """Each process's rows of a global batch."""
-    if global_batch % process_count:
-        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
-    return global_batch // process_count
+        """Under the token frequencies of the first training files' documents (up to 4M tokens)."""
+        tokenize = _TokenizeChunk(functools.partial(document_ids, self.tok), self.data.text_field)
+        chunks = (c for path in self.train_files for c in chunks_of(path, self.data.text_field))
+        return unigram_loss((tokenize(c)["tokens"] for c in chunks), val_batches, vocab_size)

@@ -31,6 +31,8 @@ def enable(directory: str, data_cache_dir: str | None) -> str | None:
         from parcae_jax.data.corpus import default_cache_dir
 
         directory = os.path.join(data_cache_dir or default_cache_dir(), "xla")
+    if jax.config.jax_compilation_cache_dir == directory:  # already on (main, then each run it trains)
+        return directory
     if cpu and jax.device_count() > 1:
         logging.warning("compilation_cache_dir on CPU with %d devices: cached and fresh executables may not pair "
                         "their collectives (XLA aborts after a 40 s rendezvous timeout); use it with one device",

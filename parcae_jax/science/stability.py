@@ -107,7 +107,6 @@ def _finished(config, workdir: str) -> dict | None:
 def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
     """Trains one run, or reads it back when it finished with this config, and returns its
     summary and series (marks recomputed, so changed thresholds need no training)."""
-    from parcae_jax.runtime import compile_cache
     from parcae_jax.runtime.metrics import read_rows
     from parcae_jax.training.train import NonFiniteRun, train
     from parcae_jax.training.validate import validate
@@ -115,8 +114,6 @@ def train_one(config, workdir: str, bound: float, spike_nats: float) -> dict:
     record = _finished(config, workdir)
     if record is None:
         stopped = None
-        # a variant's runs differ only in learning rate: its later runs load the first one's step
-        compile_cache.enable(config.compilation_cache_dir, config.data.cache_dir)
         try:
             train(config, workdir, validate(config))
         except NonFiniteRun as e:

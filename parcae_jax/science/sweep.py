@@ -135,13 +135,10 @@ def run_all(points: list) -> None:
     """Trains every point that is not finished, in order; interrupted points resume, a final
     checkpoint without its evaluation is evaluated. Refuses (SweepError) before training
     anything when a workdir holds a run of other settings."""
-    from parcae_jax.runtime import compile_cache
     from parcae_jax.training.train import NonFiniteRun, train
     from parcae_jax.training.validate import validate
 
     _stale(points)
-    if points:  # as `main` does: a resumed sweep loads the steps it compiled before
-        compile_cache.enable(points[0].config.compilation_cache_dir, points[0].config.data.cache_dir)
     for p in points:
         s = _progress(p)  # _stale has checked every workdir's settings
         if s in ("done", "diverged"):

@@ -20,7 +20,7 @@ from parcae_jax.data import dataset
 from parcae_jax.data.pipeline import to_global
 from parcae_jax.errors import UserError
 from parcae_jax.model import build, init_params
-from parcae_jax.runtime import resume
+from parcae_jax.runtime import compile_cache, resume
 from parcae_jax.runtime.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from parcae_jax.runtime.metrics import MetricsWriter, ProcessLog, check_outputs, eval_key, peak_flops, slow_hosts
 from parcae_jax.runtime.preemption import Interrupted, Preemption
@@ -125,7 +125,10 @@ def train(config, workdir: str, run: Run, trainer: Trainer | None = None) -> dic
     """Trains to config.train.steps, resuming from the latest checkpoint in workdir.
 
     `trainer` (built from the same config and run) lets callers reuse its compiled steps.
-    Process 0 holds the workdir's lock throughout (workdir_lock.py): a second trainer stops."""
+    Process 0 holds the workdir's lock throughout (workdir_lock.py): a second trainer stops.
+    The compilation cache the config asks for is turned on first, so that every caller's runs
+    (a sweep's points, a stability variant's rates) load the steps compiled before."""
+    compile_cache.enable(config.compilation_cache_dir, config.data.cache_dir)
     storage.make_dir(workdir)
     if jax.process_index() != 0:
         return _train(config, workdir, run, trainer, lambda: True)
