@@ -9,6 +9,8 @@
 - `--help` prints the command's docstring and the flags its module defined (absl's own left
   out) to stdout and exits 0; absl would print `__main__`'s, which under a console script is
   pip's wrapper, and exit 1.
+- A command that computes re-executes itself once with glibc's malloc asking for transparent
+  huge pages (runtime/huge_pages.py: XLA:CPU's per-call buffers then fault 2 MiB at a time).
 - Every command logs at WARNING unless --verbosity is given: orbax, grain and TFDS log each
   open, read and lookup at INFO (hundreds of lines a checkpoint).
 - The error boundary: a `UserError` (errors.py; every user-facing error derives from it) is
@@ -26,6 +28,7 @@ from typing import Callable, Iterator
 from absl import app, flags, logging
 
 from parcae_jax.errors import UsageError, UserError, first_line
+from parcae_jax.runtime import huge_pages
 
 HELP = ("-h", "-help", "--help", "-?", "--helpshort")
 
@@ -36,6 +39,7 @@ def run(main: Callable[[list[str]], None], module_name: str, flags_parser: Calla
     if any(a in HELP for a in args):
         print(help_text(module_name))
         sys.exit(0)
+    huge_pages.reexec_if_wanted()  # before the command imports JAX: a process image of its own
 
     def bounded_main(argv: list[str]) -> None:
         if not flags.FLAGS["verbosity"].present:

@@ -1,0 +1,57 @@
+"""The command layer's re-exec with glibc's huge-page tunable (runtime/huge_pages.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from parcae_jax.runtime import huge_pages
+
+
+@pytest.mark.parametrize("argv, orig, expected", [
+    (["/x/parcae_jax/main.py", "--a=1"], ["python", "-m", "parcae_jax.main", "--a=1"], True),
+    (["/x/parcae_jax/main.py"], ["python", "-X", "utf8", "-m", "parcae_jax.main"], True),
+    (["/venv/bin/parcae-train", "--a=1"], ["/venv/bin/python", "/venv/bin/parcae-train", "--a=1"], True),
+    (["script.py"], ["python", "script.py"], True),
+    # the tests' fork server: the command line is the server's, not the command's
+    (["parcae_jax.main", "--a=1"], ["python", "-c", "server code"], False),
+    (["parcae_jax.main"], ["python", "-c", "server code"], False),
+    (["-c"], ["python", "-c", "from parcae_jax.main import run; run()"], False),
+    # pytest (or any program) calling a command's run() in its own process
+    (["/venv/bin/pytest", "-q"], ["python", "-m", "pytest", "-x"], False),
+])
+def test_a_command_reexecutes_only_the_process_started_for_it(argv, orig, expected):
+    assert huge_pages.started_for(argv, orig) is expected
+
+
+def test_the_tunable_joins_the_ones_already_set_and_is_never_added_twice():
+    env = huge_pages.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "1"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + huge_pages.TUNABLE, "A": "1"}
+    assert huge_pages.with_tunable({})["GLIBC_TUNABLES"] == huge_pages.TUNABLE
+    assert not huge_pages.wanted(env)
+    assert not huge_pages.wanted({huge_pages.OPT_OUT: "0"})
+
+
+def test_a_command_process_runs_with_the_tunable_where_it_helps(tmp_path):
+    """A real command process: re-executed with the tunable exactly when this machine's glibc
+    and THP mode make it useful, with its arguments and pid kept; opted out, never."""
+    script = tmp_path / "show.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from parcae_jax.commands import cli
+        cli.run(lambda argv: print(os.getpid(), os.environ.get("GLIBC_TUNABLES"), argv[1:]), __name__)
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT)}
+    code = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); p.wait()"
+    out = subprocess.run([sys.executable, "-c", code, sys.executable, str(script), "word"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    pid, (child_pid, tunable, args) = out[0], out[1].split(" ", 2)
+    assert child_pid == pid and args == "['word']"  # the same process, the same arguments
+    assert tunable == (huge_pages.TUNABLE if huge_pages.wanted(env) else "None")
+    out = subprocess.run([sys.executable, str(script)], env={**env, huge_pages.OPT_OUT: "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 2)[1] == "None"
