@@ -114,14 +114,15 @@ def init_cache(plan: Plan, pad_B) -> Cache:
 
 
 def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR: jax.Array | None = None,
-            adaptive: bool = False, fresh: bool = False):
-    """Logits [B, T, V] (float32) of T new tokens at positions cache.length .., the cache with
+            adaptive: bool = False, fresh: bool = False, last_only: bool = False):
+    """Logits [B, T, V] (float32; [B, 1, V] with `last_only`) of T new tokens at positions cache.length .., the cache with
     their keys and values written, and depth_B (iterations each row ran on its last token).
 
     x0_BxTxR: the initial recurrent state of these tokens (Parcae; generator.initial_states draws them).
     adaptive: apply the plan's exit rule (a decode step of one token: T must be 1).
     fresh: `cache` is init_cache's, empty (a prefill): attention then reads only the T new
     tokens, skipping masked blocks, instead of every slot position.
+    last_only: the logits of the last position only (what a prefill samples from).
 
     Every piece is one of the model's own segments, applied to the whole parameter tree (a
     separate `apply` each, so that adaptive exit can put iterations under `lax.cond`).
@@ -137,7 +138,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
     h, table, ves = segment("embed_tokens", ids_BxT)
 
     if plan.is_gpt:
-        logits, main = segment("run_body", h, table, rope, ves, None, None, main)
+        logits, main = segment("run_body", h, table, rope, ves, None, None, main, last_only)
         return logits, cache._replace(main_k=main.k, main_v=main.v, length=start + T), jnp.zeros((B,), jnp.int32)
 
     e, main = segment("run_prelude", h, rope, ves, None, main)
@@ -149,7 +150,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
         return segment("iterate", x, e, rope_core, ves_core, None, core, tuple(int(i) for i in slots[r]))
 
     def head(x, main: KVSlots):
-        return segment("run_coda", x, table, rope, ves, None, None, main)
+        return segment("run_coda", x, table, rope, ves, None, None, main, last_only)
 
     x = (jnp.zeros((B, T, cfg.d_rec), jnp.float32) if x0_BxTxR is None else x0_BxTxR).astype(jnp.float32)
     core = KVSlots(cache.core_k, cache.core_v, start, mask, fresh)

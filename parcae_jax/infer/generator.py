@@ -185,7 +185,7 @@ def _compiled(plan: decode.Plan, sampling: Sampling):
     def prefill(params, ids_BxP, pad_B, x0_all, key):
         P = ids_BxP.shape[1]
         cache = decode.init_cache(plan, pad_B)
-        logits, cache, _ = decode.forward(plan, params, ids_BxP, cache, x0_all[:, :P], fresh=True)
+        logits, cache, _ = decode.forward(plan, params, ids_BxP, cache, x0_all[:, :P], fresh=True, last_only=True)
         last = logits[:, -1]
         return _choose(last, key, sampling, V), cache, last
 

@@ -282,13 +282,15 @@ class Attention(nn.Module):
         Wv = _Kernel((W, G, D), init, ("embed", "kv_heads", "head_dim"), name="v")()
         perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
         B, T = h_BxTxW.shape[:2]
-        if cache is None:  # one matmul instead of three; its weight is rebuilt per call, amortised over B x T tokens
-            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D),
-                                    jnp.asarray(Wk)[..., perm].reshape(W, G * D),
+        if cache is None or cache.fresh:  # one matmul instead of three; its weight is rebuilt per call,
+            # amortised over B x T tokens. A prefill keeps the official channel order, the cache's.
+            order = perm if cache is None else slice(None)
+            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., order].reshape(W, H * D),
+                                    jnp.asarray(Wk)[..., order].reshape(W, G * D),
                                     jnp.asarray(Wv).reshape(W, G * D)], axis=1)
             q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
             q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
-        else:  # generation: a few tokens per call, so the weights are read as stored (official channel order)
+        else:  # a decode step: a few tokens, so the weights are read as stored (official channel order)
             q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels

@@ -41,12 +41,12 @@ class GPT(nn.Module):
         return embed_ids(self.embed, self.value_embeds, self.cfg, ids_BxT)
 
     def run_body(self, h_BxTxD, table, rope: Rope, ves: dict, segment_ids_BxT=None, targets_BxT=None,
-                 kv: KVSlots | None = None):
+                 kv: KVSlots | None = None, last_only: bool = False):
         """The blocks, final norm and head: (logits, or with targets loss and mask; kv): layer i
-        in slot i."""
+        in slot i. `last_only`: logits of the last position only ([B, 1, V]; a prefill's)."""
         specs = block_specs(self.cfg)
         h, kv, _ = run_blocks(self.block, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
-        return self.lm_head(self.ln_f(h), table, targets_BxT), kv
+        return self.lm_head(self.ln_f(h[:, -1:] if last_only else h), table, targets_BxT), kv
 
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
                  segment_ids_BxT=None, positions=None, targets_BxT=None):
