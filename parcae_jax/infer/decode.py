@@ -115,8 +115,9 @@ def init_cache(plan: Plan, pad_B) -> Cache:
 
 def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR: jax.Array | None = None,
             adaptive: bool = False, fresh: bool = False, last_only: bool = False):
-    """Logits [B, T, V] (float32; [B, 1, V] with `last_only`) of T new tokens at positions cache.length .., the cache with
-    their keys and values written, and depth_B (iterations each row ran on its last token).
+    """Logits [B, T, V] (float32; [B, 1, V] with last_only) of T new tokens at positions
+    cache.length .., the cache with their keys and values written, and depth_B (iterations
+    each row ran on its last token).
 
     x0_BxTxR: the initial recurrent state of these tokens (Parcae; generator.initial_states draws them).
     adaptive: apply the plan's exit rule (a decode step of one token: T must be 1).
