@@ -12,20 +12,21 @@ import pytest
 from parcae_jax.runtime import huge_pages
 
 
-@pytest.mark.parametrize("argv, orig, expected", [
-    (["/x/parcae_jax/main.py", "--a=1"], ["python", "-m", "parcae_jax.main", "--a=1"], True),
-    (["/x/parcae_jax/main.py"], ["python", "-X", "utf8", "-m", "parcae_jax.main"], True),
-    (["/venv/bin/parcae-train", "--a=1"], ["/venv/bin/python", "/venv/bin/parcae-train", "--a=1"], True),
-    (["script.py"], ["python", "script.py"], True),
+@pytest.mark.parametrize("module, argv, orig, expected", [
+    ("__main__", ["/x/parcae_jax/main.py", "--a=1"], ["python", "-m", "parcae_jax.main", "--a=1"], True),
+    ("__main__", ["/x/parcae_jax/main.py"], ["python", "-X", "utf8", "-m", "parcae_jax.main"], True),
+    ("parcae_jax.main", ["/venv/bin/parcae-train", "--a=1"], ["/venv/bin/python", "/venv/bin/parcae-train", "--a=1"],
+     True),
+    ("__main__", ["script.py"], ["python", "script.py"], True),
     # the tests' fork server: the command line is the server's, not the command's
-    (["parcae_jax.main", "--a=1"], ["python", "-c", "server code"], False),
-    (["parcae_jax.main"], ["python", "-c", "server code"], False),
-    (["-c"], ["python", "-c", "from parcae_jax.main import run; run()"], False),
-    # pytest (or any program) calling a command's run() in its own process
-    (["/venv/bin/pytest", "-q"], ["python", "-m", "pytest", "-x"], False),
+    ("__main__", ["parcae_jax.main", "--a=1"], ["python", "-c", "server code"], False),
+    ("__main__", ["parcae_jax.main"], ["python", "-c", "server code"], False),
+    ("parcae_jax.main", ["-c"], ["python", "-c", "from parcae_jax.main import run; run()"], False),
+    # another program (here pytest) calling a command's run() in its own process
+    ("parcae_jax.main", ["/venv/lib/pytest/__main__.py", "-q"], ["python", "-m", "pytest", "-q"], False),
 ])
-def test_a_command_reexecutes_only_the_process_started_for_it(argv, orig, expected):
-    assert huge_pages.started_for(argv, orig) is expected
+def test_a_command_reexecutes_only_the_process_started_for_it(module, argv, orig, expected):
+    assert huge_pages.started_for(module, argv, orig) is expected
 
 
 def test_the_tunable_joins_the_ones_already_set_and_is_never_added_twice():

@@ -39,7 +39,7 @@ def run(main: Callable[[list[str]], None], module_name: str, flags_parser: Calla
     if any(a in HELP for a in args):
         print(help_text(module_name))
         sys.exit(0)
-    huge_pages.reexec_if_wanted()  # before the command imports JAX: a process image of its own
+    huge_pages.reexec_if_wanted(module_name)  # before the command computes: a process image of its own
 
     def bounded_main(argv: list[str]) -> None:
         if not flags.FLAGS["verbosity"].present:
