@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Callable, Iterator
 
@@ -39,7 +40,9 @@ def run(main: Callable[[list[str]], None], module_name: str, flags_parser: Calla
     if any(a in HELP for a in args):
         print(help_text(module_name))
         sys.exit(0)
-    huge_pages.reexec_if_wanted(module_name)  # before the command computes: a process image of its own
+    # before the command computes; only when it is this process's program (`python -m`, a script
+    # or a parcae-* console script), not a run() another program calls in its own process
+    huge_pages.reexec_if_wanted(module_name == "__main__" or os.path.basename(sys.argv[0]).startswith("parcae-"))
 
     def bounded_main(argv: list[str]) -> None:
         if not flags.FLAGS["verbosity"].present:

@@ -51,13 +51,9 @@ def with_tunable(environ: os._Environ | dict) -> dict:
     return env
 
 
-def started_for(module_name: str, argv: list[str], orig_argv: list[str]) -> bool:
-    """Whether this process was started to run the command in module `module_name`: the command
-    is the program (its module runs as `__main__`, or `argv[0]` is a `parcae-*` console script)
-    and the interpreter's command line `orig_argv` is that program's, `python [opts] -m MODULE
-    ARGS` or `python [opts] SCRIPT ARGS` for `sys.argv` = `argv`."""
-    if module_name != "__main__" and not os.path.basename(argv[0]).startswith("parcae-"):
-        return False  # a command's run() called by another program in its own process
+def started_for(argv: list[str], orig_argv: list[str]) -> bool:
+    """Whether the interpreter's command line `orig_argv` is that of the program whose
+    `sys.argv` is `argv`: `python [opts] -m MODULE ARGS` or `python [opts] SCRIPT ARGS`."""
     head = orig_argv[:len(orig_argv) - (len(argv) - 1)]
     if len(head) < 2 or orig_argv[len(head):] != argv[1:]:
         return False
@@ -69,12 +65,13 @@ def _backend_running() -> bool:
     return bool(getattr(bridge, "_backends", None))
 
 
-def reexec_if_wanted(module_name: str) -> None:
+def reexec_if_wanted(is_program: bool) -> None:
     """Replaces this process by itself with the tunable set, when that helps (see the module).
 
-    Called by the command layer (cli.run, with the command's `__name__`) before the command
-    computes; returns when nothing is done."""
-    if not wanted() or _backend_running() or not started_for(module_name, sys.argv, sys.orig_argv):
+    Called by the command layer before the command computes, `is_program` telling whether the
+    command is this process's program (not a function another program called); returns when
+    nothing is done."""
+    if not (is_program and wanted()) or _backend_running() or not started_for(sys.argv, sys.orig_argv):
         return
     argv = [sys.executable, *sys.orig_argv[1:]]  # argv[0] as run, not looked up on PATH again
     sys.stdout.flush()
