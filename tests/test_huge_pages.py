@@ -13,17 +13,28 @@ from parcae_jax.runtime import huge_pages
 
 
 @pytest.mark.parametrize("argv, orig, expected", [
-    (["/x/parcae_jax/main.py", "--a=1"], ["python", "-m", "parcae_jax.main", "--a=1"], True),
-    (["/x/parcae_jax/main.py"], ["python", "-X", "utf8", "-m", "parcae_jax.main"], True),
-    (["/venv/bin/parcae-train", "--a=1"], ["/venv/bin/python", "/venv/bin/parcae-train", "--a=1"], True),
-    (["script.py"], ["python", "script.py"], True),
+    (["F", "--a=1"], ["python", "-m", "parcae_jax.main", "--a=1"], True),
+    (["F"], ["python", "-X", "utf8", "-u", "-m", "parcae_jax.main"], True),
+    (["F", "--a=1"], ["python", "-mparcae_jax.main", "--a=1"], True),
+    (["F", "--a=1", "--a=1"], ["/venv/bin/python", "F", "--a=1", "--a=1"], True),  # a console script
+    (["F"], ["python", "F"], True),
     # the tests' fork server: the command line is the server's, not the command's
-    (["parcae_jax.main", "--a=1"], ["python", "-c", "server code"], False),
-    (["parcae_jax.main"], ["python", "-c", "server code"], False),
+    (["F", "--a=1"], ["python", "-c", "server code"], False),
+    (["F"], ["python", "-c", "server code"], False),
     (["-c"], ["python", "-c", "from parcae_jax.main import run; run()"], False),
+    # a program that runs the command for you: restarting it would lose its state
+    (["F", "--a=1"], ["python", "-m", "pdb", "-m", "parcae_jax.main", "--a=1"], False),
+    (["F"], ["python", "-m", "cProfile", "-o", "x", "F"], False),
+    # a script read from a stream cannot be read again
+    (["-"], ["python", "-"], False),
+    (["/dev/stdin"], ["python", "/dev/stdin"], False),
+    (["F", "a", "b", "c"], ["python", "b", "c"], False),
 ])
-def test_a_command_reexecutes_only_the_process_started_for_it(argv, orig, expected):
-    assert huge_pages.started_for(argv, orig) is expected
+def test_a_command_reexecutes_only_the_process_started_for_it(argv, orig, expected, tmp_path):
+    program = tmp_path / "program.py"
+    program.write_text("")
+    real = lambda words: [str(program) if w == "F" else w for w in words]  # noqa: E731
+    assert huge_pages.started_for(real(argv), real(orig)) is expected
 
 
 def test_the_tunable_joins_the_ones_already_set_and_is_never_added_twice():
@@ -31,7 +42,8 @@ def test_the_tunable_joins_the_ones_already_set_and_is_never_added_twice():
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + huge_pages.TUNABLE, "A": "1"}
     assert huge_pages.with_tunable({})["GLIBC_TUNABLES"] == huge_pages.TUNABLE
     assert not huge_pages.wanted(env)
-    assert not huge_pages.wanted({huge_pages.OPT_OUT: "0"})
+    assert not huge_pages.wanted({huge_pages.OPT_OUT: "0"}) and not huge_pages.wanted({huge_pages.OPT_OUT: "off"})
+    assert not huge_pages.wanted({"JAX_PLATFORMS": "tpu"})  # accelerator hosts keep their allocator
 
 
 def test_a_command_process_runs_with_the_tunable_where_it_helps(tmp_path):

@@ -10,15 +10,18 @@ Measured on a 2-core Xeon (docs/performance.md): bench_cpu's step +14% in bf16, 
 float32; the official PyTorch step gains nothing from it (its allocations are smaller).
 
 glibc reads tunables only when a process starts, hence the re-exec, done before the command
-imports JAX: the process keeps its pid, arguments, streams and environment, plus the tunable.
-Nothing happens when the tunable is already set, `PARCAE_JAX_HUGE_PAGES=0`, the C library is
-not glibc 2.35 or later, THP is `always` or `never`, a JAX backend is already running, or the
-process was not started to run this command (another program calls the command in its own
-process, or runs it as the tests' fork server does, whose command line is its own).
+computes: the process keeps its pid, arguments, streams and environment, plus the tunable,
+which its child processes inherit. Nothing happens when the tunable is already set,
+`PARCAE_JAX_HUGE_PAGES=0`, JAX is to run on an accelerator (JAX_PLATFORMS, or a TPU runtime or
+GPU plugin installed), the C library is not glibc 2.35 or later, THP is `always` or `never`,
+a JAX backend is already running, or the process was not started to run this command (another
+program calls it in its own process, runs it as the tests' fork server does, or runs it for
+you: a debugger, a profiler, coverage).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -29,10 +32,14 @@ _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def wanted(environ: os._Environ | dict = os.environ) -> bool:
-    """Whether re-executing with the tunable would change how this machine maps big buffers."""
-    if sys.platform != "linux" or environ.get(OPT_OUT, "1") == "0":
+    """Whether re-executing with the tunable would change how this machine maps big buffers:
+    a CPU run (accelerator hosts keep their allocator as it is) on glibc 2.35+ with THP
+    `madvise`, not opted out and not already set."""
+    if sys.platform != "linux" or environ.get(OPT_OUT, "1").lower() in ("0", "false", "off", "no"):
         return False
     if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if environ.get("JAX_PLATFORMS", "cpu").split(",")[0] not in ("", "cpu") or _accelerator_installed():
         return False
     libc, version = platform.libc_ver()
     if libc != "glibc" or tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (2, 35):
@@ -44,6 +51,11 @@ def wanted(environ: os._Environ | dict = os.environ) -> bool:
         return False
 
 
+def _accelerator_installed() -> bool:
+    """A TPU runtime or a JAX GPU plugin is installed (JAX would then not run on the CPU)."""
+    return any(importlib.util.find_spec(name) is not None for name in ("libtpu", "jax_plugins"))
+
+
 def with_tunable(environ: os._Environ | dict) -> dict:
     """`environ` with the tunable added to any GLIBC_TUNABLES already there."""
     env = dict(environ)
@@ -53,11 +65,31 @@ def with_tunable(environ: os._Environ | dict) -> dict:
 
 def started_for(argv: list[str], orig_argv: list[str]) -> bool:
     """Whether the interpreter's command line `orig_argv` is that of the program whose
-    `sys.argv` is `argv`: `python [opts] -m MODULE ARGS` or `python [opts] SCRIPT ARGS`."""
-    head = orig_argv[:len(orig_argv) - (len(argv) - 1)]
-    if len(head) < 2 or orig_argv[len(head):] != argv[1:]:
+    `sys.argv` is `argv`: `python [interpreter options] -m MODULE ARGS` or `python [options]
+    SCRIPT ARGS`, the program a file. Not a program another one runs for it (`python -m pdb
+    -m MODULE`, cProfile, coverage: restarting them would lose their state), nor a script
+    read from a stream (`python - < f.py`: it cannot be read twice)."""
+    n_args = len(argv) - 1
+    if not argv or not os.path.isfile(argv[0]) or n_args >= len(orig_argv) - 1:
         return False
-    return head[-1] == argv[0] or head[-2] == "-m"
+    head, tail = orig_argv[:len(orig_argv) - n_args], orig_argv[len(orig_argv) - n_args:]
+    if tail != argv[1:]:
+        return False
+    if head[-1].startswith("-m") and len(head[-1]) > 2:  # python -mMODULE
+        options = head[1:-1]
+    elif len(head) >= 3 and head[-2] == "-m":
+        options = head[1:-2]
+    elif head[-1] == argv[0]:
+        options = head[1:-1]
+    else:
+        return False
+    i = 0
+    while i < len(options):  # only the interpreter's own options may come before the program
+        word = options[i]
+        if not word.startswith("-") or word in ("-", "-m", "-c") or word.startswith(("-m", "-c")):
+            return False
+        i += 2 if word in ("-X", "-W") else 1
+    return True
 
 
 def _backend_running() -> bool:
@@ -76,4 +108,7 @@ def reexec_if_wanted(is_program: bool) -> None:
     argv = [sys.executable, *sys.orig_argv[1:]]  # argv[0] as run, not looked up on PATH again
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, with_tunable(os.environ))
+    try:
+        os.execve(sys.executable, argv, with_tunable(os.environ))
+    except OSError:  # no executable to run again: carry on without huge pages
+        return
