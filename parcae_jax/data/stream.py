@@ -142,12 +142,12 @@ class StreamData:
 
     def __init__(self, data, tok):
         self.data, self.tok = data, tok
+        self.encode = functools.partial(document_ids, tok)  # picklable: worker processes tokenise with it
         self.train_files = stream_files(data.path, "data.path")
         self.val_files = stream_files(data.val_path, "data.val_path")
 
     def _stream(self, files, seq_len, global_batch, process_index, process_count, repeat, workers=0):
-        encode = functools.partial(document_ids, self.tok)
-        return make_stream(files, encode, self.tok.eod_id, seq_len, rows_per_process(global_batch, process_count),
+        return make_stream(files, self.encode, self.tok.eod_id, seq_len, rows_per_process(global_batch, process_count),
                            text_field=self.data.text_field, process_index=process_index,
                            process_count=process_count, repeat=repeat, workers=workers)
 
@@ -174,6 +174,6 @@ class StreamData:
 
     def unigram_loss(self, val_batches: list[dict], vocab_size: int) -> float:
         """Under the token frequencies of the first training files' documents (up to 4M tokens)."""
-        tokenize = _TokenizeChunk(functools.partial(document_ids, self.tok), self.data.text_field)
+        tokenize = _TokenizeChunk(self.encode, self.data.text_field)
         chunks = (c for path in self.train_files for c in chunks_of(path, self.data.text_field))
         return unigram_loss((tokenize(c)["tokens"] for c in chunks), val_batches, vocab_size)

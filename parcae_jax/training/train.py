@@ -42,7 +42,6 @@ class Trainer:
         self.mesh = sharding.make_mesh(run.mesh_shape, devices)  # validated once, by validate()
         self.model = build(run.model)
         self.tx, self.lrs = make_optimizer(config.optim)
-        self.schedule = schedule_values(config.optim, config.train.steps)  # train_step's third argument
         with self.context():
             key = jax.random.key(config.seed)
             boxed = jax.eval_shape(lambda: init_params(self.model, key))
@@ -53,6 +52,8 @@ class Trainer:
                                              sharding.like_params(self.abstract.opt_state, self.abstract.params,
                                                                   params_sh, self.mesh), rep)
             self.batch_sharding = sharding.batch_sharding(self.mesh)
+            # train_step's third argument, put on the devices once rather than sent every step
+            self.schedule = to_global(schedule_values(config.optim, config.train.steps), rep)
             t = config.train
             masking = config.data.document_masking
             step = make_train_step(self.model, self.tx, self.lrs, seed=config.seed, microbatches=t.microbatches,
