@@ -34,11 +34,13 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_
     for kind in ("fp32", "bf16"):
         assert out[f"roof_{kind}_flops_per_sec"] > 0
         assert math.isclose(out[f"executed_fraction_of_{kind}_roof"], executed / out[f"roof_{kind}_flops_per_sec"])
-    # The trace's matmuls, their FLOPs read off the compiled HLO's dot shapes, are the ones
-    # describe counts by formula (model plus recomputation), independently.
+    # The trace's matmuls, their FLOPs read off the compiled HLO's dot shapes (and the CPU
+    # attention kernel's calls, where it runs), are the ones describe counts by formula (model
+    # plus recomputation), independently.
     b = out["breakdown"]
     per_step = executed / out["tokens_per_sec"] * config.train.batch_size * run.model.seq_len
-    assert b["kinds"]["matmul"]["gflop_per_step"] * 1e9 == pytest.approx(per_step, rel=0.05)
+    traced = sum(k.get("gflop_per_step", 0.0) for k in b["kinds"].values()) * 1e9
+    assert traced == pytest.approx(per_step, rel=0.05)
     assert {"matmul", "elementwise", "collective"} <= set(b["kinds"])  # 8 fake devices: the gradient all-reduce
     assert b["unattributed_ms_per_step"] < 0.01 * b["thread_ms_per_step"]
     assert math.isclose(sum(k["share"] for k in b["kinds"].values()), 1.0)

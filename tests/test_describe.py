@@ -12,6 +12,7 @@ import pytest
 
 from parcae_jax.model import build
 from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.cpu_kernels import attention as cpu_attention
 from parcae_jax.training.describe import describe, flops_per_token
 from tests.conftest import FIXTURES, ROOT
 from tests.test_config import load
@@ -74,7 +75,8 @@ def _dot_flops(jaxpr, in_loop=False, acc=None):
 def test_flops_match_the_traced_matmuls(arch, T):
     cfg = ModelConfig(arch=arch, vocab_size=300, block_size=T, seq_len=T, d_model=64, n_heads=4, n_kv_heads=2,
                       d_mlp=160, n_layers=3, n_prelude=2, n_core=2, n_coda=1, d_rec=96, d_rec_mlp=128,
-                      n_rec_heads=3, mean_recurrence=5, mean_backprop_depth=2, tie_embeddings=False)
+                      n_rec_heads=3, mean_recurrence=5, mean_backprop_depth=2, tie_embeddings=False,
+                      attention_impl="xla")  # the path whose products the trace shows
     model = build(cfg)
     B = 2
     ids = jnp.zeros((B, T), jnp.int32)
@@ -103,4 +105,7 @@ def test_keys_per_query_follows_the_attention_that_runs():
     assert keys_per_query(cfg.replace(attention_impl="splash"), 2048) == 2048 * 5 / 8  # 4 tiles of 512
     xla = keys_per_query(cfg.replace(attention_impl="xla"), 2048)
     assert xla == 2048 * 9 / 16  # 8 query chunks
-    assert keys_per_query(cfg.replace(attention_impl="auto"), 2048) == xla  # auto is xla on CPU
+    assert keys_per_query(cfg.replace(attention_impl="cpu"), 2048) == 2048 * 33 / 64  # 32 blocks of 64
+    auto = "cpu" if cpu_attention.unfit(128, 2048) is None else "xla"  # auto: the CPU kernel where it builds
+    assert keys_per_query(cfg.replace(attention_impl="auto"), 2048) == keys_per_query(
+        cfg.replace(attention_impl=auto), 2048)

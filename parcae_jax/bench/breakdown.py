@@ -5,10 +5,12 @@ XLA:CPU names every operation it runs (a thunk) after its HLO instruction, so th
 events join the HLO text: an instruction is "matmul" when it is a dot or a fusion holding
 one (its FLOPs come from the dot's shapes), "collective" for all-reduces and the like,
 "layout" when it only copies, transposes, converts or broadcasts, "reduction" when it holds
-a reduce, else "elementwise". Durations are
-summed per kind (thread time: XLA:CPU runs independent operations side by side, so the sum
-exceeds the step's wall time), and `busy_ms_per_step` is the wall time during which at
-least one operation ran. Other backends name their kernels differently; their events are
+a reduce, "fused_attention" for the CPU attention kernel's custom calls, else "elementwise".
+Durations are summed per kind (thread time: XLA:CPU runs independent operations side by side,
+so the sum exceeds the step's wall time), and `busy_ms_per_step` is the wall time during which
+at least one operation ran. The attention kernel runs its tasks on every thread of the pool
+while the calling thread's event spans the call, so its thread time is that span times the
+number of threads seen running operations. Other backends name their kernels differently; their events are
 counted as "unattributed".
 
 Used by `--mode=bench --config.bench.breakdown_steps=N` (bench/step.py).
@@ -26,11 +28,14 @@ from typing import Callable
 
 import jax
 
+from parcae_jax.model.cpu_kernels import attention as cpu_attention
+
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")  # shape: array or tuple
 _OPERATION = re.compile(r"[a-z][\w\-]*(\.\d+)?$")  # an HLO instruction's name, not a runtime event's
 _LAYOUT_OPS = {"parameter", "copy", "bitcast", "convert", "transpose", "broadcast", "reshape", "constant",
                "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "tuple", "get-tuple-element",
                "gather", "iota", "reverse"}
+_FUSED_ATTENTION = re.compile(r'custom_call_target="(parcae_attention_\w+)"')  # model/cpu_kernels
 _CONTROL_OPS = {"while", "conditional", "call"}  # their bodies' operations are traced one by one
 _COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                 "all-reduce-start", "all-gather-start", "collective-permute-start", "all-reduce-done",
@@ -70,6 +75,15 @@ def _dot_flops(shape: str, rest: str, shapes: dict[str, str]) -> int:
     return 2 * n * k
 
 
+def _fused_attention_flops(shape: str, target: str) -> int:
+    """The products one CPU attention call executes: the forward runs scores and values (2),
+    the backward recomputes the scores and runs dP, dV, dK and dQ (5), each 2 x B x H x T x
+    keys x D, with the keys each query's block reads."""
+    B, T, H, D = _dims(shape.strip("(").split("{")[0])  # the first result: out or dq [B, T, H, D]
+    products = 2 if target.endswith("fwd") else 5
+    return round(products * 2 * B * H * T * cpu_attention.keys_per_query(T) * D)
+
+
 def classify(hlo: str) -> dict[str, tuple[str, int]]:
     """HLO instruction name -> (kind of work, matmul FLOPs) for every instruction that runs."""
     comps = _computations(hlo)
@@ -87,6 +101,8 @@ def classify(hlo: str) -> dict[str, tuple[str, int]]:
             flops = sum(_dot_flops(s, r, shapes) for _, s, o, r in body if o == "dot")
             if flops:
                 kind = "matmul"
+            elif opcode == "custom-call" and (target := _FUSED_ATTENTION.search(rest)):
+                kind, flops = "fused_attention", _fused_attention_flops(shape, target.group(1))
             elif opcode in _COLLECTIVES:
                 kind = "collective"
             elif ops <= _LAYOUT_OPS:
@@ -118,13 +134,14 @@ def summarise(events: list[dict], kinds: dict[str, tuple[str, int]], steps: int,
     flops = collections.defaultdict(float)
     per_op = collections.defaultdict(float)
     spans = []
+    threads = len({e.get("tid") for e in events if e.get("ph") == "X" and e["name"] in kinds}) or 1
     for e in events:
         if e.get("ph") != "X" or e["name"].startswith(("while", "conditional", "call")):
             continue
         kind, f = kinds.get(e["name"], ("unattributed", 0))
         if kind == "unattributed" and not _OPERATION.match(e["name"]):
             continue  # runtime and Python events (executor, block_until_ready), not operations
-        ms[kind] += e["dur"] / 1e3 / steps
+        ms[kind] += e["dur"] / 1e3 / steps * (threads if kind == "fused_attention" else 1)
         flops[kind] += f / steps
         per_op[e["name"]] += e["dur"] / 1e3 / steps
         if kind != "unattributed":

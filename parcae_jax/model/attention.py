@@ -144,7 +144,7 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
 
     q [B,T,H,D], k/v [B,T,G,D] float32; tokens attend only within their document when
     `segment_ids_BxT` is given. Returns float32 [B,T,H,D]. `impl` is model.attention_impl:
-    "cudnn" and "splash" run the fused kernels of attention_kernels.py, "auto" picks one for
+    "cudnn", "splash" and "cpu" run the fused kernels of attention_kernels.py, "auto" picks one for
     the backend at trace time, "xla" (and the fallback of "auto") is the path below.
 
     XLA path: heads-first, and the softmax denominator applied after the value matmul: XLA:CPU
@@ -162,6 +162,10 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     if impl == "splash":
         return attention_kernels.splash_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype,
                                                   interpret=emulate)
+    if impl == "cpu":
+        from parcae_jax.model.cpu_kernels import attention as cpu_attention
+
+        return cpu_attention.attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded)
     return causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, attention_mask(T, segment_ids_BxT), bounded, dtype)
 
 

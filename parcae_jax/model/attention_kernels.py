@@ -1,5 +1,6 @@
-"""Fused attention kernels behind `model.attention_impl`: cuDNN flash attention (NVIDIA GPUs)
-and Pallas splash attention (TPUs), with the XLA path of attention.py as default and fallback.
+"""Fused attention kernels behind `model.attention_impl`: cuDNN flash attention (NVIDIA GPUs),
+Pallas splash attention (TPUs) and our fused CPU kernel (cpu_kernels/, AVX-512 CPUs), with the
+XLA path of attention.py as default and fallback.
 
 Both adapters take what the XLA path takes (q [B,T,H,D], k/v [B,T,G,D] float32, RoPE'd and
 qk-normed; packed-document segment ids [B,T] or None), attend causally within each document,
@@ -79,11 +80,11 @@ def splash_block(T: int) -> int | None:
 
 
 def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool) -> str:
-    """`attention_impl` -> the implementation this trace runs: "xla", "cudnn" or "splash".
+    """`attention_impl` -> the implementation this trace runs: "xla", "cudnn", "splash" or "cpu".
 
-    "auto" picks cuDNN on NVIDIA GPUs and splash on TPUs when they can take the shapes, else
-    XLA. An explicit kernel that cannot run here raises ConfigError before anything compiles,
-    unless `emulated_kernels()` is active.
+    "auto" picks cuDNN on NVIDIA GPUs, splash on TPUs and the fused CPU kernel on AVX-512
+    CPUs when they can take the shapes, else XLA. An explicit kernel that cannot run here
+    raises ConfigError before anything compiles, unless `emulated_kernels()` is active.
     """
     backend = jax.default_backend()
     if impl == "auto":
@@ -91,8 +92,14 @@ def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool) -> str:
             return "cudnn"
         if backend == "tpu" and splash_block(T) is not None:
             return "splash"
+        if backend == "cpu" and cpu_unfit(dtype, D, T) is None:
+            return "cpu"
         return "xla"
     where = f"model.attention_impl={impl!r}"
+    if impl == "cpu":
+        why = f"runs on CPUs only, but JAX runs on {backend}" if backend != "cpu" else cpu_unfit(dtype, D, T)
+        if why:
+            raise ConfigError(f"{where}: the fused CPU kernel {why}; set --config.model.attention_impl=auto (or xla)")
     if impl == "cudnn" and not _emulate:
         if not _nvidia():
             raise ConfigError(f"{where} runs on NVIDIA GPUs only, but JAX runs on {backend}; "
@@ -108,6 +115,15 @@ def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool) -> str:
             raise ConfigError(f"{where} needs a sequence length that is a multiple of 128 (got {T}); "
                               "change seq_len or set --config.model.attention_impl=xla")
     return impl
+
+
+def cpu_unfit(dtype, D: int, T: int) -> str | None:
+    """Why the fused CPU kernel cannot take these inputs here (None when it can)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        return f"runs float32 or bfloat16 products (got {jnp.dtype(dtype).name})"
+    from parcae_jax.model.cpu_kernels import attention as cpu_attention  # builds the kernel on first use
+
+    return cpu_attention.unfit(D, T)
 
 
 def cudnn_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, implementation: str = "cudnn"):

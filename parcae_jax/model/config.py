@@ -33,7 +33,7 @@ REMAT_POLICIES = {
 DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
 # xla: the portable path (default); cudnn: flash attention on NVIDIA GPUs; splash: Pallas kernel
 # on TPUs; auto: cudnn on GPU, splash on TPU, xla elsewhere (model/attention_kernels.py).
-ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "cpu", "auto")
 
 
 class ConfigError(UserError, ValueError):
@@ -95,7 +95,7 @@ class ModelConfig:
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
     # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     dtype: str = "auto"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     # The official config this model was converted from (JSON), so that save_reference can
     # write back the fields parcae_jax does not model. Empty for models made here.
     reference_config: str = ""

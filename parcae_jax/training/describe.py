@@ -23,18 +23,21 @@ from parcae_jax.model import param_counts
 from parcae_jax.model.attention import query_chunks
 from parcae_jax.model.attention_kernels import resolve_impl, splash_block
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
+from parcae_jax.model.cpu_kernels import attention as cpu_attention
 from parcae_jax.model.layout import BlockSpec, block_specs
 
 
 def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
     """Average number of keys a query's scores and values are computed for, by the attention
-    this backend runs ("auto" resolved here): cuDNN skips every masked key (T/2), splash and
-    the XLA path skip whole blocks above the diagonal (T(n+1)/2n for n blocks)."""
+    this backend runs ("auto" resolved here): cuDNN skips every masked key (T/2), splash, the
+    CPU kernel and the XLA path skip whole blocks above the diagonal (T(n+1)/2n for n blocks)."""
     impl = cfg.attention_impl
     if impl == "auto":
         impl = resolve_impl("auto", cfg.compute_dtype, cfg.head_dim, seq_len, False)
     if impl == "cudnn":
         return seq_len / 2
+    if impl == "cpu":
+        return cpu_attention.keys_per_query(seq_len)
     n = seq_len // (splash_block(seq_len) or seq_len) if impl == "splash" else query_chunks(seq_len)
     return seq_len * (n + 1) / (2 * n)
 

@@ -1,0 +1,120 @@
+"""Builds attention.cc for this CPU with the system C++ compiler, loads it and registers its
+FFI targets with XLA:CPU; once per process.
+
+The library is compiled with `-march=native` (AVX-512, and AVX512-BF16 / AMX where the CPU has
+them), so it is cached per source, compiler, jaxlib and CPU: `$PARCAE_JAX_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/parcae_jax/kernels`, else `~/.cache/parcae_jax/kernels`. A build takes ~3 s;
+processes that race write their own temporary file and rename it into place.
+
+`load()` never raises: it returns the loaded library, or the reason there is none (not x86-64
+Linux, no AVX-512, no compiler, a failed build), which "auto" reads as "use XLA" and an
+explicit attention_impl="cpu" turns into a ConfigError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+SOURCE = Path(__file__).with_name("attention.cc")  # includes the .h files beside it
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
+TARGETS = ("parcae_attention_fwd", "parcae_attention_bwd")
+
+FLOAT32, NATIVE_BF16, AMX = 1, 2, 4  # parcae_attention_init's feature bits
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    path: Path
+    handle: ctypes.CDLL
+    features: int  # FLOAT32 | NATIVE_BF16 | AMX, as this CPU and build run them
+    query_block: int  # queries per block; a block reads keys up to its own end
+
+    def set_amx(self, allow: bool) -> int:
+        """Turn the AMX tiles on or off for bfloat16 products (tests check both paths);
+        returns the feature bits now in force."""
+        return self.handle.parcae_attention_init(int(allow))
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PARCAE_JAX_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "parcae_jax" / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+
+
+@functools.cache
+def load() -> Library | str:
+    """The kernel library, built if needed and registered with XLA, or why it is unavailable."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux (this is {platform.system()} on {platform.machine()})"
+    flags = cpu_flags()
+    if "avx512f" not in flags:
+        return "needs a CPU with AVX-512 (avx512f is not in /proc/cpuinfo)"
+    cxx = _compiler()
+    if cxx is None:
+        return "needs a C++ compiler (g++, c++ or clang++ on PATH, or $CXX)"
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run the C++ compiler {cxx}: {e}"
+    sources = "".join(p.read_text() for p in sorted([*SOURCE.parent.glob("*.cc"), *SOURCE.parent.glob("*.h")]))
+    key = hashlib.sha256("\0".join([sources, version, " ".join(FLAGS), jaxlib.__version__,
+                                    " ".join(sorted(flags))]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"attention-{key}.so"
+    if not path.exists():
+        why = _build(cxx, path)
+        if why:
+            return why
+    handle = ctypes.CDLL(str(path))
+    for name in TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
+    return Library(path, handle, handle.parcae_attention_init(1), handle.parcae_attention_query_block())
+
+
+def _build(cxx: str, path: Path) -> str | None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write its cache {path.parent}: {e} (set PARCAE_JAX_KERNEL_CACHE)"
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return f"did not compile ({' '.join(cmd)}): {last}"
+        os.replace(tmp, path)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"did not compile ({' '.join(cmd)}): {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
