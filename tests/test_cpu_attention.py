@@ -166,3 +166,22 @@ def test_model_loss_and_gradients_agree_with_the_xla_path():
     np.testing.assert_allclose(loss, loss_x, rtol=1e-6)
     for g, gx in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_x)):
         np.testing.assert_allclose(g, gx, atol=1e-6 * float(np.max(np.abs(gx))) + 1e-9, rtol=1e-4)
+
+
+@needs_kernel
+def test_a_left_padded_prefill_through_the_kernel_generates_what_the_xla_path_does():
+    """Generation's prefill runs the kernel (its padding passed as documents): rows of 32 and
+    19 prompt tokens, padded to 32, give the XLA path's logits at every step."""
+    from parcae_jax.infer.generator import Generator
+
+    cfg = tiny(block_size=64, mean_recurrence=2)
+    params = jax.jit(lambda key: nn.unbox(init_params(build(cfg), key)))(jax.random.key(4))
+    params = jax.tree.map(lambda w: w + 0.05 * jax.random.normal(jax.random.key(5), w.shape), params)
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 256, 32).tolist(), rng.integers(0, 256, 19).tolist()]
+
+    def logits(impl):
+        gen = Generator(cfg.replace(attention_impl=impl), params, recurrence=2)
+        return np.asarray(gen.generate(prompts, 4, return_logits=True).step_logits)
+
+    np.testing.assert_allclose(logits("cpu"), logits("xla"), atol=2e-5, rtol=0)

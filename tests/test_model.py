@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from parcae_jax.model import build, init_params
-from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.layers import Block
 from parcae_jax.model.layout import block_specs, table_widths
+from parcae_jax.model.rope import rope_angles
 from tests.conftest import FIXTURES
 from tests.helpers import tiny
 

@@ -8,8 +8,8 @@ import pytest
 
 from parcae_jax.interop.convert import load_reference
 from parcae_jax.model import build, init_params
-from parcae_jax.model.attention import rope_angles
 from parcae_jax.model.recurrence import CoreStep, draw_initial_state, draw_loop_inputs, sample_depths
+from parcae_jax.model.rope import rope_angles
 from parcae_jax.model.xent import mean_cross_entropy, token_cross_entropy
 from tests.conftest import FIXTURES
 from tests.helpers import shifted_labels, tiny

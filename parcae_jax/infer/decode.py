@@ -43,10 +43,11 @@ import numpy as np
 from parcae_jax.infer import GenerationError
 from parcae_jax.infer.cache_slots import check_strategy, slot_table
 from parcae_jax.model import build
-from parcae_jax.model.attention import KVSlots, cache_mask, ropes
+from parcae_jax.model.attention import KVSlots, cache_mask
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.layout import CORE, block_specs, segment_specs
 from parcae_jax.model.recurrence import core_ves
+from parcae_jax.model.rope import ropes
 
 EXIT_RULES = ("none", "delta", "kl")
 

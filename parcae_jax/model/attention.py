@@ -1,4 +1,4 @@
-"""Causal self-attention: interleaved RoPE, weightless qk-norm after RoPE, GQA, value embeddings.
+"""Causal self-attention: interleaved RoPE (rope.py), weightless qk-norm after RoPE, GQA, value embeddings.
 
 Shapes: B batch, T length, H query heads, G kv heads, D head dim, W block width.
 """
@@ -18,8 +18,7 @@ from parcae_jax.model import attention_kernels, matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init, torch_linear_default
 from parcae_jax.model.layout import BlockSpec
-
-Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [T or BxT, 1, D/2] float32
+from parcae_jax.model.rope import Rope, apply_rope, apply_rope_interleaved, pairs_to_halves
 
 
 class CacheView(NamedTuple):
@@ -67,59 +66,6 @@ def cache_mask(start, T: int, S: int, pad_B: jax.Array) -> jax.Array:
     q = (start + jnp.arange(T))[None, :, None]
     mask = (s <= q) & ((s >= pad_B[:, None, None]) | (s == q))
     return mask[:, None, None]
-
-
-def rope_angles(positions, head_dim: int, base: float, condense_ratio: float) -> Rope:
-    """cos/sin of theta[t, m] = (t / condense) * base^(-2m/D), computed in float32.
-
-    NumPy positions (the default 0..T-1) give NumPy tables, constants of the compiled
-    step: XLA would otherwise fuse sin/cos into every consumer and recompute them there.
-    """
-    xp = np if isinstance(positions, np.ndarray) else jnp
-    inv_freq = xp.float32(1.0) / (xp.float32(base)
-                                  ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / xp.float32(head_dim)))
-    t = positions.astype(xp.float32) / xp.float32(condense_ratio)
-    angles = t[..., None] * inv_freq  # [..., T, D/2]
-    return xp.cos(angles)[..., None, :], xp.sin(angles)[..., None, :]
-
-
-def ropes(cfg: ModelConfig, positions) -> tuple[Rope, Rope]:
-    """(main, core) RoPE tables at `positions` ([T] or [B, T]); one table when the widths agree."""
-    main = rope_angles(positions, cfg.head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-    core = main if cfg.rec_head_dim == cfg.head_dim else rope_angles(
-        positions, cfg.rec_head_dim, cfg.rope_base, cfg.rope_condense_ratio)
-    return main, core
-
-
-def pairs_to_halves(D: int) -> np.ndarray:
-    """Channel order (0, 2, 4, ..., 1, 3, 5, ...): interleaved pairs (2m, 2m+1) become (m, m + D/2)."""
-    return np.concatenate([np.arange(0, D, 2), np.arange(1, D, 2)])
-
-
-def apply_rope(x_BxTxHxD: jax.Array, rope: Rope) -> jax.Array:
-    """Rotates channel pairs (m, m + D/2) of channels stored in `pairs_to_halves` order.
-
-    This is the official interleaved (complex-pair) RoPE on pairs (2m, 2m+1), with q's and
-    k's channels permuted the same way: the scores q.k and the qk-norm do not depend on
-    channel order, and contiguous halves avoid XLA's interleaving copies.
-    """
-    cos, sin = rope
-    x = x_BxTxHxD.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    out = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
-    return out.astype(x_BxTxHxD.dtype)
-
-
-def apply_rope_interleaved(x_BxTxHxD: jax.Array, rope: Rope) -> jax.Array:
-    """apply_rope for channels in the official order, pairs (2m, 2m+1): what generation uses,
-    whose few tokens per call make permuting the weights (training's way) the larger cost.
-    Scores and qk-norm do not depend on the channel order, so the two agree to rounding."""
-    cos, sin = rope
-    x = x_BxTxHxD.astype(jnp.float32).reshape(*x_BxTxHxD.shape[:-1], -1, 2)
-    a, b = x[..., 0], x[..., 1]
-    out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x_BxTxHxD.shape)
-    return out.astype(x_BxTxHxD.dtype)
 
 
 def qk_norm(x: jax.Array) -> jax.Array:
@@ -188,17 +134,25 @@ def causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, mask, bounded: bool, dtype) -
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
-def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype):
+def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype, impl: str = "xla"):
     """Writes k and v into the cache slot, then attends over it: ([B, T, H, D], the slot's (k, v)).
 
     The keys are all S positions of the slot, masked (static shapes: one compiled decode step
-    serves every position), so a decode step reads the whole slot once, as it must."""
+    serves every position), so a decode step reads the whole slot once, as it must. A prefill
+    (`cache.fresh`) runs the CPU kernel when `impl` ("auto" or "cpu") resolves to it."""
     B, T, H, D = q_BxTxHxD.shape
     G = k_BxTxGxD.shape[2]
     k_all, v_all = (jax.lax.dynamic_update_slice(
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
     if cache.fresh:  # every key this call reads is its own: attend among the new tokens
+        if impl in ("auto", "cpu") and attention_kernels.resolve_impl(impl, dtype, D, T, True) == "cpu":
+            # Left padding as documents: a key is real iff the row's last query (always a real
+            # token) reads it. Real queries then read exactly the real keys up to themselves;
+            # padding queries read padding keys, as no real query does (cache_mask: only itself).
+            seg_BxT = cache.mask[:, 0, 0, T - 1, :T].astype(jnp.int32)
+            y = dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, seg_BxT, "cpu", bounded, dtype)
+            return y, (k_all, v_all)
         return causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache.mask[..., :T], bounded, dtype), (k_all, v_all)
     S, R = k_all.shape[1], H // G
     q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, R, D).transpose(0, 2, 3, 1, 4).reshape(B * G, R * T, D)
@@ -313,7 +267,7 @@ class Attention(nn.Module):
         Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
         out = lambda y: matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)  # noqa: E731
         if cache is not None:
-            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype)
+            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype, cfg.attention_impl)
             return out(y), kv
         # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
         impl = "xla" if self.is_initializing() else cfg.attention_impl

@@ -5,11 +5,12 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from parcae_jax.model.attention import KVSlots, Rope, ropes
+from parcae_jax.model.attention import KVSlots
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds, embed_ids
 from parcae_jax.model.layers import RMSNorm, block_class, run_blocks
 from parcae_jax.model.layout import block_specs
+from parcae_jax.model.rope import Rope, ropes
 
 
 class GPT(nn.Module):

@@ -18,11 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from parcae_jax.model.attention import KVSlots, Rope
+from parcae_jax.model.attention import KVSlots
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.injection import Injection
 from parcae_jax.model.layers import Block, run_blocks
 from parcae_jax.model.layout import CORE, segment_specs
+from parcae_jax.model.rope import Rope
 
 
 def sample_depths(key: jax.Array, batch_size: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
