@@ -141,6 +141,7 @@ def test_no_kernel_is_a_reason_not_a_crash(monkeypatch, tmp_path):
 @needs_kernel
 def test_keys_per_query_counts_the_kernels_blocks():
     b = LIB.query_block
+    assert cpu_attention.keys_per_query(0) == 0.0  # describe asks for decoding shapes too
     assert cpu_attention.keys_per_query(b) == b / 2 + b / 2  # one block reads all b keys
     assert cpu_attention.keys_per_query(4 * b) == 4 * b * 5 / 8
     assert cpu_attention.keys_per_query(b + 16) == (b * b + (b + 16) * 16) / (b + 16)

@@ -34,6 +34,8 @@ def unfit(D: int, T: int) -> str | None:
 def keys_per_query(T: int) -> float:
     """Average keys a query's scores and values are computed for: block c of b queries reads
     keys up to its own end."""
+    if T <= 0:
+        return 0.0
     lib = library.load()
     b = lib.query_block if isinstance(lib, library.Library) else 64
     return sum(min(t0 + b, T) * (min(t0 + b, T) - t0) for t0 in range(0, T, b)) / T
