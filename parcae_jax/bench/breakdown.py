@@ -8,9 +8,9 @@ one (its FLOPs come from the dot's shapes), "collective" for all-reduces and the
 a reduce, "fused_attention" for the CPU attention kernel's custom calls, else "elementwise".
 Durations are summed per kind (thread time: XLA:CPU runs independent operations side by side,
 so the sum exceeds the step's wall time), and `busy_ms_per_step` is the wall time during which
-at least one operation ran. The attention kernel runs its tasks on every thread of the pool
-while the calling thread's event spans the call, so its thread time is that span times the
-number of threads seen running operations. Other backends name their kernels differently; their events are
+at least one operation ran. An operation that spreads its work over the pool's threads (a
+large dot, the attention kernel's tasks) is traced as one event on the calling thread and
+counted once, for that span. Other backends name their kernels differently; their events are
 counted as "unattributed".
 
 Used by `--mode=bench --config.bench.breakdown_steps=N` (bench/step.py).
@@ -134,14 +134,13 @@ def summarise(events: list[dict], kinds: dict[str, tuple[str, int]], steps: int,
     flops = collections.defaultdict(float)
     per_op = collections.defaultdict(float)
     spans = []
-    threads = len({e.get("tid") for e in events if e.get("ph") == "X" and e["name"] in kinds}) or 1
     for e in events:
         if e.get("ph") != "X" or e["name"].startswith(("while", "conditional", "call")):
             continue
         kind, f = kinds.get(e["name"], ("unattributed", 0))
         if kind == "unattributed" and not _OPERATION.match(e["name"]):
             continue  # runtime and Python events (executor, block_until_ready), not operations
-        ms[kind] += e["dur"] / 1e3 / steps * (threads if kind == "fused_attention" else 1)
+        ms[kind] += e["dur"] / 1e3 / steps
         flops[kind] += f / steps
         per_op[e["name"]] += e["dur"] / 1e3 / steps
         if kind != "unattributed":
