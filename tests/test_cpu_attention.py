@@ -138,6 +138,24 @@ def test_no_kernel_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     assert isinstance(library.load(), str) == isinstance(LIB, str)
 
 
+def test_a_damaged_cached_library_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    def build_garbage(cxx, path):
+        path.write_bytes(b"not a shared library")
+
+    try:
+        with monkeypatch.context() as m:
+            m.setenv("PARCAE_JAX_KERNEL_CACHE", str(tmp_path))
+            m.setattr(library, "_build", build_garbage)
+            library.load.cache_clear()
+            why = library.load()
+            if "avx512f" in library.cpu_flags() and library._compiler():
+                assert why.startswith(f"cannot load {tmp_path}") and "delete it to rebuild" in why
+            assert isinstance(why, str) and "\n" not in why
+    finally:
+        library.load.cache_clear()
+    assert isinstance(library.load(), str) == isinstance(LIB, str)
+
+
 @needs_kernel
 def test_keys_per_query_counts_the_kernels_blocks():
     b = LIB.query_block

@@ -92,9 +92,12 @@ def load() -> Library | str:
         why = _build(cxx, path)
         if why:
             return why
-    handle = ctypes.CDLL(str(path))
-    for name in TARGETS:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
+    try:
+        handle = ctypes.CDLL(str(path))
+        for name in TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
+    except (OSError, AttributeError) as e:  # a damaged cache file, a symbol missing
+        return f"cannot load {path}: {e} (delete it to rebuild)"
     return Library(path, handle, handle.parcae_attention_init(1), handle.parcae_attention_query_block())
 
 

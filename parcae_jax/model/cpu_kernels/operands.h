@@ -45,7 +45,7 @@ struct Scratch {
 
   void fit(const Shape& sh) {
     const size_t T = sh.T, D = sh.D, TD = T * D, QD = kQB * D, QT = kQB * T;
-    const size_t need = 4 * TD + 4 * QD + 4 * QT + 64;
+    const size_t need = 4 * TD + 4 * QD + 4 * QT + 12 * 16;  // 12 buffers, each rounded up to 16
     if (need > size) arena.reset(new uint32_t[need]), size = need;
     uint32_t* p = arena.get();
     auto take = [&p](size_t n) { uint32_t* x = p; p += (n + 15) / 16 * 16; return x; };
