@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
         n_prelude=1, n_core=2, n_coda=1, d_rec=128, d_rec_mlp=512, n_rec_heads=4,
         mean_recurrence=4, mean_backprop_depth=2,
         dtype="fast",  # bf16 matmuls where the CPU has BF16 dot instructions (~1.5x), else float32
+        attention_impl="auto",  # on a CPU: our fused attention kernel where it builds (docs/cpu_attention.md)
     )
     config.train.update(steps=400, batch_size=16, log_every=25, eval_every=100, eval_batches=4)
     config.ckpt.update(every=100, keep=2)

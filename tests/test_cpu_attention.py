@@ -204,3 +204,19 @@ def test_a_left_padded_prefill_through_the_kernel_generates_what_the_xla_path_do
         return np.asarray(gen.generate(prompts, 4, return_logits=True).step_logits)
 
     np.testing.assert_allclose(logits("cpu"), logits("xla"), atol=2e-5, rtol=0)
+
+
+@needs_kernel
+def test_the_breakdown_names_the_kernels_calls_with_their_flops():
+    """bench/breakdown.py: each custom call is "fused_attention", its FLOPs the products it
+    executes (forward: scores and values; backward: 5 with the recomputed scores)."""
+    from parcae_jax.bench.breakdown import classify
+
+    B, T, H, D = 2, 128, 2, 32
+    q, k, v, ct, seg = inputs(B, T, H, H, D, 1)
+    f = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, None, "cpu", dtype=jnp.float32) * ct)  # noqa: E731
+    kinds = classify(jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text())
+    fused = sorted(flops for kind, flops in kinds.values() if kind == "fused_attention")
+    one = 2 * B * H * T * cpu_attention.keys_per_query(T) * D
+    assert fused == [2 * one, 5 * one]
+    assert not any(kind == "matmul" for kind, _ in kinds.values())  # no attention dot left to XLA

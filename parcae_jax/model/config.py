@@ -95,7 +95,8 @@ class ModelConfig:
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
     # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     dtype: str = "auto"
-    attention_impl: str = "auto"
+    # attention_impl: see ATTENTION_IMPLS; "xla" everywhere unless asked (the CPU configs ask "auto")
+    attention_impl: str = "xla"
     # The official config this model was converted from (JSON), so that save_reference can
     # write back the fields parcae_jax does not model. Empty for models made here.
     reference_config: str = ""
