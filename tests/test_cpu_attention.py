@@ -52,6 +52,7 @@ CASES = [  # (T, H, G, D, documents per row, dtype, bounded)
     (256, 4, 4, 64, 1, "bfloat16", False),  # the max subtraction; the bench_cpu shape
     (80, 2, 2, 16, 1, "float32", False),    # a partial query block and head dim 16 (the tiny configs)
     (48, 2, 1, 16, 2, "bfloat16", True),
+    (32, 2, 2, 256, 2, "bfloat16", False),  # the widest head: the keys' packing needs T*D scratch
 ]
 
 
@@ -102,6 +103,30 @@ def test_under_a_mesh_it_runs_in_shard_map():
         got = attend_and_grads("cpu", q, k, v, ct, seg, jnp.float32)
     assert "manual" in hlo and "parcae_attention_fwd" in hlo
     assert_matches_xla(got, want, "float32")
+
+
+@needs_kernel
+def test_a_nan_reaches_every_query_that_reads_it_as_in_the_xla_path():
+    q, k, v, ct, seg = inputs(1, 64, 2, 2, 32, 1)
+    k[0, 5, 0, 3] = np.nan  # a key of head 0 at position 5: queries 5.. of head 0 read it
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for bounded in (True, False):
+            got, want = (np.isnan(np.asarray(attend(impl, q, k, v, ct, seg, dtype, bounded)[0]))
+                         for impl in ("cpu", "xla"))
+            np.testing.assert_array_equal(got, want)
+            assert got[0, 5:, 0].all() and not got[0, :5].any() and not got[0, :, 1].any()
+
+
+@needs_kernel
+def test_a_mesh_that_splits_heads_unevenly_falls_back_or_refuses():
+    """Tensor parallelism over 2 devices with one kv head: auto runs the XLA path, an explicit
+    cpu is one ConfigError line; neither reaches shard_map's own error."""
+    q, k, v, ct, seg = inputs(4, 64, 4, 1, 32, 1, seed=2)
+    want = attend_and_grads("xla", q, k, v, ct, seg, jnp.float32)
+    with jax.set_mesh(sharding.make_mesh((4, 1, 2))), nn.logical_axis_rules(sharding.RULES):
+        assert_matches_xla(attend_and_grads("auto", q, k, v, ct, seg, jnp.float32), want, "float32")
+        with pytest.raises(ConfigError, match="attention_impl='cpu': the fused CPU kernel needs kv_heads=1 to divide"):
+            attend_and_grads("cpu", q, k, v, ct, seg, jnp.float32)
 
 
 @needs_kernel
@@ -204,6 +229,9 @@ def test_a_left_padded_prefill_through_the_kernel_generates_what_the_xla_path_do
         return np.asarray(gen.generate(prompts, 4, return_logits=True).step_logits)
 
     np.testing.assert_allclose(logits("cpu"), logits("xla"), atol=2e-5, rtol=0)
+    x0 = np.zeros((2, 19, cfg.d_rec), np.float32)  # with x0 the prompt is not padded to 16: XLA, no error
+    gen = Generator(cfg.replace(attention_impl="cpu"), params, recurrence=2)
+    assert len(gen.generate([p[:19] for p in prompts], 2, x0=x0).tokens[0]) == 2
 
 
 @needs_kernel

@@ -99,8 +99,9 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     q and k are RMS-normalised, so |q.k| / sqrt(D) <= sqrt(D) and exp cannot overflow; the
     max subtraction (an extra pass over the scores) is then skipped.
     """
-    _, T, _, D = q_BxTxHxD.shape
-    impl = attention_kernels.resolve_impl(impl, dtype, D, T, segment_ids_BxT is not None)
+    B, T, H, D = q_BxTxHxD.shape
+    heads = (B, H, k_BxTxGxD.shape[2])
+    impl = attention_kernels.resolve_impl(impl, dtype, D, T, segment_ids_BxT is not None, heads)
     emulate = attention_kernels.emulating()  # tests on CPU: the same wrappers, runnable anywhere
     if impl == "cudnn":
         return attention_kernels.cudnn_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype,
@@ -146,7 +147,8 @@ def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded:
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
     if cache.fresh:  # every key this call reads is its own: attend among the new tokens
-        if impl in ("auto", "cpu") and attention_kernels.resolve_impl(impl, dtype, D, T, True) == "cpu":
+        if (impl in ("auto", "cpu") and jax.default_backend() == "cpu"
+                and attention_kernels.cpu_unfit(dtype, D, T, (B, H, G)) is None):  # else the XLA path, as before
             # Left padding as documents: a key is real iff the row's last query (always a real
             # token) reads it. Real queries then read exactly the real keys up to themselves;
             # padding queries read padding keys, as no real query does (cache_mask: only itself).

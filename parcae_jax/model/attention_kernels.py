@@ -79,12 +79,13 @@ def splash_block(T: int) -> int | None:
     return next((b for b in (512, 256, 128) if T % b == 0), None)
 
 
-def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool) -> str:
+def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool, heads: tuple[int, int, int] | None = None) -> str:
     """`attention_impl` -> the implementation this trace runs: "xla", "cudnn", "splash" or "cpu".
 
     "auto" picks cuDNN on NVIDIA GPUs, splash on TPUs and the fused CPU kernel on AVX-512
     CPUs when they can take the shapes, else XLA. An explicit kernel that cannot run here
     raises ConfigError before anything compiles, unless `emulated_kernels()` is active.
+    `heads` (B, H, G), when known, lets the CPU kernel check the mesh it would run under.
     """
     backend = jax.default_backend()
     if impl == "auto":
@@ -92,12 +93,12 @@ def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool) -> str:
             return "cudnn"
         if backend == "tpu" and splash_block(T) is not None:
             return "splash"
-        if backend == "cpu" and cpu_unfit(dtype, D, T) is None:
+        if backend == "cpu" and cpu_unfit(dtype, D, T, heads) is None:
             return "cpu"
         return "xla"
     where = f"model.attention_impl={impl!r}"
     if impl == "cpu":
-        why = f"runs on CPUs only, but JAX runs on {backend}" if backend != "cpu" else cpu_unfit(dtype, D, T)
+        why = f"runs on CPUs only, but JAX runs on {backend}" if backend != "cpu" else cpu_unfit(dtype, D, T, heads)
         if why:
             raise ConfigError(f"{where}: the fused CPU kernel {why}; set --config.model.attention_impl=auto (or xla)")
     if impl == "cudnn" and not _emulate:
@@ -117,13 +118,14 @@ def resolve_impl(impl: str, dtype, D: int, T: int, segments: bool) -> str:
     return impl
 
 
-def cpu_unfit(dtype, D: int, T: int) -> str | None:
-    """Why the fused CPU kernel cannot take these inputs here (None when it can)."""
+def cpu_unfit(dtype, D: int, T: int, heads: tuple[int, int, int] | None = None) -> str | None:
+    """Why the fused CPU kernel cannot take these inputs here (None when it can); `heads`
+    (B, H, G): also under the mesh in use."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         return f"runs float32 or bfloat16 products (got {jnp.dtype(dtype).name})"
     from parcae_jax.model.cpu_kernels import attention as cpu_attention  # builds the kernel on first use
 
-    return cpu_attention.unfit(D, T)
+    return cpu_attention.unfit(D, T) or (cpu_attention.mesh_unfit(*heads) if heads else None)
 
 
 def cudnn_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, implementation: str = "cudnn"):

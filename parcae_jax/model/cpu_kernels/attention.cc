@@ -21,7 +21,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -171,6 +173,12 @@ bool fits(const Shape& sh) {
   return sh.T % 16 == 0 && sh.D % 16 == 0 && sh.D <= kMaxD && sh.G > 0 && sh.H % sh.G == 0;
 }
 
+bool same(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_t> want) {
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+}
+
+// The call's shape from q and k, every other operand checked against it: the kernel trusts
+// nothing it reads past.
 ffi::Error shape_of(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, Shape& sh) {
   if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("parcae attention: q and k need rank 4");
   sh = Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
@@ -179,23 +187,45 @@ ffi::Error shape_of(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd
   return ffi::Error::Success();
 }
 
+ffi::Error check(bool ok) {
+  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument("parcae attention: operand shapes disagree");
+}
+
+// Runs the tasks; an allocation that fails in one becomes an error, not a terminated process.
+template <typename Fn>
+ffi::Error run_tasks(ffi::ThreadPool& pool, const Shape& sh, const Fn& fn) {
+  std::atomic<bool> failed{false};
+  parallel_tasks(pool, sh.B * sh.G, [&](int64_t i) {
+    try {
+      fn(scratch(sh), i / sh.G, i % sh.G);
+    } catch (const std::bad_alloc&) {
+      failed.store(true);
+    }
+  });
+  if (failed.load()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "parcae attention: out of memory");
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                    bool bf16, bool bounded) {
   Shape sh;
   if (auto e = shape_of(q.dimensions(), k.dimensions(), sh); e.failure()) return e;
+  const auto [B, T, H, G, D] = sh;
+  if (auto e = check(same(v.dimensions(), {B, T, G, D}) && same(seg.dimensions(), {B, T}) &&
+                     same(out->dimensions(), {B, T, H, D}) && same(lse->dimensions(), {B, H, T}));
+      e.failure())
+    return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t* sp = seg.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
-  parallel_tasks(pool, sh.B * sh.G, [&](int64_t i) {
-    Scratch& w = scratch(sh);
+  return run_tasks(pool, sh, [&](Scratch& w, int64_t b, int64_t g) {
     if (bf16) {
-      forward_task<true>(sh, i / sh.G, i % sh.G, bounded, qp, kp, vp, sp, op, lp, w);
+      forward_task<true>(sh, b, g, bounded, qp, kp, vp, sp, op, lp, w);
     } else {
-      forward_task<false>(sh, i / sh.G, i % sh.G, bounded, qp, kp, vp, sp, op, lp, w);
+      forward_task<false>(sh, b, g, bounded, qp, kp, vp, sp, op, lp, w);
     }
   });
-  return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -204,28 +234,34 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dv, bool bf16) {
   Shape sh;
   if (auto e = shape_of(q.dimensions(), k.dimensions(), sh); e.failure()) return e;
+  const auto [B, T, H, G, D] = sh;
+  if (auto e = check(same(v.dimensions(), {B, T, G, D}) && same(seg.dimensions(), {B, T}) &&
+                     same(out.dimensions(), {B, T, H, D}) && same(lse.dimensions(), {B, H, T}) &&
+                     same(dout.dimensions(), {B, T, H, D}) && same(dq->dimensions(), {B, T, H, D}) &&
+                     same(dk->dimensions(), {B, T, G, D}) && same(dv->dimensions(), {B, T, G, D}));
+      e.failure())
+    return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
   const int32_t* sp = seg.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  parallel_tasks(pool, sh.B * sh.G, [&](int64_t i) {
-    Scratch& w = scratch(sh);
+  return run_tasks(pool, sh, [&](Scratch& w, int64_t b, int64_t g) {
     if (bf16) {
-      backward_task<true>(sh, i / sh.G, i % sh.G, qp, kp, vp, sp, op, lp, gp, dqp, dkp, dvp, w);
+      backward_task<true>(sh, b, g, qp, kp, vp, sp, op, lp, gp, dqp, dkp, dvp, w);
     } else {
-      backward_task<false>(sh, i / sh.G, i % sh.G, qp, kp, vp, sp, op, lp, gp, dqp, dkp, dvp, w);
+      backward_task<false>(sh, b, g, qp, kp, vp, sp, op, lp, gp, dqp, dkp, dvp, w);
     }
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
 
+// Queries per block: query block c reads keys up to its own end (describe.py counts them).
+extern "C" int parcae_attention_query_block() { return kQB; }
+
 // What this build runs: 1 float32 and bfloat16, 2 bfloat16 dots in AVX512-BF16, 4 on AMX tiles. Turns
 // AMX on when `allow_amx` and the CPU and kernel grant it (tests turn it off to check the
 // AVX512-BF16 path on AMX machines).
-// Queries per block: query block c reads keys up to its own end (describe.py counts them).
-extern "C" int parcae_attention_query_block() { return kQB; }
 
 extern "C" int parcae_attention_init(int allow_amx) {
   int features = 1;

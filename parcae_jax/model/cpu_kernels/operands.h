@@ -7,7 +7,8 @@
 // ---- exp ------------------------------------------------------------------------------------
 
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
+  // x second: min/max return their second operand when one is NaN, so NaN scores stay NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -45,13 +46,14 @@ struct Scratch {
 
   void fit(const Shape& sh) {
     const size_t T = sh.T, D = sh.D, TD = T * D, QD = kQB * D, QT = kQB * T;
-    const size_t need = 4 * TD + 4 * QD + 4 * QT + 12 * 16;  // 12 buffers, each rounded up to 16
+    const size_t TMP = std::max(QT, TD);  // a block's scores, or the keys' rows before transposing
+    const size_t need = 4 * TD + 4 * QD + 3 * QT + TMP + 12 * 16;  // 12 buffers, each rounded up to 16
     if (need > size) arena.reset(new uint32_t[need]), size = need;
     uint32_t* p = arena.get();
     auto take = [&p](size_t n) { uint32_t* x = p; p += (n + 15) / 16 * 16; return x; };
     kt = take(TD), vt = take(TD), k = take(TD), v = take(TD);
     a = take(QD), a2 = take(QD), qr = take(QD), dor = take(QD);
-    pt = take(QT), tmp = take(QT);
+    pt = take(QT), tmp = take(TMP);
     s = reinterpret_cast<float*>(take(QT)), dp = reinterpret_cast<float*>(take(QT));
   }
 };
@@ -80,7 +82,7 @@ Operand left_rows(const float* x, int64_t stride, int n, int D, uint32_t* out) {
 }
 
 // y [n, D] (row stride `stride`) as the right operand of x y^T (contraction over D): [D, n]
-// floats or [D/2, n] pairs in `out`; `tmp` holds n*D 32-bit elements.
+// floats or [D/2, n] pairs in `out`; `tmp` holds n*D 32-bit elements (Scratch::tmp does).
 template <bool BF16>
 Operand right_transposed(const float* y, int64_t stride, int n, int D, uint32_t* tmp, uint32_t* out) {
   const Operand rows = left_rows<BF16>(y, stride, n, D, tmp);
