@@ -12,7 +12,8 @@ from tests.forkserver import run_module
 # The shape of the reference fixture: width 64, 4 heads, 1/2/1 layers, vocab 256.
 TINY = dict(vocab_size=256, block_size=64, seq_len=64, d_model=64, n_heads=4, n_kv_heads=4, d_mlp=256,
             n_prelude=1, n_core=2, n_coda=1, d_rec=64, d_rec_mlp=256, n_rec_heads=4,
-            mean_recurrence=4, mean_backprop_depth=2)
+            mean_recurrence=4, mean_backprop_depth=2,
+            attention_impl="auto")  # as the CPU configs: the fused CPU kernel where it builds (head dim 16)
 
 
 def tiny(**changes) -> ModelConfig:

@@ -40,7 +40,9 @@ def test_an_exported_run_reads_back_bit_equal_with_equal_logits(run, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, ref_params, params)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.seq_len)).astype(np.int32)
     x0 = np.zeros((2, cfg.seq_len, cfg.d_rec), np.float32)
-    logits = [M.build(c.replace(dtype="float32")).apply({"params": p}, ids, recurrence=3, initial_state=x0)
+    # the run's attention_impl (auto: the CPU kernel) is an execution setting no export carries
+    logits = [M.build(c.replace(dtype="float32", attention_impl="xla")).apply({"params": p}, ids, recurrence=3,
+                                                                              initial_state=x0)
               for c, p in ((cfg, params), (ref_cfg, ref_params))]
     np.testing.assert_array_equal(*logits)  # the exported config.json builds the same model
     earlier = export(f"--workdir={run}", "--step=2", f"--output={tmp_path / 'step2'}")
