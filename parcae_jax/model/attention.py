@@ -112,7 +112,8 @@ def dot_product_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT=None,
     if impl == "cpu":
         from parcae_jax.model.cpu_kernels import attention as cpu_attention
 
-        return cpu_attention.attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded)
+        return cpu_attention.attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded,
+                                       attention_kernels.per_device)
     return causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, attention_mask(T, segment_ids_BxT), bounded, dtype)
 
 

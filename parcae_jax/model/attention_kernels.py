@@ -161,15 +161,22 @@ def splash_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, in
     seg = segment_ids_BxT
     if seg is None:  # one document per row: the segment test is then always true
         seg = jnp.zeros(q.shape[:2], jnp.int32)
-    kernel = lambda q, k, v, seg: _splash_local(q, k, v, seg, segment_ids_BxT is not None, interpret)  # noqa: E731
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        spec_q = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
-        spec_kv = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
-        spec_seg = nn.logical_to_mesh_axes(("batch", "length"))
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_seg), out_specs=spec_q,
-                               check_vma=False)
+    kernel = per_device(lambda q, k, v, seg: _splash_local(q, k, v, seg, segment_ids_BxT is not None, interpret))
     return kernel(q, k, v, seg.astype(jnp.int32)).astype(jnp.float32)
+
+
+def per_device(kernel):
+    """kernel(q [B,T,H,D], k, v [B,T,G,D], seg [B,T]) -> [B,T,H,D], run inside shard_map with the
+    activations' logical sharding under a mesh (`jax.set_mesh`), as is without one: XLA cannot
+    partition a Pallas call or a custom call itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel
+    spec_q = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    spec_kv = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
+    spec_seg = nn.logical_to_mesh_axes(("batch", "length"))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_seg), out_specs=spec_q,
+                         check_vma=False)
 
 
 def _splash_local(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, seg_BxT, segments: bool, interpret: bool):

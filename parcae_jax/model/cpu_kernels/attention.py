@@ -60,11 +60,12 @@ def keys_per_query(T: int) -> float:
     return sum(min(t0 + b, T) * (min(t0 + b, T) - t0) for t0 in range(0, T, b)) / T
 
 
-def attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded: bool) -> jax.Array:
+def attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded: bool,
+              per_device=lambda kernel: kernel) -> jax.Array:
     """Causal GQA attention with the fused CPU kernel; float32 [B,T,H,D].
 
-    Under a mesh (`jax.set_mesh`) it runs inside shard_map with the activations' logical
-    sharding (batch over data/fsdp, heads over tensor): XLA cannot partition a custom call.
+    `per_device` wraps the kernel for the mesh in use (attention_kernels.per_device: shard_map
+    with the activations' logical sharding, since XLA cannot partition a custom call).
     """
     B, T, H, D = q_BxTxHxD.shape
     why = unfit(D, T)
@@ -72,14 +73,7 @@ def attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded: 
         raise ValueError(f"the CPU attention kernel {why}")
     q = q_BxTxHxD.astype(jnp.float32) * (1.0 / math.sqrt(D))  # the XLA path's scale, before rounding
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT.astype(jnp.int32)
-    kernel = functools.partial(_fused, bf16=jnp.dtype(dtype) == jnp.bfloat16, bounded=bool(bounded))
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        spec_q = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
-        spec_kv = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
-        spec_seg = nn.logical_to_mesh_axes(("batch", "length"))
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_seg), out_specs=spec_q,
-                               check_vma=False)
+    kernel = per_device(functools.partial(_fused, bf16=jnp.dtype(dtype) == jnp.bfloat16, bounded=bool(bounded)))
     return kernel(q, k_BxTxGxD.astype(jnp.float32), v_BxTxGxD.astype(jnp.float32), seg)
 
 
