@@ -135,7 +135,7 @@ def forward(plan: Plan, params: dict, ids_BxT: jax.Array, cache: Cache, x0_BxTxR
     B, T = ids_BxT.shape
     start, S = cache.length, plan.max_len
     mask = cache_mask(start, T, S, cache.pad_B)
-    rope, rope_core = ropes(cfg, start + jnp.arange(T)[None, :] - cache.pad_B[:, None])
+    rope, rope_core = ropes(cfg, start + jnp.arange(T)[None, :] - cache.pad_B[:, None], table_len=S)
     main = KVSlots(cache.main_k, cache.main_v, start, mask, fresh)
     h, table, ves = segment("embed_tokens", ids_BxT)
 

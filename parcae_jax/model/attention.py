@@ -18,7 +18,7 @@ from parcae_jax.model import attention_kernels, matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init, torch_linear_default
 from parcae_jax.model.layout import BlockSpec
-from parcae_jax.model.rope import Rope, apply_rope, apply_rope_interleaved, pairs_to_halves
+from parcae_jax.model.rope import Rope, apply_rope, pairs_to_halves
 
 
 class CacheView(NamedTuple):
@@ -244,15 +244,16 @@ class Attention(nn.Module):
         perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
         B, T = h_BxTxW.shape[:2]
         if cache is None or cache.fresh:  # one matmul instead of three; its weight is rebuilt per call,
-            # amortised over B x T tokens. A prefill keeps the official channel order, the cache's.
-            order = perm if cache is None else slice(None)
-            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., order].reshape(W, H * D),
-                                    jnp.asarray(Wk)[..., order].reshape(W, G * D),
+            # amortised over B x T tokens, with q's and k's channels permuted on the way
+            Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D),
+                                    jnp.asarray(Wk)[..., perm].reshape(W, G * D),
                                     jnp.asarray(Wv).reshape(W, G * D)], axis=1)
             q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
             q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
-        else:  # a decode step: a few tokens, so the weights are read as stored (official channel order)
+        else:  # a decode step: a few tokens, so the weights are read as stored and the few q, k rows
+            # permuted instead; the cache holds k in the permuted order, as a prefill writes it
             q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
+            q, k = q[..., perm], k[..., perm]
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
             gate_kernel = self.param("ve_gate",
@@ -261,8 +262,7 @@ class Attention(nn.Module):
             if ve_BxTxK is not None:
                 gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))
                 v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
-        rotate = apply_rope if cache is None else apply_rope_interleaved
-        q, k = rotate(q, rope), rotate(k, rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cfg.qk_norm:
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
