@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae_jax.infer import decode, generator
+from parcae_jax.infer import decode
 from parcae_jax.infer.generator import GenerationError, Generator
 from parcae_jax.infer.sampling import Sampling
 from parcae_jax.interop import convert
@@ -173,26 +173,6 @@ def test_a_padded_row_generates_what_it_generates_alone(parcae):
         alone = gen.generate([p], 8, x0=x0[b:b + 1, shift:], return_logits=True)
         assert alone.tokens[0] == together.tokens[b]
         np.testing.assert_allclose(alone.step_logits[0], together.step_logits[b], atol=2e-5)
-
-
-def test_generation_reads_rope_tables_instead_of_evaluating_sin_and_cos(parcae):
-    """A row's positions are traced (left padding, the decode step's offset). Tables computed
-    from them were fused by XLA into each rotation, evaluating sin and cos per element of q and
-    k (a fifth of an 8 x 1024 prefill); the programs index constant tables instead. Lowered only."""
-    cfg, params = parcae
-    gen = Generator(cfg, params, recurrence=2)
-    plan = gen._plan(max_len=64)
-    prefill, step = generator._compiled(plan, Sampling())
-    pad, key = jnp.zeros((2,), jnp.int32), jax.random.key(0)
-    x0 = generator.initial_states(0, np.zeros(2, np.int32), 64, cfg)
-    ids = jnp.ones((2, 16), jnp.int32)
-    cache = jax.eval_shape(lambda: decode.init_cache(plan, pad))
-    programs = [prefill.lower(gen.params, ids, pad, x0, key),
-                step.lower(gen.params, cache, ids[:, 0], x0, key, 1)]
-    for lowered in programs:
-        text = lowered.as_text()
-        assert "stablehlo.cosine" not in text and "stablehlo.sine" not in text
-        assert "stablehlo.gather" in text  # the tables are read
 
 
 def test_sampling_is_reproducible_from_the_seed(parcae):

@@ -91,6 +91,9 @@ class Plan:
 
 
 class Cache(NamedTuple):
+    """One array per slot, [B * G, S, D]. Keys are stored after RoPE and qk-norm with their
+    channels in `rope.pairs_to_halves` order, not the official interleaved order."""
+
     main_k: tuple[jax.Array, ...]
     main_v: tuple[jax.Array, ...]
     core_k: tuple[jax.Array, ...]

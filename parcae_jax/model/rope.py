@@ -1,5 +1,6 @@
 """Rotary position embeddings: the official interleaved (complex-pair) RoPE, and the channel
-order training stores q and k in so that the rotation reads contiguous halves."""
+order q and k are computed in (training, and generation with its cache) so that the rotation
+reads contiguous halves."""
 
 from __future__ import annotations
 

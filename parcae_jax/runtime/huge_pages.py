@@ -6,7 +6,7 @@ bench_cpu train step's is 315 MB). glibc serves an allocation that large with a 
 returns it with munmap, so every step faults its buffer in again, 4 KiB at a time: ~80k page
 faults a step. Where the kernel gives huge pages only on request (THP mode `madvise`, the
 common default), the tunable makes malloc request them, and a step faults 2 MiB at a time.
-Measured on a 2-core Xeon (docs/performance.md): bench_cpu's step +14% in bf16, +9% in
+Measured on a 2-core Xeon (docs/performance_xeon.md): bench_cpu's step +14% in bf16, +9% in
 float32; the official PyTorch step gains nothing from it (its allocations are smaller).
 
 glibc reads tunables only when a process starts, hence the re-exec, done before the command
