@@ -10,6 +10,9 @@ probabilities rounded before the value product) but sum in different orders, so 
 to within twice the distance the XLA path itself keeps from the float32 result.
 """
 
+
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -142,43 +145,45 @@ def test_auto_picks_the_kernel_on_cpu_where_it_fits():
     assert "\n" not in msg and "model.attention_impl='cpu'" in msg and "T=100" in msg
 
 
-def test_no_kernel_is_a_reason_not_a_crash(monkeypatch, tmp_path):
-    """A compiler that fails: load() gives the reason, auto falls back, "cpu" refuses."""
+@contextlib.contextmanager
+def library_reloaded(monkeypatch, tmp_path):
+    """library.load() afresh with its cache in tmp_path and the caller's patches (yielded);
+    afterwards the real library again, for the tests after this one."""
     try:
         with monkeypatch.context() as m:
-            m.setenv("CXX", "false")
-            m.setattr(library.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
             m.setenv("PARCAE_JAX_KERNEL_CACHE", str(tmp_path))
             library.load.cache_clear()
-            why = library.load()
-            assert isinstance(why, str) and "\n" not in why
-            if "avx512f" in library.cpu_flags():
-                assert why.startswith("did not compile (/bin/false ")
-            assert list(tmp_path.iterdir()) == []  # no half-written library left behind
-            assert resolve_impl("auto", jnp.float32, 64, 256, False) == "xla"
-            with pytest.raises(ConfigError, match="model.attention_impl='cpu': the fused CPU kernel"):
-                resolve_impl("cpu", jnp.float32, 64, 256, False)
+            yield m
     finally:
-        library.load.cache_clear()  # the real library again for the tests after this one
+        library.load.cache_clear()
     assert isinstance(library.load(), str) == isinstance(LIB, str)
+
+
+def test_no_kernel_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    """A compiler that fails: load() gives the reason, auto falls back, "cpu" refuses."""
+    with library_reloaded(monkeypatch, tmp_path) as m:
+        m.setenv("CXX", "false")
+        m.setattr(library.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+        why = library.load()
+        assert isinstance(why, str) and "\n" not in why
+        if "avx512f" in library.cpu_flags():
+            assert why.startswith("did not compile (/bin/false ")
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+        assert resolve_impl("auto", jnp.float32, 64, 256, False) == "xla"
+        with pytest.raises(ConfigError, match="model.attention_impl='cpu': the fused CPU kernel"):
+            resolve_impl("cpu", jnp.float32, 64, 256, False)
 
 
 def test_a_damaged_cached_library_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     def build_garbage(cxx, path):
         path.write_bytes(b"not a shared library")
 
-    try:
-        with monkeypatch.context() as m:
-            m.setenv("PARCAE_JAX_KERNEL_CACHE", str(tmp_path))
-            m.setattr(library, "_build", build_garbage)
-            library.load.cache_clear()
-            why = library.load()
-            if "avx512f" in library.cpu_flags() and library._compiler():
-                assert why.startswith(f"cannot load {tmp_path}") and "delete it to rebuild" in why
-            assert isinstance(why, str) and "\n" not in why
-    finally:
-        library.load.cache_clear()
-    assert isinstance(library.load(), str) == isinstance(LIB, str)
+    with library_reloaded(monkeypatch, tmp_path) as m:
+        m.setattr(library, "_build", build_garbage)
+        why = library.load()
+        if "avx512f" in library.cpu_flags() and library._compiler():
+            assert why.startswith(f"cannot load {tmp_path}") and "delete it to rebuild" in why
+        assert isinstance(why, str) and "\n" not in why
 
 
 @needs_kernel

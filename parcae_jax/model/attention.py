@@ -148,8 +148,8 @@ def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded:
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
     if cache.fresh:  # every key this call reads is its own: attend among the new tokens
-        if (impl in ("auto", "cpu") and jax.default_backend() == "cpu"
-                and attention_kernels.cpu_unfit(dtype, D, T, (B, H, G)) is None):  # else the XLA path, as before
+        # "cpu" too falls back here instead of refusing: a prompt's length is the request's, not a config's
+        if impl in ("auto", "cpu") and attention_kernels.resolve_impl("auto", dtype, D, T, True, (B, H, G)) == "cpu":
             # Left padding as documents: a key is real iff the row's last query (always a real
             # token) reads it. Real queries then read exactly the real keys up to themselves;
             # padding queries read padding keys, as no real query does (cache_mask: only itself).

@@ -125,7 +125,7 @@ def cpu_unfit(dtype, D: int, T: int, heads: tuple[int, int, int] | None = None) 
         return f"runs float32 or bfloat16 products (got {jnp.dtype(dtype).name})"
     from parcae_jax.model.cpu_kernels import attention as cpu_attention  # builds the kernel on first use
 
-    return cpu_attention.unfit(D, T) or (cpu_attention.mesh_unfit(*heads) if heads else None)
+    return cpu_attention.unfit(D, T) or (mesh_unfit(*heads) if heads else None)
 
 
 def cudnn_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, implementation: str = "cudnn"):
@@ -177,6 +177,25 @@ def per_device(kernel):
     spec_seg = nn.logical_to_mesh_axes(("batch", "length"))
     return jax.shard_map(kernel, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_seg), out_specs=spec_q,
                          check_vma=False)
+
+
+def mesh_unfit(B: int, H: int, G: int) -> str | None:
+    """Why `per_device` cannot hand each device whole rows and whole head groups under the mesh
+    in use (None when it can, or without a mesh): the batch, query heads and kv heads must
+    divide by the mesh axes they are split over, and both kinds of heads split alike, so that
+    local query head h still reads local kv head h // (H/G)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    # one name at a time: asked together, a mesh axis taken by one name is not given to the next
+    names = {k: nn.logical_to_mesh_axes((k,))[0] for k in ("batch", "heads", "kv_heads")}
+    ways = {k: math.prod(mesh.shape[a] for a in ((v,) if isinstance(v, str) else v or ())) for k, v in names.items()}
+    for what, size in (("batch", B), ("heads", H), ("kv_heads", G)):
+        if size % ways[what]:
+            return f"needs {what}={size} to divide by the {ways[what]} devices the mesh splits it over"
+    if ways["heads"] != ways["kv_heads"]:
+        return f"needs heads and kv heads split alike (the mesh splits them {ways['heads']}, {ways['kv_heads']} ways)"
+    return None
 
 
 def _splash_local(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, seg_BxT, segments: bool, interpret: bool):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -28,25 +27,6 @@ def unfit(D: int, T: int) -> str | None:
     if T % 16 or D % 16 or D > 256:
         return (f"needs a sequence length and a head_dim that are multiples of 16, the head_dim at most 256 "
                 f"(got T={T}, D={D})")
-    return None
-
-
-def mesh_unfit(B: int, H: int, G: int) -> str | None:
-    """Why shard_map cannot hand each device whole rows and whole head groups under the mesh
-    in use (None when it can, or without a mesh): the batch, query heads and kv heads must
-    divide by the mesh axes they are split over, and both kinds of heads split alike, so that
-    local query head h still reads local kv head h // (H/G)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    # one name at a time: asked together, a mesh axis taken by one name is not given to the next
-    names = {k: nn.logical_to_mesh_axes((k,))[0] for k in ("batch", "heads", "kv_heads")}
-    ways = {k: math.prod(mesh.shape[a] for a in ((v,) if isinstance(v, str) else v or ())) for k, v in names.items()}
-    for what, size in (("batch", B), ("heads", H), ("kv_heads", G)):
-        if size % ways[what]:
-            return f"needs {what}={size} to divide by the {ways[what]} devices the mesh splits it over"
-    if ways["heads"] != ways["kv_heads"]:
-        return f"needs heads and kv heads split alike (the mesh splits them {ways['heads']}, {ways['kv_heads']} ways)"
     return None
 
 
