@@ -82,7 +82,7 @@ def test_kernel_matches_the_xla_path(bf16_path, T, H, G, D, docs, dtype, bounded
 
 
 @needs_kernel
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.sampled_from([16, 32, 64, 112, 144]), D=st.sampled_from([16, 32, 48]),
        heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), docs=st.integers(1, 4), seed=st.integers(0, 99))
 def test_float32_kernel_matches_the_xla_path_on_any_shape_it_takes(T, D, heads, docs, seed):
