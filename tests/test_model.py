@@ -4,12 +4,15 @@ import json
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parcae_jax.model import build, init_params
-from parcae_jax.model.layers import Block
+from parcae_jax.model.layers import MLP, Block
 from parcae_jax.model.layout import block_specs, table_widths
 from parcae_jax.model.rope import rope_angles
 from tests.conftest import FIXTURES
@@ -207,3 +210,53 @@ def test_default_rope_tables_are_constants_equal_to_traced_ones():
     cos, sin = rope_angles(jnp.arange(300), 16, 50000.0, 1.0)
     np.testing.assert_allclose(np_cos, cos, atol=1e-5)
     np.testing.assert_allclose(np_sin, sin, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mlp_pair():
+    """Loss and gradients of the MLP in each form, jitted once per dtype (hypothesis varies values only)."""
+    def make(dtype):
+        cfg = tiny(dtype=dtype)
+        forms = [MLP(8, 16, cfg, constant_free=free) for free in (False, True)]
+        params = forms[0].init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]
+
+        def run(mlp, params, x):
+            def loss(p, x):
+                y = mlp.apply({"params": p}, x)
+                return jnp.sum(y * jnp.arange(y.size).reshape(y.shape)), y
+            (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+            return y, grads
+        return params, [jax.jit(lambda p, x, m=m: run(m, p, x)) for m in forms]
+    return {dtype: make(dtype) for dtype in ("float32", "bfloat16")}
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), x_exp=st.integers(-8, 8), w_exp=st.integers(-6, 6),
+       dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_constant_free_mlp_gives_the_same_values_and_gradients(mlp_pair, seed, x_exp, w_exp, dtype):
+    """(x + |x|)^2 with the proj kernel / 8 is 0.5 * relu(x)^2 with the kernel, value for value
+    (powers of two round alike), gradients too, in both compute dtypes; zeros and negatives included."""
+    params, (plain, free) = mlp_pair[dtype]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32) * 2.0**x_exp
+    x[0, 0, :3] = 0.0  # relu's kink
+    params = jax.tree.map(lambda w: jnp.asarray(rng.standard_normal(w.shape), jnp.float32) * 2.0**w_exp, params)
+    (y0, g0), (y1, g1) = plain(params, x), free(params, x)
+    assert np.array_equal(y0, y1)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.array_equal(a, b)
+
+
+def test_constant_free_mlp_holds_no_constant_at_the_activation_width():
+    """No literal meets a [.., d_mlp] array: XLA:CPU would pass it into the matmul fusion as a
+    full-size broadcast array (docs/performance.md)."""
+    cfg = tiny()
+    mlp = MLP(8, 16, cfg, constant_free=True)
+    params = mlp.init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]
+    def literals_at_width(free):
+        jaxpr = jax.make_jaxpr(lambda x: MLP(8, 16, cfg, constant_free=free).apply({"params": params}, x))(
+            jnp.ones((2, 3, 8))).jaxpr
+        return [e.primitive.name for e in jaxpr.eqns if any(isinstance(v, jax.extend.core.Literal) for v in e.invars)
+                and any(getattr(v.aval, "shape", ())[-1:] == (16,) for v in e.outvars)]
+    assert literals_at_width(False)  # the plain form has them: the check can see one
+    assert literals_at_width(True) == []

@@ -68,15 +68,18 @@ _low_precision.defvjp(_fwd, _bwd)
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (no bias) through einsum: `dtype` inputs, float32 accumulation
-    and output, float32 kernel named "kernel" as flax's Dense names it."""
+    """y = x @ (kernel * kernel_scale) (no bias) through einsum: `dtype` inputs, float32
+    accumulation and output, float32 kernel named "kernel" as flax's Dense names it."""
 
     features: int
     kernel_init: object
     dtype: object = jnp.float32
+    kernel_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        if self.kernel_scale != 1.0:
+            kernel = kernel * self.kernel_scale
         lead = "ijklmn"[: x.ndim - 1]
         return einsum(f"{lead}x,xy->{lead}y", x, kernel, self.dtype)
