@@ -249,7 +249,7 @@ def test_constant_free_mlp_gives_the_same_values_and_gradients(mlp_pair, seed, x
 
 def test_constant_free_mlp_holds_no_constant_at_the_activation_width():
     """No literal meets a [.., d_mlp] array: XLA:CPU would pass it into the matmul fusion as a
-    full-size broadcast array (docs/performance.md)."""
+    full-size broadcast array (docs/design.md §10)."""
     cfg = tiny()
     mlp = MLP(8, 16, cfg, constant_free=True)
     params = mlp.init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]
