@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parcae_jax.model import build, init_params
-from parcae_jax.model.layers import MLP, Block
+from parcae_jax.model.layers import MLP, Block, constant_free_mlp
 from parcae_jax.model.layout import block_specs, table_widths
 from parcae_jax.model.rope import rope_angles
 from tests.conftest import FIXTURES
@@ -235,11 +235,11 @@ def mlp_pair():
        dtype=st.sampled_from(["float32", "bfloat16"]))
 def test_constant_free_mlp_gives_the_same_values_and_gradients(mlp_pair, seed, x_exp, w_exp, dtype):
     """(x + |x|)^2 with the proj kernel / 8 is 0.5 * relu(x)^2 with the kernel, value for value
-    (powers of two round alike), gradients too, in both compute dtypes; zeros and negatives included."""
+    (powers of two round alike), gradients too, in both compute dtypes; h = 0 and negatives included."""
     params, (plain, free) = mlp_pair[dtype]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 3, 8)).astype(np.float32) * 2.0**x_exp
-    x[0, 0, :3] = 0.0  # relu's kink
+    x[0, 0, :] = 0.0  # h = 0 in that row: relu's kink
     params = jax.tree.map(lambda w: jnp.asarray(rng.standard_normal(w.shape), jnp.float32) * 2.0**w_exp, params)
     (y0, g0), (y1, g1) = plain(params, x), free(params, x)
     assert np.array_equal(y0, y1)
@@ -248,15 +248,34 @@ def test_constant_free_mlp_gives_the_same_values_and_gradients(mlp_pair, seed, x
 
 
 def test_constant_free_mlp_holds_no_constant_at_the_activation_width():
-    """No literal meets a [.., d_mlp] array: XLA:CPU would pass it into the matmul fusion as a
-    full-size broadcast array (docs/design.md §10)."""
+    """No literal meets a [.., d_mlp] array in the forward, nested jaxprs included: XLA:CPU
+    would pass it into the matmul fusion as a full-size broadcast array (docs/design.md §10)."""
     cfg = tiny()
-    mlp = MLP(8, 16, cfg, constant_free=True)
-    params = mlp.init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]
-    def literals_at_width(free):
-        jaxpr = jax.make_jaxpr(lambda x: MLP(8, 16, cfg, constant_free=free).apply({"params": params}, x))(
+    params = MLP(8, 16, cfg).init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]
+
+    def literals_at_width(jaxpr):
+        found = [e.primitive.name for e in jaxpr.eqns
+                 if any(isinstance(v, jax.extend.core.Literal) for v in e.invars)
+                 and any(getattr(v.aval, "shape", ())[-1:] == (16,) for v in e.outvars)]
+        for e in jaxpr.eqns:
+            for p in e.params.values():
+                inner = getattr(p, "jaxpr", p)  # a ClosedJaxpr holds its Jaxpr
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found += literals_at_width(inner)
+        return found
+
+    def form(free):
+        return jax.make_jaxpr(lambda x: MLP(8, 16, cfg, constant_free=free).apply({"params": params}, x))(
             jnp.ones((2, 3, 8))).jaxpr
-        return [e.primitive.name for e in jaxpr.eqns if any(isinstance(v, jax.extend.core.Literal) for v in e.invars)
-                and any(getattr(v.aval, "shape", ())[-1:] == (16,) for v in e.outvars)]
-    assert literals_at_width(False)  # the plain form has them: the check can see one
-    assert literals_at_width(True) == []
+    assert sorted(set(literals_at_width(form(False)))) == ["max", "mul"]  # 0.5 and relu's 0: the check sees both
+    assert literals_at_width(form(True)) == []
+
+
+def test_the_constant_free_mlp_is_chosen_where_it_was_measured_faster():
+    """CPU: a prefill in float32 or bfloat16, and bfloat16 training; not float32 training, not a
+    one-token decode in float32, never float16 (not exact there)."""
+    f32, bf16, f16 = tiny(dtype="float32"), tiny(dtype="bfloat16"), tiny(dtype="float16")
+    assert constant_free_mlp(f32, prefill=True) and constant_free_mlp(bf16, prefill=True)
+    assert constant_free_mlp(bf16, prefill=False)
+    assert not constant_free_mlp(f32, prefill=False)
+    assert not constant_free_mlp(f16, prefill=True) and not constant_free_mlp(f16, prefill=False)

@@ -39,26 +39,31 @@ def relu2(x: jax.Array) -> jax.Array:
 
 
 def relu2_times_8(x: jax.Array) -> jax.Array:
-    """(x + |x|)^2 = 8 * relu2(x) for finite x, exactly (scaling by a power of two rounds the
-    same), with no constant in it. XLA:CPU passes a constant into its matmul fusions as a full-size
-    broadcast array: 0.5 and relu's 0 became two [B * T, d_mlp] float32 arrays read by every MLP."""
+    """(x + |x|)^2 = 8 * relu2(x), with no constant in it: XLA:CPU passes a constant into its
+    matmul fusions as a full-size broadcast array, so 0.5 and relu's 0 became two [B * T, d_mlp]
+    float32 arrays read by every MLP. Exact (a power of two scales without rounding) for
+    1e-19 < |x| < 2^63 in float32 and bfloat16, not in float16; NaN and -inf differ."""
     return jnp.square(x + jnp.abs(x))
 
 
-def constant_free_mlp(cfg: ModelConfig, generating: bool) -> bool:
+def constant_free_mlp(cfg: ModelConfig, prefill: bool) -> bool:
     """Whether the MLP computes relu2_times_8 and a proj kernel / 8 (the same numbers) instead
-    of relu2 (docs/design.md §10). Measured on XLA:CPU, Intel AMX: the 8 x 1024 prefill 10%
-    faster in float32 and 20% in bfloat16, bfloat16 training ~3%; float32 training 15% slower,
-    as XLA then recomputes the activation's gradient inside the transposed copy its weight
-    gradient reads, so it keeps relu2."""
-    return generating or jnp.dtype(cfg.compute_dtype) == jnp.bfloat16
+    of relu2 (docs/design.md §10): on XLA:CPU only, where it was measured (Intel AMX), for a
+    generation prefill (8 x 1024: 12% less time in float32, 24% in bfloat16) and bfloat16
+    training (~3%). Not in float32 training (15-18% slower: XLA recomputes the activation's
+    gradient inside the transposed copy its weight gradient reads), nor a one-token float32
+    decode step (scaling the kernel is a copy as large as the step's read of it), nor float16."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+    if jax.default_backend() != "cpu" or dtype == jnp.float16:
+        return False
+    return prefill or dtype == jnp.bfloat16
 
 
 class MLP(nn.Module):
     width: int
     d_mlp: int
     cfg: ModelConfig
-    constant_free: bool = False  # constant_free_mlp
+    constant_free: bool = False  # relu2_times_8 and proj / 8: constant_free_mlp says where
 
     @nn.compact
     def __call__(self, x_BxTxW: jax.Array) -> jax.Array:
@@ -89,7 +94,7 @@ class Block(nn.Module):
                                                          segment_ids_BxT, cache)
         a, kv = a if cache is not None else (a, None)
         x_BxTxW = x_BxTxW + a
-        free = constant_free_mlp(self.cfg, generating=cache is not None)
+        free = constant_free_mlp(self.cfg, prefill=cache is not None and x_BxTxW.shape[1] > 1)
         mlp = MLP(self.spec.width, self.spec.d_mlp, self.cfg, free, name="mlp")
         x_BxTxW = x_BxTxW + mlp(RMSNorm(eps, name="norm_2")(x_BxTxW))
         x_BxTxW = nn.with_logical_constraint(x_BxTxW, RESIDUAL_AXES)
