@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from parcae_jax.model import build, init_params
+from parcae_jax.model import param_shapes
 from parcae_jax.model.injection import Injection, diagonal_coefficients, spectral_radius
 from tests.helpers import tiny
 
@@ -60,14 +60,21 @@ def test_injections_against_numpy():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _injection_init(cfg):
+    """The injection's own initialisation (the model's init runs this module; the whole model's
+    would cost ~3 s of compiling here)."""
+    x, e = jnp.zeros((1, 2, cfg.d_rec)), jnp.zeros((1, 2, cfg.d_model))
+    return nn.unbox(Injection(cfg).init(jax.random.key(0), x, e)["params"])
+
+
 def test_diagonal_injection_starts_at_decay_sqrt_one_fifth_with_identity_B():
-    params = nn.unbox(init_params(build(tiny()), jax.random.key(0)))["core"]["injection"]
+    params = _injection_init(tiny())
+    assert set(params) == set(param_shapes(tiny())["core"]["injection"])  # what the model holds
     decay, dt = diagonal_coefficients(params["A_log"], params["dt_bias"])
     np.testing.assert_allclose(decay, np.sqrt(1 / 5), rtol=1e-6)
     np.testing.assert_allclose(dt, 0.804719, rtol=1e-5)
     np.testing.assert_array_equal(params["B"], np.eye(64))
-    B = nn.unbox(init_params(build(tiny(d_rec=32, d_rec_mlp=64, n_rec_heads=2)),
-                             jax.random.key(0)))["core"]["injection"]["B"]
+    B = _injection_init(tiny(d_rec=32, d_rec_mlp=64, n_rec_heads=2))["B"]
     np.testing.assert_allclose(np.linalg.svd(np.asarray(B), compute_uv=False), 1.0, rtol=1e-5)  # orthogonal, gain 1
 
 
