@@ -10,7 +10,6 @@ probabilities rounded before the value product) but sum in different orders, so 
 to within twice the distance the XLA path itself keeps from the float32 result.
 """
 
-
 import contextlib
 
 import flax.linen as nn

@@ -42,14 +42,20 @@ def test_gradients_are_finite_at_extreme_parameters():
     assert all(np.all(np.isfinite(x)) for x in g)
 
 
+def _injection_init(cfg):
+    """The injection's own initialisation (the model's init runs this module; the whole model's
+    would cost ~3 s of compiling here)."""
+    x, e = jnp.zeros((1, 2, cfg.d_rec)), jnp.zeros((1, 2, cfg.d_model))
+    return nn.unbox(Injection(cfg).init(jax.random.key(0), x, e)["params"])
+
+
 def test_injections_against_numpy():
     rng = np.random.default_rng(0)
     x, e = rng.normal(size=(2, 5, 64)).astype(np.float32), rng.normal(size=(2, 5, 64)).astype(np.float32)
     for kind in ("diagonal", "linear", "add"):
         cfg = tiny(injection=kind)
-        inj = Injection(cfg)
-        p = nn.unbox(inj.init(jax.random.key(0), x, e))["params"] if kind != "add" else {}
-        got = inj.apply({"params": p}, x, e)
+        p = _injection_init(cfg) if kind != "add" else {}
+        got = Injection(cfg).apply({"params": p}, x, e)
         if kind == "diagonal":
             dt = np.log1p(np.exp(p["dt_bias"]))
             want = np.exp(-dt * np.exp(p["A_log"])) * x + dt * (e @ np.asarray(p["B"]))
@@ -58,13 +64,6 @@ def test_injections_against_numpy():
         else:
             want = x + e
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-
-
-def _injection_init(cfg):
-    """The injection's own initialisation (the model's init runs this module; the whole model's
-    would cost ~3 s of compiling here)."""
-    x, e = jnp.zeros((1, 2, cfg.d_rec)), jnp.zeros((1, 2, cfg.d_model))
-    return nn.unbox(Injection(cfg).init(jax.random.key(0), x, e)["params"])
 
 
 def test_diagonal_injection_starts_at_decay_sqrt_one_fifth_with_identity_B():

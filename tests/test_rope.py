@@ -28,11 +28,12 @@ def test_generation_reads_rope_tables_instead_of_evaluating_sin_and_cos(parcae):
     cfg, params = parcae
     gen = generator.Generator(cfg, params, recurrence=2)
     S = 64
-    prefill, step = generator._compiled(gen._plan(max_len=S), Sampling())
+    plan = gen._plan(max_len=S)
+    prefill, step = generator._compiled(plan, Sampling())
     pad, key = jnp.zeros((2,), jnp.int32), jax.random.key(0)
     x0 = generator.initial_states(0, np.zeros(2, np.int32), S, cfg)
     ids = jnp.ones((2, 16), jnp.int32)
-    cache = jax.eval_shape(lambda: decode.init_cache(gen._plan(max_len=S), pad))
+    cache = jax.eval_shape(lambda: decode.init_cache(plan, pad))
     for lowered in (prefill.lower(gen.params, ids, pad, x0, key), step.lower(gen.params, cache, ids[:, 0], x0, key, 1)):
         text = lowered.as_text()
         assert "stablehlo.cosine" not in text and "stablehlo.sine" not in text
