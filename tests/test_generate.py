@@ -78,6 +78,35 @@ def _decode_every_prefix(cfg, params, ids, x0, plan, prompt=8):
     return np.concatenate(rows, axis=1)
 
 
+def test_a_prefill_runs_its_final_block_for_the_last_token_only_and_loses_nothing(parcae):
+    """last_only (a prefill): the coda's last block writes every token's keys and values but
+    computes its queries, attention, output projection and MLP for the last token alone. The
+    cache is the same to the bit, the last logits the same to rounding, and the program has
+    one full-length MLP fewer: its last fc runs on one row."""
+    import re
+
+    cfg, params = parcae
+    ids = np.load(PARCAE / "input_ids.npy")[:, :16].astype(np.int32)
+    x0 = np.load(PARCAE / "state_init.npy")[:, :16]
+    B, T = ids.shape
+    plan = decode.Plan(cfg, 2, max_len=32)
+    cache = decode.init_cache(plan, np.zeros(B, np.int32))
+    runs = {}
+    for last in (True, False):
+        prefill = lambda p, i, c, x, last=last: decode.forward(plan, p, i, c, x, fresh=True, last_only=last)  # noqa: E731
+        lowered = jax.jit(prefill).lower(params, ids, cache, x0)
+        fc = re.findall(rf"\(tensor<{B}x(\d+)x{cfg.d_model}xf32>, tensor<{cfg.d_model}x{cfg.d_mlp}xf32>\)",
+                        lowered.as_text())  # the MLPs' fc products, by their rows
+        runs[last] = (lowered.compile()(params, ids, cache, x0), sorted(fc))
+    (logits, new, _), fc = runs[True]
+    (logits_all, new_all, _), fc_all = runs[False]
+    assert logits.shape == (B, 1, cfg.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], logits_all[:, -1], atol=2e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_all)):
+        np.testing.assert_array_equal(a, b)
+    assert fc_all == [str(T)] * len(fc_all) and fc == ["1"] + [str(T)] * (len(fc_all) - 1)
+
+
 # Sharing strategies at settings where no two iterations share a slot: each must equal "full".
 EXACT = ["full", "compress-first4", "compress-stride1", "compress-s4", "compress-r1"]
 

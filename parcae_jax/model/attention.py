@@ -30,13 +30,16 @@ class CacheView(NamedTuple):
     duplicate the in-place write and copy the whole slot twice per layer. The call writes its
     T new keys at positions start .. start + T - 1 and attends over the whole slot under
     `mask` [B, 1, 1, T, S] (cache_mask). `fresh`: the slot is empty and start is 0 (a prefill),
-    so the new tokens read only one another and attention skips the masked blocks."""
+    so the new tokens read only one another and attention skips the masked blocks.
+    `last_only`: every new token's key and value is written, but only the last token's output
+    is computed ([B, 1, W]): a prefill's final block, whose other outputs nothing reads."""
 
     k: jax.Array
     v: jax.Array
     start: jax.Array | int
     mask: jax.Array
     fresh: bool = False
+    last_only: bool = False
 
 
 class KVSlots(NamedTuple):
@@ -50,8 +53,8 @@ class KVSlots(NamedTuple):
     mask: jax.Array
     fresh: bool = False  # see CacheView
 
-    def view(self, slot: int) -> CacheView:
-        return CacheView(self.k[slot], self.v[slot], self.start, self.mask, self.fresh)
+    def view(self, slot: int, last_only: bool = False) -> CacheView:
+        return CacheView(self.k[slot], self.v[slot], self.start, self.mask, self.fresh, last_only)
 
     def write(self, slot: int, kv: tuple[jax.Array, jax.Array]) -> KVSlots:
         put = lambda t, a: t[:slot] + (a,) + t[slot + 1:]  # noqa: E731
@@ -141,12 +144,17 @@ def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded:
 
     The keys are all S positions of the slot, masked (static shapes: one compiled decode step
     serves every position), so a decode step reads the whole slot once, as it must. A prefill
-    (`cache.fresh`) runs the CPU kernel when `impl` ("auto" or "cpu") resolves to it."""
-    B, T, H, D = q_BxTxHxD.shape
-    G = k_BxTxGxD.shape[2]
+    (`cache.fresh`) runs the CPU kernel when `impl` ("auto" or "cpu") resolves to it. With
+    `cache.last_only` q holds the last new token only ([B, 1, H, D]) and so does the output."""
+    Tq, (B, T, G, D) = q_BxTxHxD.shape[1], k_BxTxGxD.shape
+    H = q_BxTxHxD.shape[2]
     k_all, v_all = (jax.lax.dynamic_update_slice(
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
+    if cache.fresh and Tq < T:  # the last query only, over the new keys
+        q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, Tq, G, H // G, D)
+        y = _attend(q, k_BxTxGxD, v_BxTxGxD, cache.mask[..., T - Tq:T, :T], bounded, dtype)
+        return y.transpose(0, 3, 1, 2, 4).reshape(B, Tq, H, D), (k_all, v_all)
     if cache.fresh:  # every key this call reads is its own: attend among the new tokens
         # "cpu" too falls back here instead of refusing: a prompt's length is the request's, not a config's
         if impl in ("auto", "cpu") and attention_kernels.resolve_impl("auto", dtype, D, T, True, (B, H, G)) == "cpu":
@@ -158,15 +166,15 @@ def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded:
             return y, (k_all, v_all)
         return causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache.mask[..., :T], bounded, dtype), (k_all, v_all)
     S, R = k_all.shape[1], H // G
-    q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, T, G, R, D).transpose(0, 2, 3, 1, 4).reshape(B * G, R * T, D)
+    q = (q_BxTxHxD * (1.0 / math.sqrt(D))).reshape(B, Tq, G, R, D).transpose(0, 2, 3, 1, 4).reshape(B * G, R * Tq, D)
     s_NxQxS = matmul.einsum("nqd,nsd->nqs", q, k_all, dtype)
-    s_BxGxRxTxS = jnp.where(cache.mask, s_NxQxS.reshape(B, G, R, T, S), -jnp.inf)
+    s_BxGxRxTxS = jnp.where(cache.mask[..., T - Tq:, :], s_NxQxS.reshape(B, G, R, Tq, S), -jnp.inf)
     if not bounded:
         s_BxGxRxTxS = s_BxGxRxTxS - jnp.max(s_BxGxRxTxS, axis=-1, keepdims=True)
     p = jnp.exp(s_BxGxRxTxS)
-    y = matmul.einsum("nqs,nsd->nqd", p.reshape(B * G, R * T, S), v_all, dtype)
-    y = y.reshape(B, G, R, T, D) / jnp.sum(p, axis=-1, keepdims=True)
-    return y.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D), (k_all, v_all)
+    y = matmul.einsum("nqs,nsd->nqd", p.reshape(B * G, R * Tq, S), v_all, dtype)
+    y = y.reshape(B, G, R, Tq, D) / jnp.sum(p, axis=-1, keepdims=True)
+    return y.transpose(0, 3, 1, 2, 4).reshape(B, Tq, H, D), (k_all, v_all)
 
 
 def query_chunks(T: int) -> int:
@@ -254,6 +262,10 @@ class Attention(nn.Module):
             # permuted instead; the cache holds k in the permuted order, as a prefill writes it
             q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
             q, k = q[..., perm], k[..., perm]
+        if cache is not None and cache.last_only:  # keys and values of every token, the last one's query
+            q, rope_q = q[:, -1:], tuple(t[..., -1:, :, :] for t in rope)
+        else:
+            rope_q = rope
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
             gate_kernel = self.param("ve_gate",
@@ -262,7 +274,7 @@ class Attention(nn.Module):
             if ve_BxTxK is not None:
                 gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))
                 v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(q, rope_q), apply_rope(k, rope)
         if cfg.qk_norm:
             q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))

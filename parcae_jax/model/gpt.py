@@ -46,7 +46,8 @@ class GPT(nn.Module):
         """The blocks, final norm and head: (logits, or with targets loss and mask; kv): layer i
         in slot i. `last_only`: logits of the last position only ([B, 1, V]; a prefill's)."""
         specs = block_specs(self.cfg)
-        h, kv, _ = run_blocks(self.block, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)))
+        h, kv, _ = run_blocks(self.block, specs, h_BxTxD, rope, ves, segment_ids_BxT, kv, range(len(specs)),
+                              last_only)
         return self.lm_head(self.ln_f(h[:, -1:] if last_only else h), table, targets_BxT), kv
 
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,

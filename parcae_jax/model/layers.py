@@ -93,6 +93,8 @@ class Block(nn.Module):
         a = Attention(self.spec, self.cfg, name="attn")(RMSNorm(eps, name="norm_1")(x_BxTxW), rope, ve_BxTxK,
                                                          segment_ids_BxT, cache)
         a, kv = a if cache is not None else (a, None)
+        if cache is not None and cache.last_only:  # the last token's stream only, from here on
+            x_BxTxW = x_BxTxW[:, -1:]
         x_BxTxW = x_BxTxW + a
         free = constant_free_mlp(self.cfg, prefill=cache is not None and x_BxTxW.shape[1] > 1)
         mlp = MLP(self.spec.width, self.spec.d_mlp, self.cfg, free, name="mlp")
@@ -112,17 +114,19 @@ def block_class(cfg: ModelConfig) -> type[Block]:
 
 
 def run_blocks(blocks, specs, h_BxTxW, rope: Rope, ves: dict, segment_ids_BxT=None,
-               kv: KVSlots | None = None, slots=()):
+               kv: KVSlots | None = None, slots=(), last_only: bool = False):
     """(h through `blocks` in order, kv, the (k, v) each block wrote). Block i reads value
     embedding ves[specs[i].table] where it applies; with `kv` (generation) it reads and writes
-    slot slots[i] (without, kv stays None and nothing is written)."""
+    slot slots[i] (without, kv stays None and nothing is written). `last_only` (with `kv`): the
+    last block writes every token's keys and values but returns the last token's stream only,
+    [B, 1, W] (what a prefill's head reads: ~6% less work for a 12-block 1024-token prefill)."""
     written = []
     for i, (blk, s) in enumerate(zip(blocks, specs)):
         ve = ves[s.table] if s.applies_ve else None
         if kv is None:
             h_BxTxW = blk(h_BxTxW, rope, ve, segment_ids_BxT)
         else:
-            h_BxTxW, new = blk(h_BxTxW, rope, ve, None, kv.view(slots[i]))
+            h_BxTxW, new = blk(h_BxTxW, rope, ve, None, kv.view(slots[i], last_only and i == len(specs) - 1))
             kv = kv.write(slots[i], new)
             written.append(new)
     return h_BxTxW, kv, tuple(written)

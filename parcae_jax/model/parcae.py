@@ -78,7 +78,7 @@ class Parcae(nn.Module):
         ([B, 1, V]; a prefill needs no others, and the head is 8% of a 1024-token prefill)."""
         specs = segment_specs(self.cfg, CODA)
         slots = range(self.cfg.n_prelude, self.cfg.n_prelude + len(specs))
-        y, kv, _ = run_blocks(self.coda, specs, self.C(x_BxTxR), rope, ves, segment_ids_BxT, kv, slots)
+        y, kv, _ = run_blocks(self.coda, specs, self.C(x_BxTxR), rope, ves, segment_ids_BxT, kv, slots, last_only)
         return self.lm_head(self.ln_f(y[:, -1:] if last_only else y), table, targets_BxT), kv
 
     def __call__(self, input_ids_BxT, recurrence=None, initial_state=None, num_steps=None, *,
