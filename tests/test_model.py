@@ -1,6 +1,7 @@
 """Model pieces against NumPy and against each other: GQA, value embeddings, documents, heads."""
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -269,6 +270,17 @@ def test_constant_free_mlp_holds_no_constant_at_the_activation_width():
             jnp.ones((2, 3, 8))).jaxpr
     assert sorted(set(literals_at_width(form(False)))) == ["max", "mul"]  # 0.5 and relu's 0: the check sees both
     assert literals_at_width(form(True)) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_constant_free_mlp_keeps_its_activation_out_of_the_matmul_fusions(dtype):
+    """XLA keeps the no-op reduce_precision between fc and proj (its simplifier could drop
+    one), so a YNNPACK fusion cannot join the two matmuls: layers.own_precision."""
+    cfg = tiny(dtype=dtype)
+    mlp = MLP(8, 16, cfg, constant_free=True)
+    params = mlp.init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]
+    hlo = jax.jit(lambda p, x: mlp.apply({"params": p}, x)).lower(params, jnp.ones((2, 3, 8))).compile().as_text()
+    assert len(re.findall(r"= f32\[[\d,]*\]\S* reduce-precision\(", hlo)) == 1
 
 
 def test_the_constant_free_mlp_is_chosen_where_it_was_measured_faster():
