@@ -100,9 +100,13 @@ def test_core_of_another_width_and_head_dim_applies_value_embeddings():
     cfg = tiny(d_rec=96, d_rec_mlp=192, n_rec_heads=3)  # head dim 32 in the core, 16 outside
     assert table_widths(cfg)["1"] == 96  # read by core block 0, sized by it
     model = build(cfg)
-    params = nn.unbox(init_params(model, jax.random.key(0)))
     ids = jnp.arange(40).reshape(2, 20) % 256
-    logits = model.apply({"params": params}, ids, num_steps=(1, 2), initial_state=jnp.ones((2, 20, 96)) * 0.1)
+
+    @jax.jit  # one program: op-by-op, init and apply took 4 s
+    def logits_of(key):
+        params = nn.unbox(init_params(model, key))
+        return model.apply({"params": params}, ids, num_steps=(1, 2), initial_state=jnp.ones((2, 20, 96)) * 0.1)
+    logits = logits_of(jax.random.key(0))
     assert logits.shape == (2, 20, 256) and bool(jnp.all(jnp.isfinite(logits)))
 
 
