@@ -146,8 +146,7 @@ def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded:
     serves every position), so a decode step reads the whole slot once, as it must. A prefill
     (`cache.fresh`) runs the CPU kernel when `impl` ("auto" or "cpu") resolves to it. With
     `cache.last_only` q holds the last new token only ([B, 1, H, D]) and so does the output."""
-    Tq, (B, T, G, D) = q_BxTxHxD.shape[1], k_BxTxGxD.shape
-    H = q_BxTxHxD.shape[2]
+    (_, Tq, H, _), (B, T, G, D) = q_BxTxHxD.shape, k_BxTxGxD.shape
     k_all, v_all = (jax.lax.dynamic_update_slice(
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))

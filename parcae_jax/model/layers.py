@@ -80,9 +80,8 @@ class MLP(nn.Module):
         h = matmul.Dense(self.d_mlp, dtype=dtype, name="fc",
                      kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal),
                                                               ("embed", "mlp")))(x_BxTxW)
-        h = relu2_times_8(h) if self.constant_free else relu2(h)
-        if self.constant_free:  # the activation in a loop of its own, between two matmul fusions
-            h = own_precision(h)
+        # constant-free: the activation also in a loop of its own, between two matmul fusions
+        h = own_precision(relu2_times_8(h)) if self.constant_free else relu2(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return matmul.Dense(self.width, dtype=dtype, name="proj", kernel_scale=0.125 if self.constant_free else 1.0,
                         kernel_init=nn.with_logical_partitioning(matrix_init(0.0, self.cfg.init_orthogonal),
