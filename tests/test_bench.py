@@ -6,7 +6,7 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from parcae_jax.bench import roof
+from parcae_jax.bench import breakdown, roof
 from parcae_jax.bench.step import bench
 from parcae_jax.training.describe import flops_per_token
 from parcae_jax.training.validate import validate
@@ -48,6 +48,25 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_
     assert math.isclose(b["non_matmul_ms_per_step"], b["thread_ms_per_step"] - b["kinds"]["matmul"]["ms_per_step"])
     assert 0 < b["busy_ms_per_step"] <= b["thread_ms_per_step"] * 1.0001
     assert b["top_ops"] and all(op["kind"] in {*b["kinds"], "unattributed"} for op in b["top_ops"])
+
+
+def test_a_dot_that_eigen_runs_counts_until_its_end_event_and_a_loop_keeps_its_own_span():
+    """XLA:CPU traces a dot it hands to Eigen as a short launch and an "end:" event when the
+    pool has done its work; a partitioned element-wise loop's "end:" waits for the other thread.
+    Synthetic trace (µs) of one step: a 10 µs launch whose work ends at 5,000; a 1,000 µs loop
+    whose end comes at 9,000; a YNNPACK dot of 2,000 µs."""
+    def event(name, ts, dur):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+
+    events = [event("dot.1", 0, 10), event("end: dot.1", 4_990, 10), event("add_fusion", 5_000, 1_000),
+              event("end: add_fusion", 8_990, 10), event("ynn_fusion.2", 10_000, 2_000),
+              event("end: ynn_fusion.2", 11_990, 1), event("ThunkExecutor::Execute", 0, 12_000)]
+    kinds = {"dot.1": ("matmul", 10**9), "add_fusion": ("elementwise", 0), "ynn_fusion.2": ("matmul", 10**9)}
+    out = breakdown.summarise(events, kinds, steps=1)
+    assert out["kinds"]["matmul"]["ms_per_step"] == pytest.approx(7.0)  # 5 + 2
+    assert out["kinds"]["elementwise"]["ms_per_step"] == pytest.approx(1.0)
+    assert out["busy_ms_per_step"] == pytest.approx(8.0)
+    assert out["unattributed_ms_per_step"] == 0
 
 
 def test_published_peaks_name_the_chip_or_nothing():

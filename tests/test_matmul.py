@@ -1,4 +1,5 @@
-"""matmul.einsum: bfloat16 x bfloat16 -> float32 forward and backward, exact in float32.
+"""matmul.einsum: bfloat16 x bfloat16 -> float32 forward and backward; in float32 the plain
+einsum's values, with weight gradients in the layout XLA:CPU runs fast.
 
 The independent reference is NumPy in float64 on the bf16-rounded operands (the products of
 two bf16 numbers are exact in float32, so only the accumulation order differs), and the
@@ -50,13 +51,44 @@ def test_bfloat16_values_and_gradients_equal_numpy_on_rounded_operands(spec, x_s
     np.testing.assert_allclose(dw, np.einsum(dw_spec, xr, gr), rtol=1e-5, atol=1e-5)
 
 
-def test_float32_is_the_plain_einsum_bit_for_bit():
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("btw,wf->btf", (2, 5, 16), (16, 24)),            # projection: x transposed for dw
+    ("btw,wf->btf", (2, 5, 24), (24, 16)),            # narrower output: the cotangent transposed
+    ("btd,vd->btv", (2, 5, 16), (40, 16)),            # tied head: dw in natural order, transposed
+    ("bthd,hdw->btw", (2, 5, 3, 8), (3, 8, 16)),      # output projection
+    ("btgrd,bsgd->bgrts", (2, 5, 2, 3, 8), (2, 7, 2, 8)),  # attention scores: not a weight
+])
+def test_float32_values_are_the_plain_einsum_and_gradients_equal_numpy(spec, x_shape, w_shape):
     rng = np.random.default_rng(1)
-    x, w = rng.normal(size=(3, 4, 16)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
-    f = lambda x, w: jnp.sum(jnp.sin(matmul.einsum("btw,wf->btf", x, w, jnp.float32)))  # noqa: E731
-    g = lambda x, w: jnp.sum(jnp.sin(jnp.einsum("btw,wf->btf", x, w)))  # noqa: E731
-    for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w)):
-        np.testing.assert_array_equal(a, b)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = rng.normal(size=w_shape).astype(np.float32)
+    np.testing.assert_array_equal(matmul.einsum(spec, x, w, jnp.float32), jnp.einsum(spec, x, w))
+    g = rng.normal(size=jnp.einsum(spec, x, w).shape).astype(np.float32)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(matmul.einsum(spec, x, w, jnp.float32) * g), argnums=(0, 1))(x, w)
+    dx_spec, dw_spec = matmul.backward_specs(spec)
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    np.testing.assert_allclose(dx, np.einsum(dx_spec, g64, w64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum(dw_spec, x64, g64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("ijx,xy->ijy", (2, 64, 32), (32, 128)),     # an MLP's fc
+    ("ijx,xy->ijy", (2, 64, 128), (128, 32)),    # its proj
+])
+def test_no_float32_weight_gradient_contracts_a_transposed_operand(spec, x_shape, w_shape):
+    """Autodiff's weight gradient contracts both operands over their token axes, and XLA:CPU
+    runs that dot in Eigen with the left operand transposed (`lhs_contracting_dims={0}`), at
+    a quarter of the float32 roof inside the training step; matmul's float32 VJP contracts
+    row-major copies instead (docs/performance_xeon.md, sitting 6)."""
+    x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+
+    def compiled(einsum):
+        f = lambda x, w: jnp.sum(jnp.sin(einsum(spec, x, w)))  # noqa: E731
+        return jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile().as_text()
+
+    transposed = re.compile(r"lhs_contracting_dims=\{0\}")
+    assert transposed.search(compiled(jnp.einsum))  # the premise: autodiff's form on this XLA
+    assert not transposed.search(compiled(lambda s, x, w: matmul.einsum(s, x, w, jnp.float32)))
 
 
 def test_an_index_in_one_operand_only_is_refused():

@@ -279,7 +279,7 @@ def test_constant_free_mlp_holds_no_constant_at_the_activation_width():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_constant_free_mlp_keeps_its_activation_out_of_the_matmul_fusions(dtype):
     """XLA keeps the no-op reduce_precision between fc and proj (its simplifier could drop
-    one), so a YNNPACK fusion cannot join the two matmuls: layers.own_precision."""
+    one), so a YNNPACK fusion cannot join the two matmuls: matmul.own_precision."""
     cfg = tiny(dtype=dtype)
     mlp = MLP(8, 16, cfg, constant_free=True)
     params = mlp.init(jax.random.key(0), jnp.zeros((2, 3, 8)))["params"]

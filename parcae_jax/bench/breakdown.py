@@ -10,8 +10,12 @@ Durations are summed per kind (thread time: XLA:CPU runs independent operations 
 so the sum exceeds the step's wall time), and `busy_ms_per_step` is the wall time during which
 at least one operation ran. An operation that spreads its work over the pool's threads (a
 large dot, the attention kernel's tasks) is traced as one event on the calling thread and
-counted once, for that span. Other backends name their kernels differently; their events are
-counted as "unattributed".
+counted once, for that span. XLA:CPU also traces an "end: NAME" event when an operation's
+work is done, which for a dot it hands to Eigen comes long after the short launch event (that
+dot's work runs in the pool, outside any event): a matmul counts from its launch to that end.
+Other operations keep their own span (for an element-wise loop split over both threads, the
+end waits for the other thread to be free). Other backends name their kernels differently;
+their events are counted as "unattributed".
 
 Used by `--mode=bench --config.bench.breakdown_steps=N` (bench/step.py).
 """
@@ -125,6 +129,25 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _durations(events: list[dict], until_end: set[str]) -> list[tuple[dict, float]]:
+    """Each complete event with its duration in µs; those named in `until_end` last until the
+    end of their "end: NAME" event."""
+    complete = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
+    out, launched = [], {}
+    for e in complete:
+        name = e["name"]
+        if name.startswith("end: "):
+            i = launched.pop(name[5:], None)
+            if i is not None:
+                start = out[i][0]
+                out[i] = (start, max(out[i][1], e["ts"] + e["dur"] - start["ts"]))
+            continue
+        if name in until_end:
+            launched[name] = len(out)
+        out.append((e, e["dur"]))
+    return out
+
+
 def summarise(events: list[dict], kinds: dict[str, tuple[str, int]], steps: int, top: int = 8) -> dict:
     """Per kind: ms per step (thread time), share of the attributed time, matmul FLOPs and
     GFLOP/s; the matmul share and the thread time of everything else at the top level (where
@@ -134,17 +157,17 @@ def summarise(events: list[dict], kinds: dict[str, tuple[str, int]], steps: int,
     flops = collections.defaultdict(float)
     per_op = collections.defaultdict(float)
     spans = []
-    for e in events:
-        if e.get("ph") != "X" or e["name"].startswith(("while", "conditional", "call")):
+    for e, dur in _durations(events, {n for n, (kind, _) in kinds.items() if kind == "matmul"}):
+        if e["name"].startswith(("while", "conditional", "call")):
             continue
         kind, f = kinds.get(e["name"], ("unattributed", 0))
         if kind == "unattributed" and not _OPERATION.match(e["name"]):
             continue  # runtime and Python events (executor, block_until_ready), not operations
-        ms[kind] += e["dur"] / 1e3 / steps
+        ms[kind] += dur / 1e3 / steps
         flops[kind] += f / steps
-        per_op[e["name"]] += e["dur"] / 1e3 / steps
+        per_op[e["name"]] += dur / 1e3 / steps
         if kind != "unattributed":
-            spans.append((e["ts"], e["ts"] + e["dur"]))
+            spans.append((e["ts"], e["ts"] + dur))
     unattributed = ms.pop("unattributed", 0.0)
     total = sum(ms.values()) or float("nan")
     out = {"busy_ms_per_step": _busy(spans) / 1e3 / steps, "thread_ms_per_step": total,

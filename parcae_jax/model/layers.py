@@ -46,14 +46,6 @@ def relu2_times_8(x: jax.Array) -> jax.Array:
     return jnp.square(x + jnp.abs(x))
 
 
-def own_precision(x: jax.Array) -> jax.Array:
-    """x unchanged: reduce_precision to x's own format, which XLA keeps and YNNPACK cannot fuse.
-    So the matmuls on either side stay in separate fusions: XLA:CPU once joined a prefill MLP's
-    fc, activation and proj into one YNNPACK fusion that ran ~60% slower than the three apart."""
-    info = jnp.finfo(x.dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
 def constant_free_mlp(cfg: ModelConfig, prefill: bool) -> bool:
     """Whether the MLP computes relu2_times_8 and a proj kernel / 8 (the same numbers) instead
     of relu2 (docs/design.md §10): on XLA:CPU only, where it was measured (Intel AMX), for a
@@ -81,7 +73,7 @@ class MLP(nn.Module):
                      kernel_init=nn.with_logical_partitioning(matrix_init(std, self.cfg.init_orthogonal),
                                                               ("embed", "mlp")))(x_BxTxW)
         # constant-free: the activation also in a loop of its own, between two matmul fusions
-        h = own_precision(relu2_times_8(h)) if self.constant_free else relu2(h)
+        h = matmul.own_precision(relu2_times_8(h)) if self.constant_free else relu2(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return matmul.Dense(self.width, dtype=dtype, name="proj", kernel_scale=0.125 if self.constant_free else 1.0,
                         kernel_init=nn.with_logical_partitioning(matrix_init(0.0, self.cfg.init_orthogonal),
