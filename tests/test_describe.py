@@ -52,14 +52,16 @@ def test_describe_cli_for_1p3b_is_one_json_object_and_allocates_no_weights(tmp_p
 
 
 def _dot_flops(jaxpr, in_loop=False, acc=None):
-    """2 x MACs of every dot_general, split into outside / inside while-loop bodies."""
-    acc = acc if acc is not None else {"outside": 0, "loop": 0}
+    """2 x MACs of every dot_general, split into outside / inside while-loop bodies; those in
+    the loop with batch dimensions (the attention products) also under "loop_batched"."""
+    acc = acc if acc is not None else {"outside": 0, "loop": 0, "loop_batched": 0}
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            acc["loop" if in_loop else "outside"] += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs[i] for i in lhs_contract)
+            flops = 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+            acc["loop" if in_loop else "outside"] += flops
+            acc["loop_batched"] += flops if in_loop and lhs_batch else 0
         for name, sub in eqn.params.items():
             subs = sub if isinstance(sub, (tuple, list)) else [sub]
             if eqn.primitive.name == "cond" and name == "branches":
@@ -86,14 +88,23 @@ def test_flops_match_the_traced_matmuls(arch, T):
     counted = {k: v / (B * T) for k, v in _dot_flops(jaxpr.jaxpr).items()}
     got = flops_per_token(cfg)
     if arch == "gpt":
-        assert counted == {"outside": got["forward_flops_per_token"], "loop": 0}
+        assert counted == {"outside": got["forward_flops_per_token"], "loop": 0, "loop_batched": 0}
         assert got["flops_per_token"] == 3 * counted["outside"]
         return
     assert counted["loop"] == got["forward_flops_per_token_per_iteration"]
     n, k = 3, 2  # nominal depths: max(5 - 2, 0) without and min(5, 2) with gradient
     assert got["flops_per_token"] == 3 * counted["outside"] + counted["loop"] * (n + 3 * k)
     assert got["forward_flops_per_token"] == counted["outside"] + 5 * counted["loop"]
-    assert np.isclose(got["remat_recompute_flops_per_token"], k * counted["loop"])
+    # What the backward computes again: the whole iteration under "full", its attention
+    # products under "dots_no_batch" (the projections' and MLP's outputs are kept); "auto"
+    # is one of the two (dots_no_batch for float32 on XLA:CPU).
+    recompute = {p: flops_per_token(cfg.replace(remat_policy=p))["remat_recompute_flops_per_token"]
+                 for p in ("full", "dots_no_batch", "dots", "none", "auto")}
+    assert np.isclose(recompute["full"], k * counted["loop"])
+    assert 0 < counted["loop_batched"] < counted["loop"]
+    assert np.isclose(recompute["dots_no_batch"], k * counted["loop_batched"])
+    assert recompute["dots"] == recompute["none"] == 0  # XLA's attention products are dots: kept
+    assert recompute["auto"] == recompute[cfg.loop_remat_policy]
 
 
 def test_keys_per_query_follows_the_attention_that_runs():

@@ -27,6 +27,9 @@ REMAT_POLICIES = {
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
     "none": None,
 }
+# remat_policy "auto" (the default): dots_no_batch where a float32 model runs on XLA:CPU, full
+# elsewhere (resolve_remat_policy).
+LOOP_REMAT_POLICIES = ("auto", *REMAT_POLICIES)
 # auto: bfloat16 on accelerators, float32 on CPU (exact and the same on every CPU).
 # fast: bfloat16 wherever its matmuls beat float32: accelerators and x86 CPUs with BF16 dot
 # instructions (AVX512-BF16 or AMX-BF16); float32 on other CPUs (resolve_dtype).
@@ -90,7 +93,7 @@ class ModelConfig:
     emb_scale: float = 1.0
     init_orthogonal: bool = True
     # Execution.
-    remat_policy: str = "full"  # per loop iteration; see REMAT_POLICIES
+    remat_policy: str = "auto"  # per loop iteration; see LOOP_REMAT_POLICIES
     block_remat: str = "none"  # per prelude, coda and GPT block; see REMAT_POLICIES
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
     # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
@@ -123,6 +126,11 @@ class ModelConfig:
     def compute_dtype(self) -> str:
         """`dtype` with "auto" / "fast" resolved for the machine JAX runs on."""
         return resolve_dtype(self.dtype)
+
+    @property
+    def loop_remat_policy(self) -> str:
+        """`remat_policy` with "auto" resolved for the compute dtype and the machine."""
+        return resolve_remat_policy(self.remat_policy, self.compute_dtype)
 
     @property
     def init_std(self) -> float:
@@ -169,6 +177,19 @@ def resolve_dtype(name: str) -> str:
     if jax.default_backend() != "cpu":
         return "bfloat16"
     return "bfloat16" if name == "fast" and cpu_has_bf16_dots() else "float32"
+
+
+def resolve_remat_policy(name: str, compute_dtype: str) -> str:
+    """"auto" -> "dots_no_batch" for a float32 model on XLA:CPU, else "full"; any other name
+    unchanged. Keeping the projections' and MLP's outputs of the gradient iterations, rather
+    than recomputing them, made the float32 bench step 3-4% faster on a 2-core Xeon (five
+    rounds, all won; 23% more temporary memory) and the bfloat16 step ~2% slower, where the
+    memory traffic of storing costs more than the cheaper recomputation."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "dots_no_batch" if compute_dtype == "float32" and jax.default_backend() == "cpu" else "full"
 
 
 def inference_dtype(requested: str | None) -> str | None:
@@ -234,7 +255,7 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         ("state_init", STATE_INITS),
         ("sampling_scheme", SAMPLING_SCHEMES),
         ("sampling_unit", SAMPLING_UNITS),
-        ("remat_policy", REMAT_POLICIES),
+        ("remat_policy", LOOP_REMAT_POLICIES),
         ("block_remat", REMAT_POLICIES),
         ("dtype", DTYPES),
         ("attention_impl", ATTENTION_IMPLS),

@@ -54,11 +54,16 @@ def state_readout_flops(cfg: ModelConfig) -> int:
     return 2 * cfg.d_rec * cfg.d_model
 
 
+def attention_product_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one block's scores and values (the matmuls with no weight)."""
+    return 4 * keys_per_query(cfg, seq_len) * spec.n_heads * spec.head_dim
+
+
 def block_forward_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> float:
     W, H, G, D, d_mlp = spec.width, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_mlp
     projections = 2 * W * (H + 2 * G) * D + 2 * H * D * W
     gate = 2 * cfg.ve_gate_channels * G if spec.applies_ve else 0
-    return projections + gate + 2 * 2 * W * d_mlp + 4 * keys_per_query(cfg, seq_len) * H * D
+    return projections + gate + 2 * 2 * W * d_mlp + attention_product_flops(spec, cfg, seq_len)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
@@ -87,9 +92,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     out["flops_per_token"] = 3 * outside + iteration * (n + 3 * k)
     out["forward_flops_per_token"] = outside + iteration * cfg.mean_recurrence
     out["forward_flops_per_token_per_iteration"] = iteration
-    out["remat_recompute_flops_per_token"] = (iteration * k if REMAT_POLICIES[cfg.remat_policy] is not None else 0) \
-        + _block_recompute(cfg, T)
+    out["remat_recompute_flops_per_token"] = k * _loop_recompute(cfg, T, iteration) + _block_recompute(cfg, T)
     return out
+
+
+def _loop_recompute(cfg: ModelConfig, T: int, iteration: float) -> float:
+    """What the backward of one gradient iteration computes again: everything under "full";
+    the attention products under "dots_no_batch" (batched dots, or the CPU kernel's call) and
+    under "dots" where the CPU kernel runs them (a custom call, not a dot); nothing under "none"."""
+    policy = cfg.loop_remat_policy
+    if policy == "full":
+        return iteration
+    attention = sum(attention_product_flops(s, cfg, T) for s in block_specs(cfg) if s.segment == "core")
+    if policy == "dots_no_batch":
+        return attention
+    impl = cfg.attention_impl
+    if impl == "auto":
+        impl = resolve_impl("auto", cfg.compute_dtype, cfg.head_dim, T, False)
+    return attention if policy == "dots" and impl == "cpu" else 0
 
 
 def _block_recompute(cfg: ModelConfig, T: int) -> float:
