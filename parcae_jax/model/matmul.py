@@ -34,10 +34,9 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     that the backward products are einsums too.
     """
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
-        return _float32(spec, x, w) if _row_major_weight_gradient(spec) else jnp.einsum(spec, x, w)
-    return _low_precision(spec, dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
+    if dtype == jnp.float32 and not _row_major_weight_gradient(spec):
+        return jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))  # autodiff's VJP is float32 too
+    return _matmul(spec, dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
 
 
 def backward_specs(spec: str) -> tuple[str, str]:
@@ -50,47 +49,31 @@ def backward_specs(spec: str) -> tuple[str, str]:
     return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
+# The custom VJP: operands and cotangent in `dtype` (a 16-bit one, or float32 where only the
+# weight gradient's layout differs from autodiff's), float32 accumulation and results.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _low_precision(spec, dtype, x_dtype, w_dtype, x, w):
+def _matmul(spec, dtype, x_dtype, w_dtype, x, w):
     return _fwd(spec, dtype, x_dtype, w_dtype, x, w)[0]
 
 
 def _fwd(spec, dtype, x_dtype, w_dtype, x, w):
-    x16, w16 = x.astype(dtype), w.astype(dtype)
-    return jnp.einsum(spec, x16, w16, preferred_element_type=jnp.float32), (x16, w16)
+    xc, wc = x.astype(dtype), w.astype(dtype)
+    return jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32), (xc, wc)
 
 
 def _bwd(spec, dtype, x_dtype, w_dtype, residuals, g):
-    x16, w16 = residuals
-    g16 = g.astype(dtype)
+    xc, wc = residuals
+    gc = g.astype(dtype)
     dx_spec, dw_spec = backward_specs(spec)
-    dx = jnp.einsum(dx_spec, g16, w16, preferred_element_type=jnp.float32)
+    dx = jnp.einsum(dx_spec, gc, wc, preferred_element_type=jnp.float32)
     if _row_major_weight_gradient(spec):
-        dw = _weight_gradient(dw_spec, x16, g16)
+        dw = _weight_gradient(dw_spec, xc, gc)
     else:
-        dw = jnp.einsum(dw_spec, x16, g16, preferred_element_type=jnp.float32)
+        dw = jnp.einsum(dw_spec, xc, gc, preferred_element_type=jnp.float32)
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
-_low_precision.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _float32(spec, x, w):
-    return jnp.einsum(spec, x, w)
-
-
-def _float32_fwd(spec, x, w):
-    return jnp.einsum(spec, x, w), (x, w)
-
-
-def _float32_bwd(spec, residuals, g):
-    x, w = residuals
-    dx_spec, dw_spec = backward_specs(spec)
-    return jnp.einsum(dx_spec, g, w), _weight_gradient(dw_spec, x, g)
-
-
-_float32.defvjp(_float32_fwd, _float32_bwd)
+_matmul.defvjp(_fwd, _bwd)
 
 
 def _weight_like(spec: str) -> bool:

@@ -27,13 +27,18 @@ from parcae_jax.model.cpu_kernels import attention as cpu_attention
 from parcae_jax.model.layout import BlockSpec, block_specs
 
 
+def attention_impl(cfg: ModelConfig, seq_len: int) -> str:
+    """The attention this backend runs for cfg at seq_len ("auto" resolved)."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    return resolve_impl("auto", cfg.compute_dtype, cfg.head_dim, seq_len, False)
+
+
 def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
     """Average number of keys a query's scores and values are computed for, by the attention
     this backend runs ("auto" resolved here): cuDNN skips every masked key (T/2), splash, the
     CPU kernel and the XLA path skip whole blocks above the diagonal (T(n+1)/2n for n blocks)."""
-    impl = cfg.attention_impl
-    if impl == "auto":
-        impl = resolve_impl("auto", cfg.compute_dtype, cfg.head_dim, seq_len, False)
+    impl = attention_impl(cfg, seq_len)
     if impl == "cudnn":
         return seq_len / 2
     if impl == "cpu":
@@ -106,10 +111,7 @@ def _loop_recompute(cfg: ModelConfig, T: int, iteration: float) -> float:
     attention = sum(attention_product_flops(s, cfg, T) for s in block_specs(cfg) if s.segment == "core")
     if policy == "dots_no_batch":
         return attention
-    impl = cfg.attention_impl
-    if impl == "auto":
-        impl = resolve_impl("auto", cfg.compute_dtype, cfg.head_dim, T, False)
-    return attention if policy == "dots" and impl == "cpu" else 0
+    return attention if policy == "dots" and attention_impl(cfg, T) == "cpu" else 0
 
 
 def _block_recompute(cfg: ModelConfig, T: int) -> float:
