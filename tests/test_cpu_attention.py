@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parcae_jax.model import ConfigError, build, init_params
-from parcae_jax.model.attention import dot_product_attention
+from parcae_jax.model.attention import apply_rope, dot_product_attention, qk_norm
 from parcae_jax.model.attention_kernels import resolve_impl
 from parcae_jax.model.cpu_kernels import attention as cpu_attention
 from parcae_jax.model.cpu_kernels import library
+from parcae_jax.model.rope import rope_angles
 from parcae_jax.training import sharding
 from tests.helpers import tiny
 from tests.test_attention_impls import assert_matches_xla, attend_and_grads, inputs
@@ -78,6 +79,47 @@ def test_kernel_matches_the_xla_path(bf16_path, T, H, G, D, docs, dtype, bounded
         mine, xla = (float(jnp.max(jnp.abs(x - t))) / scale for x in (a, b))
         assert mine <= 2 * xla + 1e-6, f"{name}: {mine:.2e} from float32, the XLA path {xla:.2e}"
     assert_matches_xla(got, want, dtype)
+
+
+PREP_CASES = [  # (T, H, G, D, documents per row, dtype, a RoPE table per row, qk-norm)
+    (192, 4, 2, 64, 3, "float32", True, True),    # generation's tables: one per row (left padding)
+    (80, 2, 2, 48, 1, "float32", False, True),    # half a head, 24 channels: a partial vector of 8
+    (64, 2, 1, 32, 2, "float32", False, False),   # RoPE alone, the max subtraction
+    (256, 4, 4, 64, 1, "bfloat16", False, True),  # the bench_cpu shape
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,H,G,D,docs,dtype,per_row,norm", PREP_CASES)
+def test_the_kernel_rotates_and_normalises_q_and_k_as_the_xla_path(T, H, G, D, docs, dtype, per_row, norm):
+    """Raw q and k in, RoPE and qk-norm inside the kernel (rope_norm.h): the outputs and the raw
+    q, k, v gradients of apply_rope, qk_norm and the attention, to the tolerances above."""
+    q, k, v, ct, seg = inputs(2, T, H, G, D, docs, seed=T)
+    q, k = 3 * q + 0.5, 3 * k - 0.25  # unnormalised rows, as the projections give them
+    positions = np.stack([np.arange(T), np.arange(T) - 7]) if per_row else np.arange(T)
+    rope = rope_angles(positions, D, 10000.0, 1.0)
+    eps = float(np.finfo(np.float32).eps) if norm else None
+
+    def xla(q, k, v, dt):
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = (qk_norm(q), qk_norm(k)) if norm else (q, k)
+        return dot_product_attention(q, k, v, seg, "xla", bounded=norm, dtype=dt)
+
+    def run(f):
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        return out, vjp(ct)
+
+    kernel = lambda q, k, v: cpu_attention.attention(q, k, v, seg, jnp.dtype(dtype), norm,  # noqa: E731
+                                                      rope=rope, norm_eps=eps)
+    got, want = run(kernel), run(lambda q, k, v: xla(q, k, v, jnp.dtype(dtype)))
+    if dtype == "float32":
+        assert_matches_xla(got, want, dtype)
+        return
+    truth = run(lambda q, k, v: xla(q, k, v, jnp.float32))
+    for name, a, b, t in zip(["out", "dq", "dk", "dv"], [got[0], *got[1]], [want[0], *want[1]], [truth[0], *truth[1]]):
+        scale = float(jnp.max(jnp.abs(t)))
+        mine, xla_err = (float(jnp.max(jnp.abs(x - t))) / scale for x in (a, b))
+        assert mine <= 2 * xla_err + 1e-6, f"{name}: {mine:.2e} from float32, the XLA path {xla_err:.2e}"
 
 
 @needs_kernel

@@ -3,7 +3,7 @@
 
 It calls the model's own segments (model/parcae.py: embed_tokens, run_prelude, iterate,
 run_coda; GPT's run_body), as `Parcae.__call__` does, with one difference: each attention
-reads and writes a cache slot (attention.KVSlots). The loop is ours, because generation
+reads and writes a cache slot (kv_slots.KVSlots). The loop is ours, because generation
 unrolls it. Slots:
 
 - `main`, n_prelude + n_coda arrays [B * G, S, D]: prelude layer i in slot i, coda layer c
@@ -43,8 +43,8 @@ import numpy as np
 from parcae_jax.infer import GenerationError
 from parcae_jax.infer.cache_slots import check_strategy, slot_table
 from parcae_jax.model import build
-from parcae_jax.model.attention import KVSlots, cache_mask
 from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.kv_slots import KVSlots, cache_mask
 from parcae_jax.model.layout import CORE, block_specs, segment_specs
 from parcae_jax.model.recurrence import core_ves
 from parcae_jax.model.rope import ropes

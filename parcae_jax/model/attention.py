@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,58 +16,9 @@ import numpy as np
 from parcae_jax.model import attention_kernels, matmul
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init, torch_linear_default
+from parcae_jax.model.kv_slots import CacheView
 from parcae_jax.model.layout import BlockSpec
 from parcae_jax.model.rope import Rope, apply_rope, pairs_to_halves
-
-
-class CacheView(NamedTuple):
-    """The key/value cache slot one attention call reads and writes (generation only).
-
-    k, v: [B * G, S, D]: batch and kv heads merged, before positions. The attention products
-    then read the slot as it is stored and written, one batch dimension and no size-1 one:
-    any reshape of the written slot (a size-1 batch dimension dropped included) made XLA:CPU
-    duplicate the in-place write and copy the whole slot twice per layer. The call writes its
-    T new keys at positions start .. start + T - 1 and attends over the whole slot under
-    `mask` [B, 1, 1, T, S] (cache_mask). `fresh`: the slot is empty and start is 0 (a prefill),
-    so the new tokens read only one another and attention skips the masked blocks.
-    `last_only`: every new token's key and value is written, but only the last token's output
-    is computed ([B, 1, W]): a prefill's final block, whose other outputs nothing reads."""
-
-    k: jax.Array
-    v: jax.Array
-    start: jax.Array | int
-    mask: jax.Array
-    fresh: bool = False
-    last_only: bool = False
-
-
-class KVSlots(NamedTuple):
-    """The cache slots one forward pass reads and writes (generation only): the caller names
-    each block's slot, and blocks run in order, so a layer that shares a slot with an earlier
-    one reads that layer's write (several iterations may share a slot, infer/cache_slots)."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    start: jax.Array | int
-    mask: jax.Array
-    fresh: bool = False  # see CacheView
-
-    def view(self, slot: int, last_only: bool = False) -> CacheView:
-        return CacheView(self.k[slot], self.v[slot], self.start, self.mask, self.fresh, last_only)
-
-    def write(self, slot: int, kv: tuple[jax.Array, jax.Array]) -> KVSlots:
-        put = lambda t, a: t[:slot] + (a,) + t[slot + 1:]  # noqa: E731
-        return self._replace(k=put(self.k, kv[0]), v=put(self.v, kv[1]))
-
-
-def cache_mask(start, T: int, S: int, pad_B: jax.Array) -> jax.Array:
-    """[B, 1, 1, T, S]: query start + t reads keys up to itself and from its row's first real
-    token on (rows are left-padded by pad_B). A padding query also reads itself, so that no
-    softmax row is empty (an empty one gives NaN, and 0 * NaN would leak into real rows)."""
-    s = jnp.arange(S)[None, None, :]
-    q = (start + jnp.arange(T))[None, :, None]
-    mask = (s <= q) & ((s >= pad_B[:, None, None]) | (s == q))
-    return mask[:, None, None]
 
 
 def qk_norm(x: jax.Array) -> jax.Array:
@@ -273,9 +223,15 @@ class Attention(nn.Module):
             if ve_BxTxK is not None:
                 gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))
                 v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
-        q, k = apply_rope(q, rope_q), apply_rope(k, rope)
-        if cfg.qk_norm:
-            q, k = qk_norm(q), qk_norm(k)
+        # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
+        impl = "xla" if self.is_initializing() else cfg.attention_impl
+        # the CPU kernel rotates and normalises q and k as it reads them (cpu_kernels/rope_norm.h)
+        in_kernel = cache is None and attention_kernels.resolve_impl(
+            impl, dtype, D, T, segment_ids_BxT is not None, (B, H, G)) == "cpu"
+        if not in_kernel:
+            q, k = apply_rope(q, rope_q), apply_rope(k, rope)
+            if cfg.qk_norm:
+                q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
@@ -283,6 +239,10 @@ class Attention(nn.Module):
         if cache is not None:
             y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype, cfg.attention_impl)
             return out(y), kv
-        # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
-        impl = "xla" if self.is_initializing() else cfg.attention_impl
+        if in_kernel:
+            from parcae_jax.model.cpu_kernels import attention as cpu_attention
+
+            eps = float(jnp.finfo(q.dtype).eps) if cfg.qk_norm else None  # qk_norm's eps
+            return out(cpu_attention.attention(q, k, v, segment_ids_BxT, dtype, cfg.qk_norm,
+                                               attention_kernels.per_device, rope=rope, norm_eps=eps))
         return out(dot_product_attention(q, k, v, segment_ids_BxT, impl, bounded=cfg.qk_norm, dtype=dtype))

@@ -165,18 +165,22 @@ def splash_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, in
     return kernel(q, k, v, seg.astype(jnp.int32)).astype(jnp.float32)
 
 
-def per_device(kernel):
+def per_device(kernel, tables: bool | None = None):
     """kernel(q [B,T,H,D], k, v [B,T,G,D], seg [B,T]) -> [B,T,H,D], run inside shard_map with the
     activations' logical sharding under a mesh (`jax.set_mesh`), as is without one: XLA cannot
-    partition a Pallas call or a custom call itself."""
+    partition a Pallas call or a custom call itself. With `tables` not None the kernel also takes
+    two RoPE tables [Bc, T, D/2]: one row per batch row when `tables` (split like the batch),
+    else one row for all (whole on every device)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel
     spec_q = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
     spec_kv = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
     spec_seg = nn.logical_to_mesh_axes(("batch", "length"))
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_seg), out_specs=spec_q,
-                         check_vma=False)
+    specs = (spec_q, spec_kv, spec_kv, spec_seg)
+    if tables is not None:
+        specs += (nn.logical_to_mesh_axes(("batch" if tables else None, "length", None)),) * 2
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=spec_q, check_vma=False)
 
 
 def mesh_unfit(B: int, H: int, G: int) -> str | None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from parcae_jax.model.attention import KVSlots
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds, embed_ids
+from parcae_jax.model.kv_slots import KVSlots
 from parcae_jax.model.layers import RMSNorm, block_class, run_blocks
 from parcae_jax.model.layout import block_specs
 from parcae_jax.model.rope import Rope, ropes

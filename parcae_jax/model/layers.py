@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from parcae_jax.model import matmul
-from parcae_jax.model.attention import Attention, CacheView, KVSlots
+from parcae_jax.model.attention import Attention
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.init import matrix_init
+from parcae_jax.model.kv_slots import CacheView, KVSlots
 from parcae_jax.model.layout import BlockSpec
 from parcae_jax.model.rope import Rope
 

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from parcae_jax.model import matmul
-from parcae_jax.model.attention import KVSlots
 from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.embedding import LMHead, TokenEmbed, ValueEmbeds, embed_ids
 from parcae_jax.model.init import matrix_init
+from parcae_jax.model.kv_slots import KVSlots
 from parcae_jax.model.layers import RMSNorm, block_class, run_blocks
 from parcae_jax.model.layout import CODA, PRELUDE, segment_specs
 from parcae_jax.model.recurrence import CoreStep, core_ves, recur

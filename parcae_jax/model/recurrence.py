@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from parcae_jax.model.attention import KVSlots
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.injection import Injection
+from parcae_jax.model.kv_slots import KVSlots
 from parcae_jax.model.layers import Block, run_blocks
 from parcae_jax.model.layout import CORE, segment_specs
 from parcae_jax.model.rope import Rope

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parcae_jax.model.cpu_kernels import library
 
@@ -41,41 +42,57 @@ def keys_per_query(T: int) -> float:
 
 
 def attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded: bool,
-              per_device=lambda kernel: kernel) -> jax.Array:
+              per_device=lambda kernel, tables=None: kernel, rope=None, norm_eps: float | None = None) -> jax.Array:
     """Causal GQA attention with the fused CPU kernel; float32 [B,T,H,D].
 
-    `per_device` wraps the kernel for the mesh in use (attention_kernels.per_device: shard_map
-    with the activations' logical sharding, since XLA cannot partition a custom call).
+    With `rope` ((cos, sin) tables, [T, 1, D/2] or [B, T, 1, D/2], rope.py) q and k arrive raw
+    and the kernel rotates them, and with `norm_eps` also qk-norms them (eps = norm_eps), as
+    apply_rope then qk_norm would: its backward returns the gradients of the raw q and k.
+    Without, q and k arrive rotated and normed. `per_device` wraps the kernel for the mesh in
+    use (attention_kernels.per_device: shard_map with the activations' logical sharding, since
+    XLA cannot partition a custom call).
     """
     B, T, H, D = q_BxTxHxD.shape
     why = unfit(D, T)
     if why:  # resolve_impl checks first; this guards direct callers
         raise ValueError(f"the CPU attention kernel {why}")
-    q = q_BxTxHxD.astype(jnp.float32) * (1.0 / math.sqrt(D))  # the XLA path's scale, before rounding
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT.astype(jnp.int32)
-    kernel = per_device(functools.partial(_fused, bf16=jnp.dtype(dtype) == jnp.bfloat16, bounded=bool(bounded)))
-    return kernel(q, k_BxTxGxD.astype(jnp.float32), v_BxTxGxD.astype(jnp.float32), seg)
+    q = q_BxTxHxD.astype(jnp.float32)
+    statics = dict(bf16=jnp.dtype(dtype) == jnp.bfloat16, bounded=bool(bounded), rope=rope is not None,
+                   norm=norm_eps is not None, eps=float(norm_eps or 0.0))
+    if rope is None and norm_eps is None:
+        q = q * (1.0 / math.sqrt(D))  # the XLA path's scale, before rounding
+        cos = sin = jnp.zeros((1, 1, 1), jnp.float32)  # not read
+        statics["scale"] = 1.0
+    else:  # the kernel scales the processed rows, in the same order
+        statics["scale"] = float(np.float32(1.0 / math.sqrt(D)))
+        cos, sin = ((jnp.zeros((1, 1, 1), jnp.float32) if rope is None
+                     else jnp.asarray(t, jnp.float32).reshape(-1, T, D // 2)) for t in (rope or (0, 0)))
+    kernel = per_device(functools.partial(_fused, **statics), tables=cos.shape[0] == B and B > 1)
+    return kernel(q, k_BxTxGxD.astype(jnp.float32), v_BxTxGxD.astype(jnp.float32), seg, cos, sin)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(q, k, v, seg, bf16: bool, bounded: bool):
-    return _forward(q, k, v, seg, bf16, bounded)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _fused(q, k, v, seg, cos, sin, bf16: bool, bounded: bool, rope: bool, norm: bool, eps: float, scale: float):
+    return _forward(q, k, v, seg, cos, sin, bf16, bounded, rope, norm, eps, scale)[0]
 
 
-def _forward(q, k, v, seg, bf16, bounded):
+def _forward(q, k, v, seg, cos, sin, bf16, bounded, rope, norm, eps, scale):
     B, T, H, _ = q.shape
     out, lse = jax.ffi.ffi_call("parcae_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                                          jax.ShapeDtypeStruct((B, H, T), jnp.float32)))(
-        q, k, v, seg, bf16=bf16, bounded=bounded)
-    return out, (q, k, v, seg, out, lse)
+        q, k, v, seg, cos, sin, bf16=bf16, bounded=bounded, rope=rope, norm=norm, eps=np.float32(eps),
+        scale=np.float32(scale))
+    return out, (q, k, v, seg, cos, sin, out, lse)
 
 
-def _backward(bf16, bounded, residuals, dout):
-    q, k, v, seg, out, lse = residuals
+def _backward(bf16, bounded, rope, norm, eps, scale, residuals, dout):
+    q, k, v, seg, cos, sin, out, lse = residuals
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    dq, dk, dv = jax.ffi.ffi_call("parcae_attention_bwd", shapes)(q, k, v, seg, out, lse, dout.astype(jnp.float32),
-                                                                  bf16=bf16)
-    return dq, dk, dv, None
+    dq, dk, dv = jax.ffi.ffi_call("parcae_attention_bwd", shapes)(
+        q, k, v, seg, cos, sin, out, lse, dout.astype(jnp.float32), bf16=bf16, rope=rope, norm=norm,
+        eps=np.float32(eps), scale=np.float32(scale))
+    return dq, dk, dv, None, None, None
 
 
 _fused.defvjp(_forward, _backward)

@@ -40,14 +40,14 @@ struct Shape {
 // A thread's working memory, kept between calls (no allocation or zeroing per task).
 struct Scratch {
   uint32_t *kt, *vt, *k, *v, *a, *a2, *qr, *dor, *pt, *tmp;
-  float *s, *dp;
+  float *s, *dp, *kp, *qp, *qn, *rk, *rq;  // processed rows (rope_norm.h): keys, queries scaled and not, their r
   std::unique_ptr<uint32_t[]> arena;
   size_t size = 0;
 
   void fit(const Shape& sh) {
     const size_t T = sh.T, D = sh.D, TD = T * D, QD = kQB * D, QT = kQB * T;
     const size_t TMP = std::max(QT, TD);  // a block's scores, or the keys' rows before transposing
-    const size_t need = 4 * TD + 4 * QD + 3 * QT + TMP + 12 * 16;  // 12 buffers, each rounded up to 16
+    const size_t need = 5 * TD + 6 * QD + 3 * QT + TMP + T + kQB + 17 * 16;  // 17 buffers, each rounded up to 16
     if (need > size) arena.reset(new uint32_t[need]), size = need;
     uint32_t* p = arena.get();
     auto take = [&p](size_t n) { uint32_t* x = p; p += (n + 15) / 16 * 16; return x; };
@@ -55,6 +55,9 @@ struct Scratch {
     a = take(QD), a2 = take(QD), qr = take(QD), dor = take(QD);
     pt = take(QT), tmp = take(TMP);
     s = reinterpret_cast<float*>(take(QT)), dp = reinterpret_cast<float*>(take(QT));
+    kp = reinterpret_cast<float*>(take(TD)), qp = reinterpret_cast<float*>(take(QD));
+    qn = reinterpret_cast<float*>(take(QD)), rk = reinterpret_cast<float*>(take(T));
+    rq = reinterpret_cast<float*>(take(kQB));
   }
 };
 

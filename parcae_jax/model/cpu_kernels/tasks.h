@@ -1,0 +1,85 @@
+// Tasks over the XLA:CPU intra-op pool, and the checks every call makes on its operands' shapes
+// and RoPE tables.
+// Part of attention.cc's translation unit (inside its anonymous namespace).
+
+#pragma once
+
+// ---- tasks over the XLA:CPU intra-op pool ---------------------------------------------------
+
+// Runs fn(task) for task in [0, n) on the calling thread and the pool's threads. Helpers
+// claim tasks from a shared counter, so a helper that starts late finds nothing and returns;
+// the state lives on the heap because such a helper may outlive this call. The caller then
+// sleeps (a futex, not a spin) until tasks a helper is still running are done: with more busy
+// threads than cores (test workers, other processes) a spinning caller would take the core
+// the helper needs.
+template <typename Fn>
+void parallel_tasks(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  const Fn* f = &fn;
+  auto work = [st, f, n]() {
+    for (int64_t i; (i = st->next.fetch_add(1)) < n;) {
+      (*f)(i);
+      if (st->done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) st->done.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < n;) st->done.wait(d, std::memory_order_acquire);
+}
+
+bool fits(const Shape& sh) {
+  return sh.T % 16 == 0 && sh.D % 16 == 0 && sh.D <= kMaxD && sh.G > 0 && sh.H % sh.G == 0;
+}
+
+bool same(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_t> want) {
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+}
+
+// The call's shape from q and k, every other operand checked against it: the kernel trusts
+// nothing it reads past.
+ffi::Error shape_of(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, Shape& sh) {
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("parcae attention: q and k need rank 4");
+  sh = Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  if (!fits(sh) || kd[0] != sh.B || kd[1] != sh.T || kd[3] != sh.D)
+    return ffi::Error::InvalidArgument("parcae attention: needs T % 16 == 0, D % 16 == 0, D <= 256, H % G == 0");
+  return ffi::Error::Success();
+}
+
+ffi::Error check(bool ok) {
+  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument("parcae attention: operand shapes disagree");
+}
+
+// Runs the tasks; an allocation that fails in one becomes an error, not a terminated process.
+template <typename Fn>
+ffi::Error run_tasks(ffi::ThreadPool& pool, const Shape& sh, const Fn& fn) {
+  std::atomic<bool> failed{false};
+  parallel_tasks(pool, sh.B * sh.G, [&](int64_t i) {
+    try {
+      fn(scratch(sh), i / sh.G, i % sh.G);
+    } catch (const std::bad_alloc&) {
+      failed.store(true);
+    }
+  });
+  if (failed.load()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "parcae attention: out of memory");
+  return ffi::Error::Success();
+}
+
+// The call's RoPE tables and qk-norm as a Prep: cos and sin [Bc, T, D/2] with Bc 1 or B when
+// `rope` (else ignored), the norm when `norm`.
+ffi::Error prep_of(const Shape& sh, const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin, bool rope,
+                   bool norm, float eps, Prep& p) {
+  p = Prep{};
+  p.norm = norm, p.eps = eps;
+  if (!rope) return ffi::Error::Success();
+  const auto d = cos.dimensions();
+  const bool ok = d.size() == 3 && (d[0] == 1 || d[0] == sh.B) && d[1] == sh.T && d[2] == sh.D / 2 &&
+                  same(sin.dimensions(), {d[0], d[1], d[2]});
+  if (!ok) return ffi::Error::InvalidArgument("parcae attention: RoPE tables need shape [1 or B, T, D/2]");
+  p.cos = cos.typed_data(), p.sin = sin.typed_data();
+  p.batch_stride = d[0] == 1 ? 0 : sh.T * (sh.D / 2);
+  return ffi::Error::Success();
+}
