@@ -262,6 +262,7 @@ def test_model_loss_and_gradients_agree_with_the_xla_path():
 def test_a_left_padded_prefill_through_the_kernel_generates_what_the_xla_path_does():
     """Generation's prefill runs the kernel (its padding passed as documents): rows of 32 and
     19 prompt tokens, padded to 32, give the XLA path's logits at every step."""
+    from parcae_jax.infer import generator
     from parcae_jax.infer.generator import Generator
 
     cfg = tiny(block_size=64, mean_recurrence=2)
@@ -275,6 +276,15 @@ def test_a_left_padded_prefill_through_the_kernel_generates_what_the_xla_path_do
         return np.asarray(gen.generate(prompts, 4, return_logits=True).step_logits)
 
     np.testing.assert_allclose(logits("cpu"), logits("xla"), atol=2e-5, rtol=0)
+    # the float32 prefill ran whole in the kernel (RoPE, qk-norm, cache writes) but for the last
+    # block's one query; the decode steps above read the slots it wrote
+    gen = Generator(cfg.replace(attention_impl="cpu"), params, recurrence=2)
+    plan = gen._plan(max_len=64)
+    prefill, _ = generator._compiled(plan, generator.Sampling())
+    x0_all = generator.initial_states(0, np.zeros(2, np.int32), 64, gen.cfg)
+    text = prefill.lower(gen.params, jnp.ones((2, 32), jnp.int32), jnp.zeros((2,), jnp.int32), x0_all,
+                         jax.random.key(0)).as_text()
+    assert text.count("parcae_attention_prefill") == cfg.n_prelude + 2 * cfg.n_core + cfg.n_coda - 1
     x0 = np.zeros((2, 19, cfg.d_rec), np.float32)  # with x0 the prompt is not padded to 16: XLA, no error
     gen = Generator(cfg.replace(attention_impl="cpu"), params, recurrence=2)
     assert len(gen.generate([p[:19] for p in prompts], 2, x0=x0).tokens[0]) == 2

