@@ -79,12 +79,17 @@ def _dot_flops(shape: str, rest: str, shapes: dict[str, str]) -> int:
     return 2 * n * k
 
 
-def _fused_attention_flops(shape: str, target: str) -> int:
-    """The products one CPU attention call executes: the forward runs scores and values (2),
-    the backward recomputes the scores and runs dP, dV, dK and dQ (5), each 2 x B x H x T x
-    keys x D, with the keys each query's block reads."""
-    B, T, H, D = _dims(shape.strip("(").split("{")[0])  # the first result: out or dq [B, T, H, D]
-    products = 2 if target.endswith("fwd") else 5
+def _fused_attention_flops(shape: str, target: str, rest: str) -> int:
+    """The products one CPU attention call executes: the forward (and a prefill) runs scores and
+    values (2), the backward recomputes the scores and runs dP, dV, dK and dQ (5), each
+    2 x B x H x T x keys x D, with the keys each query's block reads. B and T from the first
+    result, H and D from the call's attributes."""
+    B, T = _dims(shape.strip("(").split("{")[0])[:2]
+    attrs = {a: re.search(rf"\b{a} = (\d+)", rest) for a in ("heads", "head_dim")}
+    if not all(attrs.values()):
+        return 0  # a form this parser does not know: counted as time, not as FLOPs
+    H, D = (int(m.group(1)) for m in attrs.values())
+    products = 5 if target.endswith("bwd") else 2
     return round(products * 2 * B * H * T * cpu_attention.keys_per_query(T) * D)
 
 
@@ -106,7 +111,7 @@ def classify(hlo: str) -> dict[str, tuple[str, int]]:
             if flops:
                 kind = "matmul"
             elif opcode == "custom-call" and (target := _FUSED_ATTENTION.search(rest)):
-                kind, flops = "fused_attention", _fused_attention_flops(shape, target.group(1))
+                kind, flops = "fused_attention", _fused_attention_flops(shape, target.group(1), rest)
             elif opcode in _COLLECTIVES:
                 kind = "collective"
             elif ops <= _LAYOUT_OPS:

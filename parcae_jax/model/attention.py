@@ -97,25 +97,14 @@ def kernel_prefills(cache: CacheView, impl: str, dtype, D: int, T: int, heads: t
             and attention_kernels.resolve_impl("auto", dtype, D, T, True, heads) == "cpu")
 
 
-def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype, impl: str = "xla",
-                     raw=None):
+def cached_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, cache: CacheView, bounded: bool, dtype, impl: str = "xla"):
     """Writes k and v into the cache slot, then attends over it: ([B, T, H, D], the slot's (k, v)).
-
-    `raw` (rope, norm eps) where kernel_prefills: q and k arrive unrotated, and the kernel
-    rotates, normalises, attends and writes the slots.
 
     The keys are all S positions of the slot, masked (static shapes: one compiled decode step
     serves every position), so a decode step reads the whole slot once, as it must. A prefill
     (`cache.fresh`) runs the CPU kernel when `impl` ("auto" or "cpu") resolves to it. With
     `cache.last_only` q holds the last new token only ([B, 1, H, D]) and so does the output."""
     (_, Tq, H, _), (B, T, G, D) = q_BxTxHxD.shape, k_BxTxGxD.shape
-    if raw is not None:  # left padding as documents, as below
-        from parcae_jax.model.cpu_kernels import attention as cpu_attention
-
-        seg_BxT = cache.mask[:, 0, 0, T - 1, :T].astype(jnp.int32)
-        y, k_all, v_all = cpu_attention.prefill(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, seg_BxT, cache.k, cache.v, dtype,
-                                                bounded, *raw)
-        return y, (k_all, v_all)
     k_all, v_all = (jax.lax.dynamic_update_slice(
         c, a.transpose(0, 2, 1, 3).reshape(B * G, T, D).astype(c.dtype), (0, cache.start, 0))
         for c, a in ((cache.k, k_BxTxGxD), (cache.v, v_BxTxGxD)))
@@ -219,13 +208,27 @@ class Attention(nn.Module):
         Wv = _Kernel((W, G, D), init, ("embed", "kv_heads", "head_dim"), name="v")()
         perm = pairs_to_halves(D)  # q, k channels in the order apply_rope wants (see there)
         B, T = h_BxTxW.shape[:2]
+        # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
+        impl = "xla" if self.is_initializing() else cfg.attention_impl
+        # The CPU kernel rotates and normalises q and k as it reads them (cpu_kernels/rope_norm.h),
+        # and without a mesh reads q, k and v in place from the projection's output (packed).
+        if cache is None:
+            segments = segment_ids_BxT is not None
+            in_kernel = attention_kernels.resolve_impl(impl, dtype, D, T, segments, (B, H, G)) == "cpu"
+        else:
+            in_kernel = kernel_prefills(cache, impl, dtype, D, T, (B, H, G))
+        packed = in_kernel and jax.sharding.get_abstract_mesh().empty
         if cache is None or cache.fresh:  # one matmul instead of three; its weight is rebuilt per call,
             # amortised over B x T tokens, with q's and k's channels permuted on the way
             Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D),
                                     jnp.asarray(Wk)[..., perm].reshape(W, G * D),
                                     jnp.asarray(Wv).reshape(W, G * D)], axis=1)
-            q, k, v = split_last(matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype), (H * D, G * D, G * D))
-            q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
+            qkv = matmul.einsum("btw,wf->btf", h_BxTxW, Wqkv, dtype)
+            if packed:  # v read out only where a value embedding is added to it
+                v = qkv[..., (H + G) * D:].reshape(B, T, G, D)
+            else:
+                q, k, v = split_last(qkv, (H * D, G * D, G * D))
+                q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
         else:  # a decode step: a few tokens, so the weights are read as stored and the few q, k rows
             # permuted instead; the cache holds k in the permuted order, as a prefill writes it
             q, k, v = (matmul.einsum("btw,wgd->btgd", h_BxTxW, jnp.asarray(w), dtype) for w in (Wq, Wk, Wv))
@@ -234,6 +237,7 @@ class Attention(nn.Module):
             q, rope_q = q[:, -1:], tuple(t[..., -1:, :, :] for t in rope)
         else:
             rope_q = rope
+        own_v = None  # packed: a v the kernel reads instead of qkv's
         if spec.gate:  # created even where no table exists, as the official model does
             c = cfg.ve_gate_channels
             gate_kernel = self.param("ve_gate",
@@ -241,29 +245,32 @@ class Attention(nn.Module):
                                      (c, G), jnp.float32)
             if ve_BxTxK is not None:
                 gate_BxTxG = 2.0 * jax.nn.sigmoid(matmul.einsum("btc,cg->btg", h_BxTxW[..., :c], gate_kernel, dtype))
-                v = v + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
-        # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
-        impl = "xla" if self.is_initializing() else cfg.attention_impl
-        # the CPU kernel rotates and normalises q and k as it reads them (cpu_kernels/rope_norm.h)
-        if cache is None:
-            segments = segment_ids_BxT is not None
-            in_kernel = attention_kernels.resolve_impl(impl, dtype, D, T, segments, (B, H, G)) == "cpu"
-        else:
-            in_kernel = kernel_prefills(cache, impl, dtype, D, T, (B, H, G))
-        eps = float(jnp.finfo(q.dtype).eps) if cfg.qk_norm else None  # qk_norm's
+                # packed: the kernel's gradient for qkv already holds dv in qkv's v part
+                v = (jax.lax.stop_gradient(v) if packed else v) + gate_BxTxG[..., None] * ve_BxTxK.reshape(v.shape)
+                own_v = v
+        eps = float(jnp.finfo(jnp.float32).eps) if cfg.qk_norm else None  # qk_norm's, for the float32 q and k
+        Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
+        out = lambda y: matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)  # noqa: E731
+        if packed:
+            from parcae_jax.model.cpu_kernels import attention as cpu_attention
+
+            if cache is not None:  # kernel_prefills: left padding as documents, as cached_attention passes it
+                seg_BxT = cache.mask[:, 0, 0, T - 1, :T].astype(jnp.int32)
+                y, k_all, v_all = cpu_attention.prefill(qkv, own_v, seg_BxT, (H, G, D), cache.k, cache.v, dtype,
+                                                        cfg.qk_norm, rope, eps)
+                return out(y), (k_all, v_all)
+            return out(cpu_attention.attention_packed(qkv, own_v, segment_ids_BxT, (H, G, D), dtype, cfg.qk_norm,
+                                                      rope, eps))
         if not in_kernel:
             q, k = apply_rope(q, rope_q), apply_rope(k, rope)
             if cfg.qk_norm:
                 q, k = qk_norm(q), qk_norm(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        Wo = _Kernel((H, D, W), matrix_init(0.0, cfg.init_orthogonal, 2), ("heads", "head_dim", "embed"), name="o")()
-        out = lambda y: matmul.einsum("bthd,hdw->btw", y, jnp.asarray(Wo), dtype)  # noqa: E731
         if cache is not None:
-            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype, cfg.attention_impl,
-                                     (rope, eps) if in_kernel else None)
+            y, kv = cached_attention(q, k, v, cache, cfg.qk_norm, dtype, cfg.attention_impl)
             return out(y), kv
-        if in_kernel:
+        if in_kernel:  # under a mesh: per device, q, k and v cut apart
             from parcae_jax.model.cpu_kernels import attention as cpu_attention
 
             return out(cpu_attention.attention(q, k, v, segment_ids_BxT, dtype, cfg.qk_norm,

@@ -51,27 +51,33 @@ constexpr int kMaxD = 256;
 #include "tasks.h"
 #include "passes.h"
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, bool bf16, bool bounded, bool rope,
-                   bool norm, float eps, float scale) {
+using F32 = ffi::Buffer<ffi::F32>;
+using Out32 = ffi::ResultBuffer<ffi::F32>;
+
+InRows rows_of(const F32& x, int64_t offset) { return {x.typed_data(), x.dimensions().back(), offset}; }
+
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, ffi::Buffer<ffi::S32> seg, F32 cos, F32 sin, Out32 out,
+                   Out32 lse, bool bf16, bool bounded, bool rope, bool norm, float eps, float scale, int64_t heads,
+                   int64_t kv_heads, int64_t head_dim, int64_t q_off, int64_t k_off, int64_t v_off) {
+  const Heads hd{heads, kv_heads, head_dim, q_off, k_off, v_off};
   Shape sh;
-  if (auto e = shape_of(q.dimensions(), k.dimensions(), sh); e.failure()) return e;
+  if (auto e = shape_of(q.dimensions(), k.dimensions(), v.dimensions(), hd, sh); e.failure()) return e;
   const auto [B, T, H, G, D] = sh;
-  if (auto e = check(same(v.dimensions(), {B, T, G, D}) && same(seg.dimensions(), {B, T}) &&
-                     same(out->dimensions(), {B, T, H, D}) && same(lse->dimensions(), {B, H, T}));
+  if (auto e = check(same(seg.dimensions(), {B, T}) && same(out->dimensions(), {B, T, H, D}) &&
+                     same(lse->dimensions(), {B, H, T}));
       e.failure())
     return e;
   Prep prep;
   if (auto e = prep_of(sh, cos, sin, rope, norm, eps, prep); e.failure()) return e;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const InRows qr = rows_of(q, q_off), kr = rows_of(k, k_off), vr = rows_of(v, v_off);
+  const OutRows o{out->typed_data(), H * D, 0};
   const int32_t* sp = seg.typed_data();
-  float *op = out->typed_data(), *lp = lse->typed_data();
+  float* lp = lse->typed_data();
   return run_tasks(pool, sh, [&](Scratch& w, int64_t b, int64_t g) {
     if (bf16) {
-      forward_task<true>(sh, b, g, bounded, prep, scale, qp, kp, vp, sp, op, lp, w);
+      forward_task<true>(sh, b, g, bounded, prep, scale, qr, kr, vr, sp, o, lp, w);
     } else {
-      forward_task<false>(sh, b, g, bounded, prep, scale, qp, kp, vp, sp, op, lp, w);
+      forward_task<false>(sh, b, g, bounded, prep, scale, qr, kr, vr, sp, o, lp, w);
     }
   });
 }
@@ -80,68 +86,81 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 // (processed) and values into rows 0..T-1 of the cache slots kc, vc [B*G, S, D] (aliased with
 // their inputs, so rows from T on keep what they held): XLA would otherwise transpose and pad
 // every layer's keys and values into the slots in loops of its own.
-ffi::Error Prefill(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                   ffi::Buffer<ffi::F32> kc_in, ffi::Buffer<ffi::F32> vc_in, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> kc, ffi::ResultBuffer<ffi::F32> vc, bool bf16, bool bounded, bool rope,
-                   bool norm, float eps, float scale) {
+ffi::Error Prefill(ffi::ThreadPool pool, F32 q, F32 k, F32 v, ffi::Buffer<ffi::S32> seg, F32 cos, F32 sin, F32 kc_in,
+                   F32 vc_in, Out32 out, Out32 kc, Out32 vc, bool bf16, bool bounded, bool rope, bool norm, float eps,
+                   float scale, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t q_off, int64_t k_off,
+                   int64_t v_off) {
+  const Heads hd{heads, kv_heads, head_dim, q_off, k_off, v_off};
   Shape sh;
-  if (auto e = shape_of(q.dimensions(), k.dimensions(), sh); e.failure()) return e;
+  if (auto e = shape_of(q.dimensions(), k.dimensions(), v.dimensions(), hd, sh); e.failure()) return e;
   const auto [B, T, H, G, D] = sh;
   const auto cd = kc_in.dimensions();
   const int64_t S = cd.size() == 3 ? cd[1] : 0;
-  if (auto e = check(same(v.dimensions(), {B, T, G, D}) && same(seg.dimensions(), {B, T}) &&
-                     same(out->dimensions(), {B, T, H, D}) && S >= T && same(cd, {B * G, S, D}) &&
-                     same(vc_in.dimensions(), {B * G, S, D}) && same(kc->dimensions(), {B * G, S, D}) &&
-                     same(vc->dimensions(), {B * G, S, D}));
+  if (auto e = check(same(seg.dimensions(), {B, T}) && same(out->dimensions(), {B, T, H, D}) && S >= T &&
+                     same(cd, {B * G, S, D}) && same(vc_in.dimensions(), {B * G, S, D}) &&
+                     same(kc->dimensions(), {B * G, S, D}) && same(vc->dimensions(), {B * G, S, D}));
       e.failure())
     return e;
   Prep prep;
   if (auto e = prep_of(sh, cos, sin, rope, norm, eps, prep); e.failure()) return e;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const InRows qr = rows_of(q, q_off), kr = rows_of(k, k_off), vr = rows_of(v, v_off);
+  const OutRows o{out->typed_data(), H * D, 0};
   const int32_t* sp = seg.typed_data();
-  float *op = out->typed_data(), *kcp = kc->typed_data(), *vcp = vc->typed_data();
+  float *kcp = kc->typed_data(), *vcp = vc->typed_data();
   return run_tasks(pool, sh, [&](Scratch& w, int64_t b, int64_t g) {
     if (bf16) {
-      forward_task<true>(sh, b, g, bounded, prep, scale, qp, kp, vp, sp, op, nullptr, w);
+      forward_task<true>(sh, b, g, bounded, prep, scale, qr, kr, vr, sp, o, nullptr, w);
     } else {
-      forward_task<false>(sh, b, g, bounded, prep, scale, qp, kp, vp, sp, op, nullptr, w);
+      forward_task<false>(sh, b, g, bounded, prep, scale, qr, kr, vr, sp, o, nullptr, w);
     }
     float* krow = kcp + (b * G + g) * S * D;  // the task's slot rows
     float* vrow = vcp + (b * G + g) * S * D;
-    const int64_t raw = (b * T * G + g) * D, stride = G * D;
     for (int t = 0; t < T; ++t) {  // forward_task left the processed keys in w.kp
-      std::memcpy(krow + t * D, prep.active() ? w.kp + t * D : kp + raw + t * stride, D * 4);
-      std::memcpy(vrow + t * D, vp + raw + t * stride, D * 4);
+      std::memcpy(krow + t * D, prep.active() ? w.kp + t * D : kr.at(T, b, t, g, D), D * 4);
+      std::memcpy(vrow + t * D, vr.at(T, b, t, g, D), D * 4);
     }
   });
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    bool bf16, bool rope, bool norm, float eps, float scale) {
+// The gradients go to d0, d1, d2: dq, dk, dv [B, T, heads * D] each, or with `packed` all three
+// into d0, shaped like q (the projection's output, where dq, dk, dv sit at q_off, k_off, dv_off
+// and fill it), and dv also into d1 [B, T, G * D] when v is a buffer of its own (else d1 is empty).
+ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, ffi::Buffer<ffi::S32> seg, F32 cos, F32 sin, F32 out,
+                    F32 lse, F32 dout, Out32 d0, Out32 d1, Out32 d2, bool bf16, bool rope, bool norm, float eps,
+                    float scale, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t q_off, int64_t k_off,
+                    int64_t v_off, bool packed, int64_t dv_off) {
+  const Heads hd{heads, kv_heads, head_dim, q_off, k_off, v_off};
   Shape sh;
-  if (auto e = shape_of(q.dimensions(), k.dimensions(), sh); e.failure()) return e;
+  if (auto e = shape_of(q.dimensions(), k.dimensions(), v.dimensions(), hd, sh); e.failure()) return e;
   const auto [B, T, H, G, D] = sh;
-  if (auto e = check(same(v.dimensions(), {B, T, G, D}) && same(seg.dimensions(), {B, T}) &&
-                     same(out.dimensions(), {B, T, H, D}) && same(lse.dimensions(), {B, H, T}) &&
-                     same(dout.dimensions(), {B, T, H, D}) && same(dq->dimensions(), {B, T, H, D}) &&
-                     same(dk->dimensions(), {B, T, G, D}) && same(dv->dimensions(), {B, T, G, D}));
-      e.failure())
-    return e;
+  const int64_t F = q.dimensions().back();
+  bool ok = same(seg.dimensions(), {B, T}) && same(out.dimensions(), {B, T, H, D}) &&
+            same(lse.dimensions(), {B, H, T}) && same(dout.dimensions(), {B, T, H, D});
+  const bool v_own = packed && same(d1->dimensions(), {B, T, G * D});
+  if (packed)  // d0 is the whole projection: q, k, v side by side, nothing else
+    ok = ok && F == (H + 2 * G) * D && q_off == 0 && k_off == H * D && dv_off == (H + G) * D &&
+         same(d0->dimensions(), {B, T, F}) && (v_own || same(d1->dimensions(), {0}));
+  else
+    ok = ok && same(d0->dimensions(), {B, T, H * D}) && same(d1->dimensions(), {B, T, G * D}) &&
+         same(d2->dimensions(), {B, T, G * D});
+  if (auto e = check(ok); e.failure()) return e;
   Prep prep;
   if (auto e = prep_of(sh, cos, sin, rope, norm, eps, prep); e.failure()) return e;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
+  const InRows qr = rows_of(q, q_off), kr = rows_of(k, k_off), vr = rows_of(v, v_off);
+  const InRows o{out.typed_data(), H * D, 0}, go{dout.typed_data(), H * D, 0};
+  OutRows dq{d0->typed_data(), H * D, 0}, dk{d1->typed_data(), G * D, 0}, dv{d2->typed_data(), G * D, 0};
+  float* dv2 = nullptr;
+  if (packed) {
+    dq = {d0->typed_data(), F, q_off}, dk = {d0->typed_data(), F, k_off}, dv = {d0->typed_data(), F, dv_off};
+    dv2 = v_own ? d1->typed_data() : nullptr;
+  }
   const int32_t* sp = seg.typed_data();
-  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  const float* lp = lse.typed_data();
   return run_tasks(pool, sh, [&](Scratch& w, int64_t b, int64_t g) {
     if (bf16) {
-      backward_task<true>(sh, b, g, prep, scale, qp, kp, vp, sp, op, lp, gp, dqp, dkp, dvp, w);
+      backward_task<true>(sh, b, g, prep, scale, qr, kr, vr, sp, o, lp, go, dq, dk, dv, dv2, w);
     } else {
-      backward_task<false>(sh, b, g, prep, scale, qp, kp, vp, sp, op, lp, gp, dqp, dkp, dvp, w);
+      backward_task<false>(sh, b, g, prep, scale, qr, kr, vr, sp, o, lp, go, dq, dk, dv, dv2, w);
     }
   });
 }
@@ -183,7 +202,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(parcae_attention_fwd, Forward,
                                   .Attr<bool>("rope")
                                   .Attr<bool>("norm")
                                   .Attr<float>("eps")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("head_dim")
+                                  .Attr<int64_t>("q_off")
+                                  .Attr<int64_t>("k_off")
+                                  .Attr<int64_t>("v_off"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(parcae_attention_prefill, Prefill,
                               ffi::Ffi::Bind()
@@ -204,7 +229,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(parcae_attention_prefill, Prefill,
                                   .Attr<bool>("rope")
                                   .Attr<bool>("norm")
                                   .Attr<float>("eps")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("head_dim")
+                                  .Attr<int64_t>("q_off")
+                                  .Attr<int64_t>("k_off")
+                                  .Attr<int64_t>("v_off"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(parcae_attention_bwd, Backward,
                               ffi::Ffi::Bind()
@@ -225,4 +256,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(parcae_attention_bwd, Backward,
                                   .Attr<bool>("rope")
                                   .Attr<bool>("norm")
                                   .Attr<float>("eps")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("head_dim")
+                                  .Attr<int64_t>("q_off")
+                                  .Attr<int64_t>("k_off")
+                                  .Attr<int64_t>("v_off")
+                                  .Attr<bool>("packed")
+                                  .Attr<int64_t>("dv_off"));

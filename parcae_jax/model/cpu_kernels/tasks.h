@@ -41,12 +41,24 @@ bool same(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_t> want) {
 
 // The call's shape from q and k, every other operand checked against it: the kernel trusts
 // nothing it reads past.
-ffi::Error shape_of(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, Shape& sh) {
-  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("parcae attention: q and k need rank 4");
-  sh = Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
-  if (!fits(sh) || kd[0] != sh.B || kd[1] != sh.T || kd[3] != sh.D)
+// The operands' layout: q, k and v buffers [B, T, F] (F at least offset + heads * D), the shape
+// from the attributes. Every other operand is checked against it: the kernel trusts nothing it
+// reads past.
+struct Heads {
+  int64_t H, G, D, q_off, k_off, v_off;
+};
+
+ffi::Error shape_of(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, ffi::AnyBuffer::Dimensions vd,
+                    const Heads& hd, Shape& sh) {
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3)
+    return ffi::Error::InvalidArgument("parcae attention: q, k and v need rank 3 [B, T, features]");
+  sh = Shape{qd[0], qd[1], hd.H, hd.G, hd.D};
+  if (!fits(sh))
     return ffi::Error::InvalidArgument("parcae attention: needs T % 16 == 0, D % 16 == 0, D <= 256, H % G == 0");
-  return ffi::Error::Success();
+  const bool ok = kd[0] == sh.B && vd[0] == sh.B && kd[1] == sh.T && vd[1] == sh.T && hd.q_off >= 0 &&
+                  hd.k_off >= 0 && hd.v_off >= 0 && hd.q_off + hd.H * hd.D <= qd[2] &&
+                  hd.k_off + hd.G * hd.D <= kd[2] && hd.v_off + hd.G * hd.D <= vd[2];
+  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument("parcae attention: heads outside q, k or v");
 }
 
 ffi::Error check(bool ok) {
