@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from parcae_jax.model import ConfigError, attention_kernels, build, init_params
-from parcae_jax.model.attention import dot_product_attention
 from parcae_jax.model.attention_kernels import emulated_kernels, resolve_impl
+from parcae_jax.model.softmax_attention import dot_product_attention
 from parcae_jax.training import sharding
 from tests.helpers import tiny
 

@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parcae_jax.model import ConfigError, build, init_params
-from parcae_jax.model.attention import apply_rope, dot_product_attention, qk_norm
+from parcae_jax.model.attention import qk_norm
 from parcae_jax.model.attention_kernels import resolve_impl
 from parcae_jax.model.cpu_kernels import attention as cpu_attention
 from parcae_jax.model.cpu_kernels import library
-from parcae_jax.model.rope import rope_angles
+from parcae_jax.model.rope import apply_rope, rope_angles
+from parcae_jax.model.softmax_attention import dot_product_attention
 from parcae_jax.training import sharding
 from tests.helpers import tiny
 from tests.test_attention_impls import assert_matches_xla, attend_and_grads, inputs

@@ -160,7 +160,7 @@ def test_every_parameter_carries_logical_axis_names():
 @pytest.mark.parametrize("bounded", [True, False])
 def test_chunked_causal_attention_matches_numpy(bounded):
     """T=384 runs in 3 query chunks, each reading keys up to its end; with GQA and documents."""
-    from parcae_jax.model.attention import dot_product_attention, query_chunks
+    from parcae_jax.model.softmax_attention import dot_product_attention, query_chunks
 
     B, T, H, G, D = 2, 384, 4, 2, 8
     assert query_chunks(T) == 3

@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from parcae_jax.model import param_counts
-from parcae_jax.model.attention import query_chunks
 from parcae_jax.model.attention_kernels import resolve_impl, splash_block
 from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
 from parcae_jax.model.cpu_kernels import attention as cpu_attention
 from parcae_jax.model.layout import BlockSpec, block_specs
+from parcae_jax.model.softmax_attention import query_chunks
 
 
 def attention_impl(cfg: ModelConfig, seq_len: int) -> str:
