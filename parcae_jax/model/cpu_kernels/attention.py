@@ -1,11 +1,13 @@
-"""model.attention_impl="cpu": attention.cc's fused causal attention as a JAX function.
+"""model.attention_impl="cpu": attention.cc's fused causal attention as JAX functions.
 
-Takes what attention.py's XLA path takes (q [B,T,H,D], k/v [B,T,G,D] float32, RoPE'd and
-qk-normed; segment ids [B,T] or None) and returns float32 [B,T,H,D] with the same arithmetic:
-q scaled by 1/sqrt(D) in float32 first, products in the compute dtype (bfloat16 operands
-rounded to nearest even, float32 accumulation), a float32 softmax, the max subtraction skipped
-when `bounded`. The forward keeps the row log-sum-exp; the backward recomputes the
-probabilities from it (nothing T x T is stored between the passes).
+`attention` takes what the XLA path takes (q [B,T,H,D], k/v [B,T,G,D]; segment ids [B,T] or
+None), either RoPE'd and qk-normed or raw with the RoPE tables (the kernel then rotates and
+normalises them itself); `attention_packed` reads q, k, v in place from the fused projection's
+output; `prefill` also writes a generation cache. All return float32 [B,T,H,D] with the XLA
+path's arithmetic: q scaled by 1/sqrt(D) in float32 first, products in the compute dtype
+(bfloat16 operands rounded to nearest even, float32 accumulation), a float32 softmax, the max
+subtraction skipped when `bounded`. The forward keeps the row log-sum-exp; the backward
+recomputes the probabilities from it (nothing T x T is stored between the passes).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class _Statics(NamedTuple):
 
 
 def _statics(dtype, bounded, rope, norm_eps, H: int, G: int, D: int, offsets=(0, 0, 0)) -> _Statics:
-    return _Statics(jnp.dtype(dtype) == jnp.bfloat16, bool(bounded), rope is not None, norm_eps is not None,
+    return _Statics(bool(jnp.dtype(dtype) == jnp.bfloat16), bool(bounded), rope is not None, norm_eps is not None,
                     float(norm_eps or 0.0), float(np.float32(1.0 / math.sqrt(D))), H, G, D, tuple(offsets))
 
 
