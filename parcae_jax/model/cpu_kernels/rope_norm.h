@@ -27,6 +27,21 @@ inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((
 inline __m512 load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
 inline void store_n(float* p, __m512 x, int n) { _mm512_mask_storeu_ps(p, first(n), x); }
 
+// Rotates the h channel pairs (m, m + h) of x into y by the angles of row t of batch b (by
+// their negatives: the transpose, with `inverse`). y may be x.
+inline void rotate(const Prep& p, int64_t b, int t, const float* x, int h, bool inverse, float* y) {
+  const int64_t row = b * p.batch_stride + static_cast<int64_t>(t) * h;
+  const float *c = p.cos + row, *s = p.sin + row;
+  for (int m = 0; m < h; m += 16) {
+    const int n = h - m;
+    const __m512 x0 = load_n(x + m, n), x1 = load_n(x + h + m, n), cm = load_n(c + m, n);
+    const __m512i sign = _mm512_set1_epi32(inverse ? INT32_MIN : 0);  // -s exactly, -0 included
+    const __m512 sm = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load_n(s + m, n)), sign));
+    store_n(y + m, _mm512_sub_ps(_mm512_mul_ps(x0, cm), _mm512_mul_ps(x1, sm)), n);
+    store_n(y + h + m, _mm512_add_ps(_mm512_mul_ps(x1, cm), _mm512_mul_ps(x0, sm)), n);
+  }
+}
+
 inline float sum_of_products(const float* a, const float* b, int D) {
   __m512 acc = _mm512_setzero_ps();
   for (int m = 0; m < D; m += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + m), _mm512_loadu_ps(b + m), acc);
@@ -36,16 +51,8 @@ inline float sum_of_products(const float* a, const float* b, int D) {
 // y = prep(x) * scale for one row of D floats (row t of batch b); returns r (1 without norm).
 // x and y may not alias.
 inline float prep_row(const Prep& p, int64_t b, int t, const float* x, int D, float scale, float* y) {
-  const int h = D / 2;
   if (p.cos) {
-    const float* c = p.cos + b * p.batch_stride + static_cast<int64_t>(t) * h;
-    const float* s = p.sin + b * p.batch_stride + static_cast<int64_t>(t) * h;
-    for (int m = 0; m < h; m += 16) {
-      const int n = h - m;
-      const __m512 x0 = load_n(x + m, n), x1 = load_n(x + h + m, n), cm = load_n(c + m, n), sm = load_n(s + m, n);
-      store_n(y + m, _mm512_sub_ps(_mm512_mul_ps(x0, cm), _mm512_mul_ps(x1, sm)), n);
-      store_n(y + h + m, _mm512_add_ps(_mm512_mul_ps(x1, cm), _mm512_mul_ps(x0, sm)), n);
-    }
+    rotate(p, b, t, x, D / 2, false, y);
   } else {
     std::memcpy(y, x, D * 4);
   }
@@ -62,7 +69,6 @@ inline float prep_row(const Prep& p, int64_t b, int t, const float* x, int D, fl
 // g (the gradient with respect to prep_row's y) becomes the gradient with respect to x, in place,
 // from n and r: the row prep_row made with scale 1 and what it returned.
 inline void prep_row_backward(const Prep& p, int64_t b, int t, const float* n, float r, int D, float scale, float* g) {
-  const int h = D / 2;
   const __m512 vs = _mm512_set1_ps(scale);
   for (int m = 0; m < D; m += 16) _mm512_storeu_ps(g + m, _mm512_mul_ps(_mm512_loadu_ps(g + m), vs));
   if (p.norm) {  // dn -> du = r (dn - n mean(dn n))
@@ -71,14 +77,5 @@ inline void prep_row_backward(const Prep& p, int64_t b, int t, const float* n, f
       _mm512_storeu_ps(g + m, _mm512_mul_ps(vr, _mm512_sub_ps(_mm512_loadu_ps(g + m),
                                                               _mm512_mul_ps(_mm512_loadu_ps(n + m), mu))));
   }
-  if (p.cos) {  // the rotation's transpose
-    const float* c = p.cos + b * p.batch_stride + static_cast<int64_t>(t) * h;
-    const float* s = p.sin + b * p.batch_stride + static_cast<int64_t>(t) * h;
-    for (int m = 0; m < h; m += 16) {
-      const int k = h - m;
-      const __m512 g0 = load_n(g + m, k), g1 = load_n(g + h + m, k), cm = load_n(c + m, k), sm = load_n(s + m, k);
-      store_n(g + m, _mm512_add_ps(_mm512_mul_ps(g0, cm), _mm512_mul_ps(g1, sm)), k);
-      store_n(g + h + m, _mm512_sub_ps(_mm512_mul_ps(g1, cm), _mm512_mul_ps(g0, sm)), k);
-    }
-  }
+  if (p.cos) rotate(p, b, t, g, D / 2, true, g);
 }
