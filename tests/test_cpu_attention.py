@@ -239,7 +239,9 @@ def test_keys_per_query_counts_the_kernels_blocks():
 
 @needs_kernel
 def test_model_loss_and_gradients_agree_with_the_xla_path():
-    """The tiny model (head dim 16) end to end: the same logits and parameter gradients."""
+    """The tiny model (head dim 16) end to end: the same logits and parameter gradients, without
+    a mesh and under a data-parallel one, where the kernel still reads q, k and v in place from
+    the fused projection (inside shard_map, each device its rows)."""
     cfg = tiny(n_kv_heads=2, mean_recurrence=2, mean_backprop_depth=1)
     rng = np.random.default_rng(3)
     fresh = jax.jit(lambda key: nn.unbox(init_params(build(cfg.replace(attention_impl="xla")), key)))
@@ -253,10 +255,15 @@ def test_model_loss_and_gradients_agree_with_the_xla_path():
         f = lambda p: jnp.mean(model.apply({"params": p}, ids, recurrence=2, initial_state=x0) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(f))(params)
 
-    (loss, grads), (loss_x, grads_x) = loss_and_grads("cpu"), loss_and_grads("xla")
-    np.testing.assert_allclose(loss, loss_x, rtol=1e-6)
-    for g, gx in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_x)):
-        np.testing.assert_allclose(g, gx, atol=1e-6 * float(np.max(np.abs(gx))) + 1e-9, rtol=1e-4)
+    loss_x, grads_x = loss_and_grads("xla")
+    with jax.set_mesh(sharding.make_mesh((2, 1, 1), jax.devices()[:2])), nn.logical_axis_rules(sharding.RULES):
+        under_mesh = loss_and_grads("cpu")
+        assert "packed = true" in jax.jit(jax.grad(lambda p: jnp.sum(build(cfg.replace(attention_impl="cpu")).apply(
+            {"params": p}, ids, recurrence=2, initial_state=x0)))).lower(params).as_text()
+    for loss, grads in (loss_and_grads("cpu"), under_mesh):
+        np.testing.assert_allclose(loss, loss_x, rtol=1e-6)
+        for g, gx in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_x)):
+            np.testing.assert_allclose(g, gx, atol=1e-6 * float(np.max(np.abs(gx))) + 1e-9, rtol=1e-4)
 
 
 @needs_kernel

@@ -131,13 +131,14 @@ class Attention(nn.Module):
         # init only needs the shapes, traced at a dummy length no kernel may take: the XLA path
         impl = "xla" if self.is_initializing() else cfg.attention_impl
         # The CPU kernel rotates and normalises q and k as it reads them (cpu_kernels/rope_norm.h),
-        # and without a mesh reads q, k and v in place from the projection's output (packed).
+        # and where every device holds every head reads q, k and v in place from the projection's
+        # output (packed): a trainer's one-device or data-parallel mesh included.
         if cache is None:
             segments = segment_ids_BxT is not None
             in_kernel = attention_kernels.resolve_impl(impl, dtype, D, T, segments, (B, H, G)) == "cpu"
         else:
             in_kernel = kernel_prefills(cache, impl, dtype, D, T, (B, H, G))
-        packed = in_kernel and jax.sharding.get_abstract_mesh().empty
+        packed = in_kernel and attention_kernels.heads_whole()
         if cache is None or cache.fresh:  # one matmul instead of three; its weight is rebuilt per call,
             # amortised over B x T tokens, with q's and k's channels permuted on the way
             Wqkv = jnp.concatenate([jnp.asarray(Wq)[..., perm].reshape(W, H * D),
@@ -180,7 +181,7 @@ class Attention(nn.Module):
                                                         cfg.qk_norm, rope, eps)
                 return out(y), (k_all, v_all)
             return out(cpu_attention.attention_packed(qkv, own_v, segment_ids_BxT, (H, G, D), dtype, cfg.qk_norm,
-                                                      rope, eps))
+                                                      rope, eps, attention_kernels.per_device_packed))
         if not in_kernel:
             q, k = apply_rope(q, rope_q), apply_rope(k, rope)
             if cfg.qk_norm:

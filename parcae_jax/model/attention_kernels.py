@@ -183,6 +183,35 @@ def per_device(kernel, tables: bool | None = None):
     return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=spec_q, check_vma=False)
 
 
+def per_device_packed(kernel, tables: bool, own_v: bool):
+    """kernel(qkv [B,T,F], seg [B,T], cos, sin[, v [B,T,G*D]]) -> [B,T,H,D], run inside
+    shard_map with the rows split as the batch is, as is without a mesh. Only where
+    `heads_whole()`: a device's slice of F would otherwise mix q, k and v channels."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel
+    rows = nn.logical_to_mesh_axes(("batch", "length", None))
+    table = nn.logical_to_mesh_axes(("batch" if tables else None, "length", None))
+    specs = (rows, nn.logical_to_mesh_axes(("batch", "length")), table, table) + ((rows,) if own_v else ())
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs,
+                         out_specs=nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim")), check_vma=False)
+
+
+def _ways(mesh, name: str) -> int:
+    """Over how many devices the mesh splits logical axis `name` (asked alone: asked together, a
+    mesh axis taken by one name is not given to the next)."""
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def heads_whole() -> bool:
+    """Whether every device holds every head: no mesh, or one that splits neither kind of head
+    (data parallelism, FSDP, a single device). The CPU kernel may then read q, k and v in place
+    from the fused projection's output (cpu_kernels/attention.py `attention_packed`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or (_ways(mesh, "heads") == 1 and _ways(mesh, "kv_heads") == 1)
+
+
 def mesh_unfit(B: int, H: int, G: int) -> str | None:
     """Why `per_device` cannot hand each device whole rows and whole head groups under the mesh
     in use (None when it can, or without a mesh): the batch, query heads and kv heads must
@@ -191,9 +220,7 @@ def mesh_unfit(B: int, H: int, G: int) -> str | None:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
-    # one name at a time: asked together, a mesh axis taken by one name is not given to the next
-    names = {k: nn.logical_to_mesh_axes((k,))[0] for k in ("batch", "heads", "kv_heads")}
-    ways = {k: math.prod(mesh.shape[a] for a in ((v,) if isinstance(v, str) else v or ())) for k, v in names.items()}
+    ways = {k: _ways(mesh, k) for k in ("batch", "heads", "kv_heads")}
     for what, size in (("batch", B), ("heads", H), ("kv_heads", G)):
         if size % ways[what]:
             return f"needs {what}={size} to divide by the {ways[what]} devices the mesh splits it over"

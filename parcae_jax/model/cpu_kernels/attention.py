@@ -108,21 +108,28 @@ def attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids_BxT, dtype, bounded: 
 
 
 def attention_packed(qkv_BxTxF, v_BxTxGxD, segment_ids_BxT, heads: tuple[int, int, int], dtype, bounded: bool,
-                     rope, norm_eps: float | None) -> jax.Array:
+                     rope, norm_eps: float | None, per_device=lambda kernel, tables, own_v: kernel) -> jax.Array:
     """`attention` reading q, k and v in place from the fused projection's output qkv
     [B, T, (H + 2G) D] (q, then k, then v): XLA would otherwise copy each slice out for the
     call, and concatenate the three gradients back. `v_BxTxGxD`: a v of its own (the value
     embedding added to qkv's), whose gradient the kernel also writes into qkv's v part: the
-    caller passes v = stop_gradient(qkv's v) + gate * ve, so that part is counted once. No mesh."""
+    caller passes v = stop_gradient(qkv's v) + gate * ve, so that part is counted once.
+    `per_device`: attention_kernels.per_device_packed under a mesh that keeps every head whole."""
     B, T, F = qkv_BxTxF.shape
     H, G, D = heads
     _check(D, T)
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT.astype(jnp.int32)
     cos, sin = _tables(rope, B, T, D)
     own = v_BxTxGxD is not None
-    v = v_BxTxGxD.astype(jnp.float32).reshape(B, T, G * D) if own else jnp.zeros((0,), jnp.float32)
     statics = _statics(dtype, bounded, rope, norm_eps, H, G, D, (0, H * D, 0 if own else (H + G) * D))
-    return _packed(qkv_BxTxF.astype(jnp.float32), v, seg, cos, sin, statics).reshape(B, T, H, D)
+
+    def kernel(qkv, seg, cos, sin, *own_v):  # one device's rows (under a mesh)
+        v = own_v[0] if own else jnp.zeros((0,), jnp.float32)
+        return _packed(qkv, v, seg, cos, sin, statics).reshape(qkv.shape[0], T, H, D)
+
+    extra = (v_BxTxGxD.astype(jnp.float32).reshape(B, T, G * D),) if own else ()
+    wrapped = per_device(kernel, tables=cos.shape[0] == B and B > 1, own_v=own)
+    return wrapped(qkv_BxTxF.astype(jnp.float32), seg, cos, sin, *extra)
 
 
 def _call_forward(q, k, v, seg, cos, sin, st: _Statics):
