@@ -193,8 +193,11 @@ def per_device_packed(kernel, tables: bool, own_v: bool):
     rows = nn.logical_to_mesh_axes(("batch", "length", None))
     table = nn.logical_to_mesh_axes(("batch" if tables else None, "length", None))
     specs = (rows, nn.logical_to_mesh_axes(("batch", "length")), table, table) + ((rows,) if own_v else ())
-    return jax.shard_map(kernel, mesh=mesh, in_specs=specs,
-                         out_specs=nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim")), check_vma=False)
+    # Manual over the axes the rows are split by only: over the others (size 1 here) the
+    # transpose would sum qkv's gradient, a copy of it per call.
+    manual = {a for spec in (rows,) for p in spec if p for a in ((p,) if isinstance(p, str) else p)}
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, axis_names=manual,
+                         out_specs=nn.logical_to_mesh_axes(("batch", "length", None, None)), check_vma=False)
 
 
 def _ways(mesh, name: str) -> int:
