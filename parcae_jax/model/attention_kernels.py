@@ -195,7 +195,7 @@ def per_device_packed(kernel, tables: bool, own_v: bool):
     specs = (rows, nn.logical_to_mesh_axes(("batch", "length")), table, table) + ((rows,) if own_v else ())
     # Manual over the axes the rows are split by only: over the others (size 1 here) the
     # transpose would sum qkv's gradient, a copy of it per call.
-    manual = {a for spec in (rows,) for p in spec if p for a in ((p,) if isinstance(p, str) else p)}
+    manual = {a for p in rows if p for a in ((p,) if isinstance(p, str) else p)}
     return jax.shard_map(kernel, mesh=mesh, in_specs=specs, axis_names=manual,
                          out_specs=nn.logical_to_mesh_axes(("batch", "length", None, None)), check_vma=False)
 
