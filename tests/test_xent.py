@@ -1,5 +1,6 @@
-"""Chunked cross-entropy (model/xent.py): equal to the full one in value and gradient, and the
-[B, T, V] logits are really gone from the compiled step (XLA's memory analysis)."""
+"""Cross-entropy (model/xent.py): the head's fused loss equals autodiff of the plain one in value
+and gradient; the chunked one equals the full one, and the [B, T, V] logits are really gone
+from the compiled step (XLA's memory analysis)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parcae_jax.model.xent import IGNORE, chunked_token_cross_entropy, token_cross_entropy
+from parcae_jax.model import matmul
+from parcae_jax.model.xent import IGNORE, chunked_token_cross_entropy, head_cross_entropy, token_cross_entropy
 from tests.helpers import loss_and_grad, tiny
 
 
@@ -19,6 +21,40 @@ def _head(W_DxV, cap=None):
         z = jnp.einsum("btd,dv->btv", y, W_DxV) * 1.5
         return z if cap is None else cap * jnp.tanh(z / cap)
     return logits_fn
+
+
+@pytest.mark.parametrize("dtype, spec, scale, cap", [("float32", "btd,dv->btv", 1.5, 3.0),
+                                                     ("bfloat16", "btd,vd->btv", 1.0, None)])
+def test_head_loss_equals_autodiff_of_the_plain_loss(dtype, spec, scale, cap):
+    """head_cross_entropy's custom VJP (the logits' gradient formed in the forward pass, in the
+    compute dtype; the per-token cotangent applied to the matmuls' small side) against autodiff
+    of token_cross_entropy over matmul.einsum's logits, with ignored targets and a weighted
+    sum. Same loss exactly (one forward computation); float32 gradients to 1e-5, bfloat16 ones
+    to 2% of their largest entry (where each rounds the logits' gradient to bfloat16 differs)."""
+    rng = np.random.default_rng(0)
+    B, T, D, V = 2, 12, 16, 40
+    y = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    W = jnp.asarray(rng.normal(size=(D, V) if spec.endswith("dv->btv") else (V, D)) * 0.5, jnp.float32)
+    t = rng.integers(0, V, (B, T)).astype(np.int32)
+    t[rng.random((B, T)) < 0.2] = IGNORE
+    weight = jnp.asarray(rng.uniform(0.5, 2.0, (B, T)), jnp.float32)
+
+    def plain(y, W):
+        z = matmul.einsum(spec, y, W, dtype) * scale
+        return token_cross_entropy(z if cap is None else cap * jnp.tanh(z / cap), t)
+
+    def total(fn, y, W):
+        loss, mask = fn(y, W)
+        return (loss * weight).sum(), (loss, mask)
+
+    fused = lambda y, W: head_cross_entropy(y, W, spec, t, dtype, scale, cap)  # noqa: E731
+    (_, (l1, m1)), g1 = jax.jit(jax.value_and_grad(lambda y, W: total(plain, y, W), (0, 1), has_aux=True))(y, W)
+    (_, (l2, m2)), g2 = jax.jit(jax.value_and_grad(lambda y, W: total(fused, y, W), (0, 1), has_aux=True))(y, W)
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(l1, l2)
+    for a, b in zip(g1, g2):
+        tol = 1e-5 if dtype == "float32" else 2e-2 * float(jnp.abs(a).max())
+        np.testing.assert_allclose(b, a, rtol=1e-5 if dtype == "float32" else 0, atol=tol)
 
 
 @pytest.mark.slow

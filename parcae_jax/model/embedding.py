@@ -52,9 +52,10 @@ class ValueEmbeds(nn.Module):
 class LMHead(nn.Module):
     """float32 logits = (y @ W) * logit_scale, then the optional softcap cap * tanh(z / cap).
 
-    With `targets_BxT` it returns the per-token cross-entropy and its mask instead
-    (xent.py), computed `cfg.loss_chunk` positions at a time when that is > 0, so that the
-    [B, T, V] logits are never held whole.
+    With `targets_BxT` it returns the per-token cross-entropy and its mask instead (xent.py):
+    the head's matmul and the loss under one custom VJP (xent.head_cross_entropy), or with
+    `cfg.loss_chunk` > 0 computed that many positions at a time, so that the [B, T, V] logits
+    are never held whole.
 
     A tied head contracts with the [V, d] table directly rather than with its transpose:
     the table's gradient then comes out of the dot as [V, d]. With a transpose in between,
@@ -86,7 +87,8 @@ class LMHead(nn.Module):
             return logits_fn(y_BxTxD)
         if 0 < cfg.loss_chunk < y_BxTxD.shape[1]:
             return xent.chunked_token_cross_entropy(y_BxTxD, logits_fn, targets_BxT, cfg.loss_chunk)
-        return xent.token_cross_entropy(logits_fn(y_BxTxD), targets_BxT)
+        return xent.head_cross_entropy(y_BxTxD, kernel, spec, targets_BxT, cfg.compute_dtype, cfg.logit_scale,
+                                       cfg.logit_softcap)
 
 
 def embed_ids(embed: TokenEmbed, value_embeds: ValueEmbeds, cfg: ModelConfig, ids_BxT):

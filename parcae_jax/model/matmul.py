@@ -64,13 +64,22 @@ def _fwd(spec, dtype, x_dtype, w_dtype, x, w):
 def _bwd(spec, dtype, x_dtype, w_dtype, residuals, g):
     xc, wc = residuals
     gc = g.astype(dtype)
-    dx_spec, dw_spec = backward_specs(spec)
-    dx = jnp.einsum(dx_spec, gc, wc, preferred_element_type=jnp.float32)
+    return input_cotangent(spec, gc, wc).astype(x_dtype), weight_cotangent(spec, xc, gc).astype(w_dtype)
+
+
+def input_cotangent(spec: str, gc: jax.Array, wc: jax.Array) -> jax.Array:
+    """x's cotangent (float32) of `einsum(spec, x, w)` from the output's cotangent `gc` and
+    w, both already in the compute dtype."""
+    return jnp.einsum(backward_specs(spec)[0], gc, wc, preferred_element_type=jnp.float32)
+
+
+def weight_cotangent(spec: str, xc: jax.Array, gc: jax.Array) -> jax.Array:
+    """w's cotangent (float32) of `einsum(spec, x, w)` from x and the output's cotangent, both
+    already in the compute dtype; through _weight_gradient where that is faster."""
+    dw_spec = backward_specs(spec)[1]
     if _row_major_weight_gradient(spec):
-        dw = _weight_gradient(dw_spec, xc, gc)
-    else:
-        dw = jnp.einsum(dw_spec, xc, gc, preferred_element_type=jnp.float32)
-    return dx.astype(x_dtype), dw.astype(w_dtype)
+        return _weight_gradient(dw_spec, xc, gc)
+    return jnp.einsum(dw_spec, xc, gc, preferred_element_type=jnp.float32)
 
 
 _matmul.defvjp(_fwd, _bwd)

@@ -3,10 +3,14 @@ a chunk of positions at a time so that the [B, T, V] logits never exist in full.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from parcae_jax.model import matmul
 
 IGNORE = -100  # the official ignore_index: targets < 0 carry no loss
 
@@ -20,6 +24,74 @@ def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tupl
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     return jnp.where(mask, lse - target_logit, 0.0), mask
+
+
+def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets_BxT: jax.Array, dtype,
+                       scale: float = 1.0, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """token_cross_entropy of the head's logits, `z = einsum(spec, y, kernel) * scale` in
+    `dtype` with float32 accumulation (then `softcap * tanh(z / softcap)`), with the head's
+    matmul and the loss under one custom VJP.
+
+    Why: autodiff keeps the [B, T, V] float32 exponentials for the backward pass and there
+    builds the logits' cotangent in three more passes over [B, T, V] (scale by the cotangent,
+    scatter the one-hot, cast to `dtype`); on a CPU those memory-bound passes cost about half
+    as much as the head's three matmuls. Here the forward pass writes the logits' gradient
+    `softmax - onehot` (through the softcap) once, already in `dtype`, and the backward pass
+    feeds it to the two matmuls as it is: the per-token cotangent scales their small
+    operand and output instead (`dx = g * (d @ W)`, `dW = d^T (g * y)`), which is the same
+    product up to where the rounding to `dtype` happens. Values match token_cross_entropy
+    of matmul.einsum's logits (tests/test_xent.py).
+    """
+    mask = targets_BxT >= 0
+    safe = jnp.where(mask, targets_BxT, 0)
+    loss = _head_loss(spec, jnp.dtype(dtype), float(scale), softcap, jnp.dtype(y_BxTxD.dtype),
+                      jnp.dtype(kernel.dtype), y_BxTxD, kernel, safe)
+    return jnp.where(mask, loss, 0.0), mask
+
+
+def _head_logits(spec, dtype, scale, softcap, xc, wc):
+    """(logits, tanh(z / softcap) or None) from the operands in the compute dtype."""
+    z = jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        z = z * scale
+    t = None if softcap is None else jnp.tanh(z / softcap)
+    logits = z if t is None else softcap * t
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), t
+
+
+def _loss_and_lse(logits, safe):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0], lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, safe):
+    logits, _ = _head_logits(spec, dtype, scale, softcap, y.astype(dtype), kernel.astype(dtype))
+    return _loss_and_lse(logits, safe)[0]
+
+
+def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, safe):
+    xc, wc = y.astype(dtype), kernel.astype(dtype)
+    logits, t = _head_logits(spec, dtype, scale, softcap, xc, wc)
+    loss, lse = _loss_and_lse(logits, safe)
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == safe[..., None]
+    d = jnp.exp(logits - lse[..., None]) - onehot  # d loss / d logits
+    if t is not None:
+        d = d * (1.0 - t * t)
+    if scale != 1.0:
+        d = d * scale
+    return loss, (xc, wc, d.astype(dtype))
+
+
+def _head_loss_bwd(spec, dtype, scale, softcap, x_dtype, w_dtype, residuals, g_BxT):
+    xc, wc, dc = residuals
+    g = g_BxT[..., None]
+    dx = matmul.input_cotangent(spec, dc, wc) * g
+    dw = matmul.weight_cotangent(spec, (xc.astype(jnp.float32) * g).astype(dtype), dc)
+    return dx.astype(x_dtype), dw.astype(w_dtype), None  # the targets are integers
+
+
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def chunked_token_cross_entropy(y_BxTxD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
