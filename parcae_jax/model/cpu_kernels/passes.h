@@ -94,14 +94,17 @@ void backward_task(const Shape& sh, int64_t b, int64_t g, const Prep& prep, floa
   const Operand kr = right_rows<BF16>(kb, kstride, T, D, w.k);                               // K, for dS K
   float* dkb = dk.at(T, b, 0, g, D);  // this task owns these rows of dk and dv
   float* dvb = dv.at(T, b, 0, g, D);
-  for (int t = 0; t < T; ++t) std::memset(dkb + t * dk.stride, 0, D * 4), std::memset(dvb + t * dv.stride, 0, D * 4);
+  const int last = (T - 1) / kQB * kQB;  // the last block of queries reads every key
   for (int r = 0; r < R; ++r) {
     const int64_t h = g * R + r;
-    for (int t0 = 0; t0 < T; t0 += kQB) {
+    for (int t0 = last; t0 >= 0; t0 -= kQB) {  // last first: its dk, dv products write every row
       const int m = std::min(kQB, T - t0), n = t0 + m;
+      const bool acc = r > 0 || t0 != last;
       const float *qraw = q.at(T, b, t0, h, D), *dorow = dout.at(T, b, t0, h, D), *orow = out.at(T, b, t0, h, D);
       const int64_t ds = dout.stride, os = out.stride;
       float* dqrow = dq.at(T, b, t0, h, D);
+      for (int i = 0; i < m; ++i)  // the forward's output rows, read after the two products below
+        for (int d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(orow + i * os + d), _MM_HINT_T0);
       const float* qrow = qraw;
       int64_t qstride = q.stride;
       if (prep_q) {  // n (for the backward through the prep) and n * scale (the products' q)
@@ -133,9 +136,9 @@ void backward_task(const Shape& sh, int64_t b, int64_t g, const Prep& prep, floa
       const Operand dor = right_rows<BF16>(dorow, ds, m, D, w.dor);
       const Operand qr = right_rows<BF16>(qrow, qstride, m, D, w.qr);
       const Operand pt = left_transposed<BF16>(w.s, m, n, n, w.tmp, w.pt);
-      gemm<BF16>(n, D, kw(BF16, m), pt.p, pt.ld, dor.p, dor.ld, dvb, static_cast<int>(dv.stride), true);
+      gemm<BF16>(n, D, kw(BF16, m), pt.p, pt.ld, dor.p, dor.ld, dvb, static_cast<int>(dv.stride), acc);
       const Operand dst = left_transposed<BF16>(w.dp, m, n, n, w.tmp, w.pt);
-      gemm<BF16>(n, D, kw(BF16, m), dst.p, dst.ld, qr.p, qr.ld, dkb, static_cast<int>(dk.stride), true);
+      gemm<BF16>(n, D, kw(BF16, m), dst.p, dst.ld, qr.p, qr.ld, dkb, static_cast<int>(dk.stride), acc);
       // dQ = dS K, straight into dq[b, t0:t0+m, h, :].
       const Operand dsa = left_rows<BF16>(w.dp, n, m, n, w.tmp);
       gemm<BF16>(m, D, kw(BF16, n), dsa.p, dsa.ld, kr.p, kr.ld, dqrow, static_cast<int>(dq.stride), false);
