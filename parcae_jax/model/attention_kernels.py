@@ -195,7 +195,7 @@ def per_device_packed(kernel, tables: bool, own_v: bool):
     specs = (rows, nn.logical_to_mesh_axes(("batch", "length")), table, table) + ((rows,) if own_v else ())
     # Manual over the axes the rows are split by only: over the others (size 1 here) the
     # transpose would sum qkv's gradient, a copy of it per call.
-    manual = {a for p in rows if p for a in ((p,) if isinstance(p, str) else p)}
+    manual = {a for p in rows for a in _mesh_axes(p)}
     return jax.shard_map(kernel, mesh=mesh, in_specs=specs, axis_names=manual,
                          out_specs=nn.logical_to_mesh_axes(("batch", "length", None, None)), check_vma=False)
 
@@ -203,8 +203,12 @@ def per_device_packed(kernel, tables: bool, own_v: bool):
 def _ways(mesh, name: str) -> int:
     """Over how many devices the mesh splits logical axis `name` (asked alone: asked together, a
     mesh axis taken by one name is not given to the next)."""
-    axes = nn.logical_to_mesh_axes((name,))[0]
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    return math.prod(mesh.shape[a] for a in _mesh_axes(nn.logical_to_mesh_axes((name,))[0]))
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def heads_whole() -> bool:

@@ -76,12 +76,8 @@ class LMHead(nn.Module):
                 (cfg.d_model, cfg.padded_vocab_size), jnp.float32)
 
         def logits_fn(y):
-            logits = matmul.einsum(spec, y, kernel, cfg.compute_dtype)
-            if cfg.logit_scale != 1.0:
-                logits = logits * cfg.logit_scale
-            if cfg.logit_softcap is not None:
-                logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-            return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+            return xent.head_logits(matmul.einsum(spec, y, kernel, cfg.compute_dtype), cfg.logit_scale,
+                                    cfg.logit_softcap)[0]
 
         if targets_BxT is None:
             return logits_fn(y_BxTxD)

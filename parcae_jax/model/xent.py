@@ -19,12 +19,25 @@ IGNORE = -100  # the official ignore_index: targets < 0 carry no loss
 def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(per-token loss [B, T] float32, mask [B, T] of real targets). Every vocab row,
     padded ones included, takes part in the softmax, as in the official model."""
-    logits = logits_BxTxV.astype(jnp.float32)
     mask = targets_BxT >= 0
-    safe = jnp.where(mask, targets_BxT, 0)
+    loss, _ = _loss_and_lse(logits_BxTxV.astype(jnp.float32), jnp.where(mask, targets_BxT, 0))
+    return jnp.where(mask, loss, 0.0), mask
+
+
+def head_logits(z_BxTxV: jax.Array, scale: float = 1.0, softcap: float | None = None):
+    """(float32 logits, tanh(z * scale / softcap) or None) from the head's matmul output z: the
+    scale, then the optional softcap `softcap * tanh(. / softcap)`, laid out over the vocab."""
+    if scale != 1.0:
+        z_BxTxV = z_BxTxV * scale
+    t = None if softcap is None else jnp.tanh(z_BxTxV / softcap)
+    logits = z_BxTxV if t is None else softcap * t
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), t
+
+
+def _loss_and_lse(logits, safe):
+    """(lse - the target's logit, lse) per position; `safe` targets are valid indices."""
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, lse - target_logit, 0.0), mask
+    return lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0], lse
 
 
 def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets_BxT: jax.Array, dtype,
@@ -50,30 +63,20 @@ def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets
     return jnp.where(mask, loss, 0.0), mask
 
 
-def _head_logits(spec, dtype, scale, softcap, xc, wc):
-    """(logits, tanh(z / softcap) or None) from the operands in the compute dtype."""
-    z = jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
-    if scale != 1.0:
-        z = z * scale
-    t = None if softcap is None else jnp.tanh(z / softcap)
-    logits = z if t is None else softcap * t
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), t
-
-
-def _loss_and_lse(logits, safe):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0], lse
+def _head_logits(spec, scale, softcap, xc, wc):
+    """head_logits of the operands already in the compute dtype."""
+    return head_logits(jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32), scale, softcap)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, safe):
-    logits, _ = _head_logits(spec, dtype, scale, softcap, y.astype(dtype), kernel.astype(dtype))
+    logits, _ = _head_logits(spec, scale, softcap, y.astype(dtype), kernel.astype(dtype))
     return _loss_and_lse(logits, safe)[0]
 
 
 def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, safe):
     xc, wc = y.astype(dtype), kernel.astype(dtype)
-    logits, t = _head_logits(spec, dtype, scale, softcap, xc, wc)
+    logits, t = _head_logits(spec, scale, softcap, xc, wc)
     loss, lse = _loss_and_lse(logits, safe)
     onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == safe[..., None]
     d = jnp.exp(logits - lse[..., None]) - onehot  # d loss / d logits
