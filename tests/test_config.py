@@ -129,14 +129,14 @@ def test_dtype_fast_is_bf16_exactly_where_the_cpu_has_bf16_dot_instructions(tmp_
     assert load("tiny").model.dtype == load("bench_cpu").model.dtype == "fast"
 
 
-def test_remat_auto_keeps_the_dots_of_a_float32_model_on_cpu_only():
+def test_remat_auto_keeps_the_dots_and_the_attention_kernel_outputs_on_cpu_only():
     from parcae_jax.model.config import resolve_remat_policy
 
     # this suite runs on the CPU backend
-    assert resolve_remat_policy("auto", "float32") == "dots_no_batch"
-    assert resolve_remat_policy("auto", "bfloat16") == "full"
-    assert resolve_remat_policy("none", "float32") == "none"
-    assert ModelConfig(dtype="float32").loop_remat_policy == "dots_no_batch"
+    assert resolve_remat_policy("auto") == "dots_attention"
+    assert resolve_remat_policy("none") == "none"
+    for dtype in ("float32", "bfloat16"):
+        assert ModelConfig(dtype=dtype).loop_remat_policy == "dots_attention"
     assert ModelConfig(dtype="bfloat16", remat_policy="dots").loop_remat_policy == "dots"
 
 

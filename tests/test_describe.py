@@ -96,10 +96,14 @@ def test_flops_match_the_traced_matmuls(arch, T):
     assert got["flops_per_token"] == 3 * counted["outside"] + counted["loop"] * (n + 3 * k)
     assert got["forward_flops_per_token"] == counted["outside"] + 5 * counted["loop"]
     # What the backward computes again: the whole iteration under "full", its attention
-    # products under "dots_no_batch" (the projections' and MLP's outputs are kept); "auto"
-    # is one of the two (dots_no_batch for float32 on XLA:CPU).
+    # products under "dots_no_batch" (the projections' and MLP's outputs are kept) and under
+    # "dots_attention" where XLA's attention runs (with the CPU kernel its outputs are kept too).
     recompute = {p: flops_per_token(cfg.replace(remat_policy=p))["remat_recompute_flops_per_token"]
-                 for p in ("full", "dots_no_batch", "dots", "none", "auto")}
+                 for p in ("full", "dots_no_batch", "dots", "dots_attention", "none", "auto")}
+    assert recompute["dots_attention"] == recompute["dots_no_batch"]
+    kernel = cfg.replace(attention_impl="cpu")
+    assert flops_per_token(kernel.replace(remat_policy="dots_attention"))["remat_recompute_flops_per_token"] == 0
+    assert flops_per_token(kernel.replace(remat_policy="dots"))["remat_recompute_flops_per_token"] > 0
     assert np.isclose(recompute["full"], k * counted["loop"])
     assert 0 < counted["loop_batched"] < counted["loop"]
     assert np.isclose(recompute["dots_no_batch"], k * counted["loop_batched"])

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 
 from parcae_jax.model import matmul
 from parcae_jax.model.attention import Attention
-from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
+from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.init import matrix_init
 from parcae_jax.model.kv_slots import CacheView, KVSlots
 from parcae_jax.model.layout import BlockSpec
+from parcae_jax.model.remat import checkpoint_policy
 from parcae_jax.model.rope import Rope
 
 RESIDUAL_AXES = ("batch", "length", "embed")
@@ -110,10 +111,8 @@ def block_class(cfg: ModelConfig) -> type[Block]:
     """Block, rematerialised under cfg.block_remat's policy unless that is "none": the
     backward pass then recomputes what the policy did not save, in exchange for not holding
     each block's activations. Parameter names are unchanged (a checkpoint restores either way)."""
-    policy = REMAT_POLICIES[cfg.block_remat]
-    if policy is None:
-        return Block
-    return nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy))
+    policy = checkpoint_policy(cfg.block_remat)
+    return Block if policy is None else nn.remat(Block, policy=policy)
 
 
 def run_blocks(blocks, specs, h_BxTxW, rope: Rope, ves: dict, segment_ids_BxT=None,

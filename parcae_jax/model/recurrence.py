@@ -18,11 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from parcae_jax.model.config import REMAT_POLICIES, ModelConfig
+from parcae_jax.model.config import ModelConfig
 from parcae_jax.model.injection import Injection
 from parcae_jax.model.kv_slots import KVSlots
 from parcae_jax.model.layers import Block, run_blocks
 from parcae_jax.model.layout import CORE, segment_specs
+from parcae_jax.model.remat import checkpoint_policy
 from parcae_jax.model.rope import Rope
 
 
@@ -204,8 +205,8 @@ def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_B
         x, i = carry
         return (_masked(i < k_B, mdl(x, e_BxTxD, rope, ves, segment_ids_BxT), x), i + 1), None
 
-    if REMAT_POLICIES[remat_policy] is not None:
-        policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[remat_policy])
+    policy = checkpoint_policy(remat_policy)
+    if policy is not None:
         grad_body = nn.remat(grad_body, prevent_cse=False, policy=policy)
     scan = nn.scan(grad_body, variable_broadcast="params", split_rngs={"params": False}, length=grad_steps)
     (x, _), _ = scan(core, (x, jnp.int32(0)), None)

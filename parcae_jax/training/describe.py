@@ -103,15 +103,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
 
 def _loop_recompute(cfg: ModelConfig, T: int, iteration: float) -> float:
     """What the backward of one gradient iteration computes again: everything under "full";
-    the attention products under "dots_no_batch" (batched dots, or the CPU kernel's call) and
-    under "dots" where the CPU kernel runs them (a custom call, not a dot); nothing under "none"."""
+    the attention products under "dots_no_batch" (batched dots, or the CPU kernel's call),
+    under "dots" and "dots_attention" only where the XLA path or the CPU kernel respectively
+    does not run them; nothing under "none"."""
     policy = cfg.loop_remat_policy
     if policy == "full":
         return iteration
     attention = sum(attention_product_flops(s, cfg, T) for s in block_specs(cfg) if s.segment == "core")
-    if policy == "dots_no_batch":
+    kernel = attention_impl(cfg, T) == "cpu"
+    if policy == "dots_no_batch" or (policy == "dots" and kernel) or (policy == "dots_attention" and not kernel):
         return attention
-    return attention if policy == "dots" and attention_impl(cfg, T) == "cpu" else 0
+    return 0
 
 
 def _block_recompute(cfg: ModelConfig, T: int) -> float:

@@ -134,13 +134,13 @@ def attention_packed(qkv_BxTxF, v_BxTxGxD, segment_ids_BxT, heads: tuple[int, in
 
 def _call_forward(q, k, v, seg, cos, sin, st: _Statics):
     B, T = q.shape[:2]
-    return jax.ffi.ffi_call("parcae_attention_fwd", (jax.ShapeDtypeStruct((B, T, st.heads, st.head_dim), jnp.float32),
+    return jax.ffi.ffi_call(library.FORWARD_TARGET, (jax.ShapeDtypeStruct((B, T, st.heads, st.head_dim), jnp.float32),
                                                      jax.ShapeDtypeStruct((B, st.heads, T), jnp.float32)))(
         q, k, v, seg, cos, sin, bf16=st.bf16, bounded=st.bounded, **st.attrs())
 
 
 def _call_backward(q, k, v, seg, cos, sin, out, lse, dout, shapes, st: _Statics, packed: bool):
-    return jax.ffi.ffi_call("parcae_attention_bwd", tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))(
+    return jax.ffi.ffi_call(library.BACKWARD_TARGET, tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))(
         q, k, v, seg, cos, sin, out, lse, dout.astype(jnp.float32), bf16=st.bf16, packed=packed,
         dv_off=np.int64((st.heads + st.kv_heads) * st.head_dim), **st.attrs())
 
@@ -199,7 +199,7 @@ def prefill(qkv_BxTxF, v_BxTxGxD, segment_ids_BxT, heads: tuple[int, int, int], 
     v = v_BxTxGxD.astype(jnp.float32).reshape(B, T, G * D) if own else qkv
     st = _statics(dtype, bounded, rope, norm_eps, H, G, D, (0, H * D, 0 if own else (H + G) * D))
     shapes = ((B, T, H, D), k_slot.shape, v_slot.shape)
-    return jax.ffi.ffi_call("parcae_attention_prefill", tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
+    return jax.ffi.ffi_call(library.PREFILL_TARGET, tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
                             input_output_aliases={6: 1, 7: 2})(
         qkv, qkv, v, segment_ids_BxT.astype(jnp.int32), cos, sin, k_slot, v_slot, bf16=st.bf16, bounded=st.bounded,
         **st.attrs())

@@ -29,7 +29,9 @@ import jaxlib
 
 SOURCE = Path(__file__).with_name("attention.cc")  # includes the .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
-TARGETS = ("parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill")
+# The FFI handlers; the forward's name also tells model/remat.py which calls' outputs to keep.
+TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET = (
+    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill")
 
 FLOAT32, NATIVE_BF16, AMX = 1, 2, 4  # parcae_attention_init's feature bits
 
