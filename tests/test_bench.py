@@ -24,6 +24,7 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_
     config = small_config()
     config.optim.name = "adamw"  # Muon's orthogonalisation adds matmuls that describe does not count
     config.model.sampling_scheme = "fixed"  # every step runs the mean depth, as describe counts
+    config.model.remat_policy = "full"  # recomputes the gradient iterations: counted apart below
     config.bench.update(warmup=1, steps=2, breakdown_steps=2)
     run = validate(config, check_data=False)
     out = bench(config, run)

@@ -104,8 +104,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
 def _loop_recompute(cfg: ModelConfig, T: int, iteration: float) -> float:
     """What the backward of one gradient iteration computes again: everything under "full";
     the attention products under "dots_no_batch" (batched dots, or the CPU kernel's call),
-    under "dots" and "dots_attention" only where the XLA path or the CPU kernel respectively
-    does not run them; nothing under "none"."""
+    under "dots" where the CPU kernel runs them (a custom call, not a dot) and under
+    "dots_attention" where XLA's attention does (batched dots); nothing under "none"."""
     policy = cfg.loop_remat_policy
     if policy == "full":
         return iteration
