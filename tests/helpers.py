@@ -31,17 +31,20 @@ def get(tree, path):
     return tree
 
 
-def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0):
+def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0, params=None):
     """(jitted value_and_grad of the mean training loss, params) for a model of `cfg` on random
     tokens, with loop inputs drawn as training draws them. `perturb` adds that much noise to
-    every weight (the zero-initialised output projections otherwise make blocks identities)."""
+    every weight (the zero-initialised output projections otherwise make blocks identities).
+    `params`: those of an earlier call whose config differs only in how it computes (dtype,
+    remat), so that their initialisation is not compiled again."""
     from parcae_jax import model as M
     from parcae_jax.model.recurrence import draw_loop_inputs
 
     model = M.build(cfg)
-    params = nn.unbox(M.init_params(model, jax.random.key(0)))
-    if perturb:
-        params = jax.tree.map(lambda p: p + perturb * jax.random.normal(jax.random.key(3), p.shape), params)
+    if params is None:
+        params = nn.unbox(M.init_params(model, jax.random.key(0)))
+        if perturb:
+            params = jax.tree.map(lambda p: p + perturb * jax.random.normal(jax.random.key(3), p.shape), params)
     ids = jax.random.randint(jax.random.key(1), (B, cfg.seq_len + 1), 0, cfg.vocab_size)
     extra = {}
     if cfg.arch == "parcae":

@@ -274,8 +274,11 @@ def test_dots_attention_keeps_the_kernels_outputs_so_the_backward_recomputes_no_
     lowered program, where remat's recomputation is still explicit."""
     cfg = tiny(attention_impl="cpu", mean_recurrence=2, mean_backprop_depth=1)
 
+    params = None
+
     def calls(policy):
-        fn, params = loss_and_grad(cfg.replace(remat_policy=policy))
+        nonlocal params
+        fn, params = loss_and_grad(cfg.replace(remat_policy=policy), params=params)
         text = fn.lower(params).as_text()
         return text.count(f"@{library.FORWARD_TARGET}("), text.count("stablehlo.dot_general")
 

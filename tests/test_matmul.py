@@ -134,9 +134,9 @@ def test_bench_step_gradient_in_bf16_is_within_two_percent_of_float32():
     from parcae_jax.training.defaults import load_shipped
 
     base = M.ModelConfig.from_mapping(load_shipped("bench_cpu").model).replace(seq_len=128)
-    grads = {}
-    for dtype in ("float32", "bfloat16"):
-        fn, params = loss_and_grad(base.replace(dtype=dtype), B=2, perturb=0.01)
+    grads, params = {}, None
+    for dtype in ("float32", "bfloat16"):  # the same float32 weights for both
+        fn, params = loss_and_grad(base.replace(dtype=dtype), B=2, perturb=0.01, params=params)
         grads[dtype] = fn(params)[1]
     flat32, flat16 = (jax.tree.leaves(grads[d]) for d in ("float32", "bfloat16"))
     a = jnp.concatenate([g.ravel() for g in flat32])

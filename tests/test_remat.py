@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from parcae_jax import model as M
+from parcae_jax.model.remat import checkpoint_policy
 from parcae_jax.training.describe import flops_per_token
 from tests.helpers import loss_and_grad, tiny
 
 
-def _grad_fn(cfg, B=2):
-    return loss_and_grad(cfg, B, perturb=0.02)
+def _grad_fn(cfg, B=2, params=None):
+    return loss_and_grad(cfg, B, perturb=0.02, params=params)
 
 
 @pytest.mark.slow
@@ -23,9 +23,9 @@ def _grad_fn(cfg, B=2):
 def test_every_remat_policy_gives_bit_identical_loss_and_the_same_gradient(arch):
     base = tiny(arch=arch, n_layers=3)
     settings = [("none", "full"), ("full", "full"), ("dots", "none"), ("dots_no_batch", "dots")]
-    results = []
+    results, params = [], None
     for block, loop in settings:
-        fn, params = _grad_fn(base.replace(block_remat=block, remat_policy=loop))
+        fn, params = _grad_fn(base.replace(block_remat=block, remat_policy=loop), params=params)
         results.append(fn(params))
     (loss0, g0) = results[0]
     for (block, loop), (loss, g) in zip(settings[1:], results[1:]):
@@ -61,12 +61,12 @@ def test_block_remat_wraps_every_block_outside_the_loop_with_its_policy(arch, po
     cfg = tiny(arch=arch, n_layers=3, block_remat=policy, remat_policy="dots_no_batch")
     fn, params = _grad_fn(cfg)
     found = _remat_policies(jax.make_jaxpr(fn)(params).jaxpr)
-    named = getattr(jax.checkpoint_policies, M.config.REMAT_POLICIES[policy])
+    named = checkpoint_policy(policy)
     blocks = cfg.n_layers if arch == "gpt" else cfg.n_prelude + cfg.n_coda
     assert sum(p is named for p in found) == blocks, found
     if arch == "parcae":
         assert jax.checkpoint_policies.dots_with_no_batch_dims_saveable in found  # the loop's own
-    fn, params = _grad_fn(cfg.replace(block_remat="none"))
+    fn, params = _grad_fn(cfg.replace(block_remat="none"), params=params)
     assert not any(p is named for p in _remat_policies(jax.make_jaxpr(fn)(params).jaxpr))
 
     plain, remat = flops_per_token(cfg.replace(block_remat="none")), flops_per_token(cfg)

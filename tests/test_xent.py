@@ -92,9 +92,9 @@ def test_model_loss_is_the_same_chunked_or_not_and_the_logits_are_never_whole():
     compiled gradient's temporaries shrink by at least the [B, T, V] float32 logits less the
     one chunk it still holds (a vocabulary large enough that the logits dominate)."""
     base = tiny(vocab_size=8192, seq_len=64, block_size=64)
-    results, temp = {}, {}
+    results, temp, params = {}, {}, None
     for chunk in (0, 16):
-        fn, params = loss_and_grad(base.replace(loss_chunk=chunk))
+        fn, params = loss_and_grad(base.replace(loss_chunk=chunk), params=params)
         results[chunk] = fn(params)
         temp[chunk] = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
     (l0, g0), (l1, g1) = results[0], results[16]
