@@ -36,7 +36,8 @@ def loss_and_grad(cfg: ModelConfig, B: int = 2, perturb: float = 0.0, params=Non
     tokens, with loop inputs drawn as training draws them. `perturb` adds that much noise to
     every weight (the zero-initialised output projections otherwise make blocks identities).
     `params`: those of an earlier call whose config differs only in how it computes (dtype,
-    remat), so that their initialisation is not compiled again."""
+    remat, loss_chunk: every weight is created float32 with the same names), so that their
+    initialisation is not compiled again; `perturb` is then already in them."""
     from parcae_jax import model as M
     from parcae_jax.model.recurrence import draw_loop_inputs
 

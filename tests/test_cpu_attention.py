@@ -28,7 +28,7 @@ from parcae_jax.model.cpu_kernels import library
 from parcae_jax.model.rope import apply_rope, rope_angles
 from parcae_jax.model.softmax_attention import dot_product_attention
 from parcae_jax.training import sharding
-from tests.helpers import loss_and_grad, tiny
+from tests.helpers import tiny
 from tests.test_attention_impls import assert_matches_xla, attend_and_grads, inputs
 
 LIB = library.load()
@@ -264,27 +264,6 @@ def test_model_loss_and_gradients_agree_with_the_xla_path():
         np.testing.assert_allclose(loss, loss_x, rtol=1e-6)
         for g, gx in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_x)):
             np.testing.assert_allclose(g, gx, atol=1e-6 * float(np.max(np.abs(gx))) + 1e-9, rtol=1e-4)
-
-
-@needs_kernel
-def test_dots_attention_keeps_the_kernels_outputs_so_the_backward_recomputes_no_product():
-    """remat_policy "dots_attention" (auto's pick on a CPU): a gradient iteration's backward runs
-    neither a matmul nor the attention forward again, as with nothing rematerialised, where
-    "dots_no_batch" runs the attention forward of each core block once more. Counted in the
-    lowered program, where remat's recomputation is still explicit."""
-    cfg = tiny(attention_impl="cpu", mean_recurrence=2, mean_backprop_depth=1)
-
-    params = None
-
-    def calls(policy):
-        nonlocal params
-        fn, params = loss_and_grad(cfg.replace(remat_policy=policy), params=params)
-        text = fn.lower(params).as_text()
-        return text.count(f"@{library.FORWARD_TARGET}("), text.count("stablehlo.dot_general")
-
-    kept, none, dots = calls("dots_attention"), calls("none"), calls("dots_no_batch")
-    assert kept == none
-    assert dots == (kept[0] + cfg.n_core, kept[1])
 
 
 @needs_kernel

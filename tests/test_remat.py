@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from parcae_jax.model.cpu_kernels import library
 from parcae_jax.model.remat import checkpoint_policy
 from parcae_jax.training.describe import flops_per_token
 from tests.helpers import loss_and_grad, tiny
@@ -22,7 +23,7 @@ def _grad_fn(cfg, B=2, params=None):
 @pytest.mark.parametrize("arch", ["parcae", "gpt"])
 def test_every_remat_policy_gives_bit_identical_loss_and_the_same_gradient(arch):
     base = tiny(arch=arch, n_layers=3)
-    settings = [("none", "full"), ("full", "full"), ("dots", "none"), ("dots_no_batch", "dots")]
+    settings = [("none", "full"), ("full", "full"), ("dots", "none"), ("dots_no_batch", "dots_attention")]
     results, params = [], None
     for block, loop in settings:
         fn, params = _grad_fn(base.replace(block_remat=block, remat_policy=loop), params=params)
@@ -80,3 +81,24 @@ def describe_block_flops(cfg):
     from parcae_jax.training.describe import block_forward_flops
 
     return [block_forward_flops(s, cfg, cfg.seq_len) for s in block_specs(cfg) if s.segment != "core"]
+
+
+@pytest.mark.skipif(isinstance(library.load(), str), reason="the CPU attention kernel is unavailable here")
+def test_dots_attention_keeps_the_kernels_outputs_so_the_backward_recomputes_no_product():
+    """remat_policy "dots_attention" (auto's pick on a CPU): a gradient iteration's backward runs
+    neither a matmul nor the attention forward again, as with nothing rematerialised, where
+    "dots_no_batch" runs the attention forward of each core block once more. Counted in the
+    lowered program, where remat's recomputation is still explicit."""
+    cfg = tiny(attention_impl="cpu", mean_recurrence=2, mean_backprop_depth=1)
+
+    params = None
+
+    def calls(policy):
+        nonlocal params
+        fn, params = loss_and_grad(cfg.replace(remat_policy=policy), params=params)
+        text = fn.lower(params).as_text()
+        return text.count(f"@{library.FORWARD_TARGET}("), text.count("stablehlo.dot_general")
+
+    kept, none, dots = calls("dots_attention"), calls("none"), calls("dots_no_batch")
+    assert kept == none
+    assert dots == (kept[0] + cfg.n_core, kept[1])

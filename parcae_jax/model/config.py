@@ -19,8 +19,8 @@ STATE_INITS = ("like-init", "normal", "embed", "zero", "unit")
 SAMPLING_SCHEMES = ("poisson-truncated-full", "fixed")
 SAMPLING_UNITS = ("per-sequence", "per-batch")
 # What one loop iteration (remat_policy) or one block outside the loop (block_remat) keeps for
-# the backward pass: a jax.checkpoint_policies name per choice ("none": no rematerialisation,
-# everything is saved).
+# the backward pass: a jax.checkpoint_policies name per choice, or dots_attention, ours
+# (model/remat.py); "none": no rematerialisation, everything is saved.
 REMAT_POLICIES = {
     "full": "nothing_saveable",
     "dots": "checkpoint_dots",
@@ -186,7 +186,10 @@ def resolve_remat_policy(name: str) -> str:
     On a CPU the gradient iterations keep their matmul outputs and the attention kernel's
     output rather than recomputing them: bench_cpu's bf16 step +5% on a 2-core Zen 4 (in one
     process, alternating steps, 40 each), its float32 step +1%; the temporaries grow by what is
-    kept. Accelerators keep "full", where memory, not FLOPs, bounds the batch."""
+    kept. Where the kernel does not run (XLA attention) it is dots_no_batch, which measured 2-3%
+    slower than full in bf16 (Xeon, Zen 4); bf16 on a CPU without the kernel is rare ("fast" is
+    float32 without AVX512-BF16 or AMX). Accelerators keep "full", where memory, not FLOPs,
+    bounds the batch."""
     if name != "auto":
         return name
     import jax
