@@ -21,15 +21,14 @@ from parcae_jax.model.cpu_kernels.library import FORWARD_TARGET
 def checkpoint_policy(name: str) -> Callable | None:
     """The `jax.checkpoint` policy of a REMAT_POLICIES name; None for "none" (save everything)."""
     target = REMAT_POLICIES[name]
-    if target is None:
-        return None
-    if target == "dots_attention":
-        return _dots_and_attention
-    return getattr(jax.checkpoint_policies, target)
+    return None if target is None else _OURS.get(target) or getattr(jax.checkpoint_policies, target)
 
 
 def _dots_and_attention(prim, *args, **params) -> bool:
-    # One module-level function: jax caches a remat trace by the policy's identity.
     if prim.name == "ffi_call":
         return params.get("target_name") == FORWARD_TARGET
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
+
+# Module-level functions: jax caches a remat trace by the policy's identity.
+_OURS = {"dots_attention": _dots_and_attention}

@@ -109,11 +109,10 @@ def _loop_recompute(cfg: ModelConfig, T: int, iteration: float) -> float:
     policy = cfg.loop_remat_policy
     if policy == "full":
         return iteration
-    attention = sum(attention_product_flops(s, cfg, T) for s in block_specs(cfg) if s.segment == "core")
     kernel = attention_impl(cfg, T) == "cpu"
-    if policy == "dots_no_batch" or (policy == "dots" and kernel) or (policy == "dots_attention" and not kernel):
-        return attention
-    return 0
+    keeps_attention = {"none": True, "dots": not kernel, "dots_attention": kernel, "dots_no_batch": False}[policy]
+    return 0 if keeps_attention else sum(attention_product_flops(s, cfg, T) for s in block_specs(cfg)
+                                         if s.segment == "core")
 
 
 def _block_recompute(cfg: ModelConfig, T: int) -> float:
