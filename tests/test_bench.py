@@ -30,6 +30,7 @@ def test_bench_reports_executed_flops_as_a_fraction_of_both_roofs_and_where_the_
     out = bench(config, run)
     flops = flops_per_token(run.model)
     assert out["tokens_per_sec"] > 0 and len(out["step_times_s"]) == 2
+    assert set(out["allocator"]) == {"huge_pages", "buffer_reuse"}
     executed = (flops["flops_per_token"] + flops["remat_recompute_flops_per_token"]) * out["tokens_per_sec"]
     assert flops["remat_recompute_flops_per_token"] > 0 and math.isclose(out["executed_flops_per_sec"], executed)
     for kind in ("fp32", "bf16"):

@@ -1,4 +1,5 @@
-"""The command layer's re-exec with glibc's huge-page tunable (runtime/huge_pages.py)."""
+"""The command layer's re-exec with glibc's huge-page tunable and the big-buffer allocator
+(runtime/huge_pages.py, runtime/buffer_reuse.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import textwrap
 
 import pytest
 
-from parcae_jax.runtime import huge_pages
+from parcae_jax.runtime import buffer_reuse, huge_pages
 
 
 @pytest.mark.parametrize("argv, orig, expected", [
@@ -53,15 +54,23 @@ def test_a_command_process_runs_with_the_tunable_where_it_helps(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, sys
         from parcae_jax.commands import cli
-        cli.run(lambda argv: print(os.getpid(), os.environ.get("GLIBC_TUNABLES"), argv[1:]), __name__)
+        env = os.environ.get
+        cli.run(lambda argv: print(os.getpid(), env("GLIBC_TUNABLES"), env("LD_PRELOAD"), argv[1:]), __name__)
     """))
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", huge_pages.OPT_OUT, buffer_reuse.OPT_OUT)}
     code = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); p.wait()"
     out = subprocess.run([sys.executable, "-c", code, sys.executable, str(script), "word"], env=env,
                          capture_output=True, text=True, check=True).stdout.split("\n")
-    pid, (child_pid, tunable, args) = out[0], out[1].split(" ", 2)
+    pid, (child_pid, tunable, preload, args) = out[0], out[1].split(" ", 3)
     assert child_pid == pid and args == "['word']"  # the same process, the same arguments
     assert tunable == (huge_pages.TUNABLE if huge_pages.wanted(env) else "None")
+    # the big-buffer allocator preloaded by the same re-exec, where it builds
+    library = buffer_reuse.library()
+    assert preload == (str(library) if huge_pages.wanted(env) and library else "None")
+    out = subprocess.run([sys.executable, str(script)], env={**env, buffer_reuse.OPT_OUT: "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 3)[1:3] == [tunable, "None"]
     out = subprocess.run([sys.executable, str(script)], env={**env, huge_pages.OPT_OUT: "0"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split(" ", 2)[1] == "None"

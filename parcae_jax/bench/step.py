@@ -27,6 +27,7 @@ import numpy as np
 
 from parcae_jax.bench.breakdown import breakdown
 from parcae_jax.bench.roof import measure_roof, published_bf16_peak
+from parcae_jax.runtime import huge_pages
 from parcae_jax.runtime.checkpoint import abstract_with_shardings
 from parcae_jax.training.describe import flops_per_token
 from parcae_jax.training.train import Trainer
@@ -126,5 +127,5 @@ def bench(config, run: Run) -> dict:
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "dtype": run.model.dtype,
         "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "batch_size": B, "seq_len": T, "mean_recurrence": run.model.mean_recurrence,
-        "mean_backprop_depth": run.model.mean_backprop_depth, **traced,
+        "mean_backprop_depth": run.model.mean_backprop_depth, "allocator": huge_pages.in_force(), **traced,
     }

@@ -9,6 +9,9 @@ common default), the tunable makes malloc request them, and a step faults 2 MiB 
 Measured on a 2-core Xeon (docs/performance_xeon.md): bench_cpu's step +14% in bf16, +9% in
 float32; the official PyTorch step gains nothing from it (its allocations are smaller).
 
+The same re-exec preloads our big-buffer allocator (runtime/buffer_reuse.py), which keeps
+those buffers mapped between calls instead, so they are neither faulted in nor zeroed again.
+
 glibc reads tunables only when a process starts, hence the re-exec, done before the command
 computes: the process keeps its pid, arguments, streams and environment, plus the tunable,
 which its child processes inherit. Nothing happens when the tunable is already set,
@@ -25,6 +28,8 @@ import importlib.util
 import os
 import platform
 import sys
+
+from parcae_jax.runtime import buffer_reuse
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "PARCAE_JAX_HUGE_PAGES"
@@ -49,6 +54,12 @@ def wanted(environ: os._Environ | dict = os.environ) -> bool:
             return "[madvise]" in f.read()
     except OSError:
         return False
+
+
+def in_force() -> dict[str, bool]:
+    """What this process's allocation runs with, for a benchmark's JSON."""
+    return {"huge_pages": TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"),
+            "buffer_reuse": buffer_reuse.loaded()}
 
 
 def _accelerator_installed() -> bool:
@@ -108,7 +119,10 @@ def reexec_if_wanted(is_program: bool) -> None:
     argv = [sys.executable, *sys.orig_argv[1:]]  # argv[0] as run, not looked up on PATH again
     sys.stdout.flush()
     sys.stderr.flush()
+    env = with_tunable(os.environ)
+    if buffer_reuse.wanted(env) and (allocator := buffer_reuse.library()):
+        env = buffer_reuse.with_preload(env, allocator)
     try:
-        os.execve(sys.executable, argv, with_tunable(os.environ))
+        os.execve(sys.executable, argv, env)
     except OSError:  # no executable to run again: carry on without huge pages
         return

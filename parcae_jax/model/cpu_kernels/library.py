@@ -27,6 +27,8 @@ from pathlib import Path
 import jax
 import jaxlib
 
+from parcae_jax.native_cache import cache_dir
+
 SOURCE = Path(__file__).with_name("attention.cc")  # includes the .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
 # The FFI handlers; the forward's name also tells model/remat.py which calls' outputs to keep.
@@ -57,14 +59,6 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return set(line.partition(":")[2].split())
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PARCAE_JAX_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "parcae_jax" / "kernels"
 
 
 def _compiler() -> str | None:
