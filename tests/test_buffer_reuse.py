@@ -28,9 +28,14 @@ PROGRAM = textwrap.dedent("""
     MB = 1 << 20
 
     def stats():
-        out = (ctypes.c_ulong * 2)()
+        out = (ctypes.c_ulong * 3)()
         c.parcae_buffer_reuse_stats(out)
-        return tuple(out)  # (reused, mapped)
+        return tuple(out[:2])  # (reused, mapped)
+
+    def idle():
+        out = (ctypes.c_ulong * 3)()
+        c.parcae_buffer_reuse_stats(out)
+        return out[2]
 
     def big(n, align=64):
         p = ctypes.c_void_p()
@@ -66,6 +71,7 @@ PROGRAM = textwrap.dedent("""
     small = c.realloc(q2, 1000)
     assert ctypes.string_at(small, 1000) == bytes([7]) * 1000
     c.free(small)
+    assert c.realloc(c.malloc(40 * MB), 0) is None  # as glibc: freed, NULL
 
     # the aligned allocators, small requests (glibc's) and a pointer of glibc's freed through us
     for p, align in ((c.aligned_alloc(4096, 40 * MB), 4096), (c.memalign(64, 48 * MB), 64)):
@@ -92,12 +98,21 @@ PROGRAM = textwrap.dedent("""
     [t.start() for t in threads]; [t.join() for t in threads]
     assert not errors, errors
 
-    # a forked child allocates and frees big blocks too (the lock is not inherited held)
+    # a forked child inherits blocks in use, not idle ones, and allocates big blocks itself
+    # (the lock is not inherited held); the parent keeps its idle blocks
+    live = big(64 * MB); fill(live, 64 * MB, 4)
+    c.free(big(100 * MB))
+    assert idle() >= 100 * MB
     pid = os.fork()
     if pid == 0:
-        p = big(64 * MB); fill(p, 64 * MB, 9); ok = holds(p, 64 * MB, 9); c.free(p)
+        ok = idle() == 0 and holds(live, 64 * MB, 4)
+        p = big(100 * MB); fill(p, 100 * MB, 9); ok = ok and holds(p, 100 * MB, 9); c.free(p)
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
+    reused = stats()[0]
+    c.free(big(100 * MB))
+    assert stats()[0] == reused + 1  # the idle block came back after the fork
+    c.free(live)
 
     # NumPy's big arrays: contents right when a block is handed out again
     for k in range(4):
@@ -116,10 +131,55 @@ def test_big_blocks_are_handed_out_again_and_everything_else_is_glibcs():
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
 
 
+# With the idle limit at 100 MiB: the least recently freed blocks are unmapped past it, and a
+# block freed twice stops the process, as glibc does.
+LIMITED = textwrap.dedent("""
+    import ctypes, sys
+    c = ctypes.CDLL(None)
+    c.malloc.restype = ctypes.c_void_p
+    c.free.argtypes = [ctypes.c_void_p]
+    MB = 1 << 20
+
+    def stats():
+        out = (ctypes.c_ulong * 3)()
+        c.parcae_buffer_reuse_stats(out)
+        return tuple(out)  # (reused, mapped, idle bytes)
+
+    a, b, d = c.malloc(40 * MB), c.malloc(60 * MB), c.malloc(80 * MB)
+    c.free(a); c.free(b)
+    assert stats() == (0, 3, 100 * MB), stats()
+    c.free(d)  # 180 MiB idle: a and b, the least recently freed, are unmapped
+    assert stats() == (0, 3, 80 * MB), stats()
+    e = c.malloc(80 * MB)
+    assert e == d and stats() == (1, 3, 0)
+    f = c.malloc(40 * MB)  # a is gone: mapped anew
+    assert stats() == (1, 4, 0)
+    c.free(f); c.free(e)
+    assert stats()[2] == 80 * MB  # f, freed first, went over the limit
+    if sys.argv[1:] == ["twice"]:
+        c.free(e)
+    print("ok")
+""")
+
+
+def test_idle_blocks_stay_under_the_limit_and_a_double_free_aborts():
+    env = {**os.environ, "LD_PRELOAD": str(LIBRARY), buffer_reuse.IDLE_MB: "100"}
+    done = subprocess.run([sys.executable, "-c", LIMITED], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-c", LIMITED, "twice"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -6 and "ok" not in done.stdout  # SIGABRT
+
+
 def test_preloaded_only_where_no_other_library_is_and_not_opted_out():
     assert buffer_reuse.wanted({}) and buffer_reuse.wanted({"LD_PRELOAD": " "})
     assert not buffer_reuse.wanted({"LD_PRELOAD": "/usr/lib/libtcmalloc.so"})  # ours would pass its pointers to glibc
     assert not buffer_reuse.wanted({buffer_reuse.OPT_OUT: "0"})
     assert buffer_reuse.with_preload({"A": "1"}, LIBRARY) == {"A": "1", "LD_PRELOAD": str(LIBRARY)}
     assert buffer_reuse.library() == LIBRARY  # built once, then found in the cache
+    env = {"LD_PRELOAD": str(LIBRARY), "A": "1"}
+    buffer_reuse.forget_preload(env)  # what a command's child processes inherit
+    assert env == {"A": "1"}
+    env = {"LD_PRELOAD": "/usr/lib/libother.so"}
+    buffer_reuse.forget_preload(env)
+    assert env == {"LD_PRELOAD": "/usr/lib/libother.so"}
     assert not buffer_reuse.loaded() or "buffer_reuse" in os.environ.get("LD_PRELOAD", "")

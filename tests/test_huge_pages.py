@@ -47,35 +47,40 @@ def test_the_tunable_joins_the_ones_already_set_and_is_never_added_twice():
     assert not huge_pages.wanted({"JAX_PLATFORMS": "tpu"})  # accelerator hosts keep their allocator
 
 
-def test_a_command_process_runs_with_the_tunable_where_it_helps(tmp_path):
+def test_a_command_process_runs_with_the_tunable_and_the_allocator_where_they_help(tmp_path):
     """A real command process: re-executed with the tunable exactly when this machine's glibc
-    and THP mode make it useful, with its arguments and pid kept; opted out, never."""
+    and THP mode make it useful, and with the big-buffer allocator where it builds, its
+    arguments and pid kept; the allocator not left for child processes to inherit; each opted
+    out on its own; a command another program calls in its own process, never."""
     script = tmp_path / "show.py"
     script.write_text(textwrap.dedent("""
         import os, sys
         from parcae_jax.commands import cli
-        env = os.environ.get
-        cli.run(lambda argv: print(os.getpid(), env("GLIBC_TUNABLES"), env("LD_PRELOAD"), argv[1:]), __name__)
+        from parcae_jax.runtime import buffer_reuse
+        get = os.environ.get
+        show = lambda a: print(os.getpid(), get("GLIBC_TUNABLES"), buffer_reuse.loaded(), get("LD_PRELOAD"), a[1:])
+        cli.run(show, __name__)
     """))
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", huge_pages.OPT_OUT, buffer_reuse.OPT_OUT)}
+
+    def shown(program, extra=None) -> list[str]:
+        out = subprocess.run([sys.executable, str(program)], env={**env, **(extra or {})},
+                             capture_output=True, text=True, check=True).stdout
+        return out.split(" ", 4)[1:4]  # tunable, allocator loaded, LD_PRELOAD
+
     code = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); p.wait()"
     out = subprocess.run([sys.executable, "-c", code, sys.executable, str(script), "word"], env=env,
                          capture_output=True, text=True, check=True).stdout.split("\n")
-    pid, (child_pid, tunable, preload, args) = out[0], out[1].split(" ", 3)
+    pid, (child_pid, tunable, loaded, preload, args) = out[0], out[1].split(" ", 4)
     assert child_pid == pid and args == "['word']"  # the same process, the same arguments
-    assert tunable == (huge_pages.TUNABLE if huge_pages.wanted(env) else "None")
-    # the big-buffer allocator preloaded by the same re-exec, where it builds
-    library = buffer_reuse.library()
-    assert preload == (str(library) if huge_pages.wanted(env) and library else "None")
-    out = subprocess.run([sys.executable, str(script)], env={**env, buffer_reuse.OPT_OUT: "0"},
-                         capture_output=True, text=True, check=True).stdout
-    assert out.split(" ", 3)[1:3] == [tunable, "None"]
-    out = subprocess.run([sys.executable, str(script)], env={**env, huge_pages.OPT_OUT: "0"},
-                         capture_output=True, text=True, check=True).stdout
-    assert out.split(" ", 2)[1] == "None"
+    tunable_wanted = huge_pages.wanted(env)
+    allocator_wanted = huge_pages.cpu_host(env) and buffer_reuse.library() is not None
+    assert tunable == (huge_pages.TUNABLE if tunable_wanted else "None")
+    assert loaded == str(allocator_wanted) and preload == "None"
+    assert shown(script, {buffer_reuse.OPT_OUT: "0"}) == [tunable, "False", "None"]
+    assert shown(script, {huge_pages.OPT_OUT: "0"}) == ["None", str(allocator_wanted), "None"]
     # another program calling a command's run() in its own process is never re-executed
     caller = tmp_path / "caller.py"
-    caller.write_text(script.read_text().replace("__name__)", "'parcae_jax.some_command')"))
-    out = subprocess.run([sys.executable, str(caller)], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split(" ", 2)[1] == "None"
+    caller.write_text(script.read_text().replace("cli.run(show, __name__)", "cli.run(show, 'parcae_jax.some_command')"))
+    assert shown(caller) == ["None", "False", "None"]

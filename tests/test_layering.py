@@ -13,7 +13,7 @@ PACKAGE = ROOT / "parcae_jax"
 # Lowest first. A module belongs to the longest prefix that names it.
 LAYERS = [
     ["parcae_jax.errors"],  # the base of every user error: imports nothing of ours
-    ["parcae_jax.storage"],  # local or gs:// paths
+    ["parcae_jax.storage", "parcae_jax.native_cache"],  # local or gs:// paths; where native builds are cached
     ["parcae_jax.model", "parcae_jax.data"],  # usable and testable without the trainer
     ["parcae_jax.runtime", "parcae_jax.infer"],  # checkpoints, metrics, processes; decoding and scoring
     ["parcae_jax.training"],  # the train step and loop, configs, sharding

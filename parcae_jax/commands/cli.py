@@ -10,8 +10,9 @@
   out) to stdout and exits 0; absl would print `__main__`'s, which under a console script is
   pip's wrapper, and exit 1.
 - Past `--help`, a command on a CPU host re-executes itself once with glibc's malloc asking for
-  transparent huge pages (runtime/huge_pages.py: XLA:CPU's per-call buffers then fault 2 MiB
-  at a time).
+  transparent huge pages and our big-buffer allocator preloaded (runtime/huge_pages.py,
+  runtime/buffer_reuse.py: XLA:CPU's per-call buffers then fault 2 MiB at a time, and are
+  kept mapped between calls rather than zeroed afresh).
 - Every command logs at WARNING unless --verbosity is given: orbax, grain and TFDS log each
   open, read and lookup at INFO (hundreds of lines a checkpoint).
 - The error boundary: a `UserError` (errors.py; every user-facing error derives from it) is

@@ -4,13 +4,16 @@ commands by the command layer's re-exec (runtime/huge_pages.py).
 Why: XLA:CPU allocates a program's temporary buffer on every call and frees it on return;
 glibc maps a block that big afresh each time, so the kernel zeroes it again on every training
 step. The preloaded allocator keeps freed blocks of 32 MiB and more mapped and hands them out
-again (buffer_reuse.c says how). Measured on a 2-core Zen 4: bench_cpu's bf16 step +3-4%
-(docs/performance_zen4_sittings.md).
+again (buffer_reuse.c says how). Measured on a 2-core Zen 4: bench_cpu's bf16 step +3-4% by
+the medians of separate processes, +9-12% (float32 +13%) by steps alternating with it on and
+off in one process (docs/performance_zen4_sittings.md).
 
 `library()` never raises: it returns the built library's path, or None where there is none
 (not Linux with glibc, no C compiler, a failed build or smoke test), and the command then runs
 with glibc's allocator alone. `PARCAE_JAX_BUFFER_REUSE=0` opts out; so does any LD_PRELOAD
 already set (another allocator may be preloaded: ours would hand its pointers to glibc).
+`PARCAE_JAX_BUFFER_REUSE_IDLE_MB` caps the idle blocks kept (default: an eighth of the
+machine's memory, or of its cgroup's limit where that is lower).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from parcae_jax.native_cache import cache_dir
 SOURCE = Path(__file__).with_name("buffer_reuse.c")
 FLAGS = ("-O2", "-shared", "-fPIC")
 OPT_OUT = "PARCAE_JAX_BUFFER_REUSE"
+IDLE_MB = "PARCAE_JAX_BUFFER_REUSE_IDLE_MB"  # read by buffer_reuse.c: the most it keeps idle
+PREFIX = "buffer_reuse-"  # the built library's file name: buffer_reuse-<key>.so
 
 
 def wanted(environ: os._Environ | dict = os.environ) -> bool:
@@ -54,8 +59,15 @@ def with_preload(environ: dict, path: Path) -> dict:
     return {**environ, "LD_PRELOAD": str(path)}
 
 
+def forget_preload(environ: os._Environ | dict) -> None:
+    """Takes the allocator out of `environ`'s LD_PRELOAD (what child processes inherit)."""
+    if Path(environ.get("LD_PRELOAD", "")).name.startswith(PREFIX):
+        del environ["LD_PRELOAD"]
+
+
 def library() -> Path | None:
-    """The allocator built for this machine (cached per source, compiler and flags), or None."""
+    """The allocator built for this machine (cached per source, compiler, flags and C library),
+    or None."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":  # it interposes glibc's malloc
         return None
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc") or shutil.which("clang")
@@ -63,16 +75,32 @@ def library() -> Path | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), platform.machine(),
+                                        " ".join(platform.libc_ver())]).encode())
+        path = cache_dir() / f"{PREFIX}{key.hexdigest()[:16]}.so"
+        return path if path.exists() or _build(cc, path) else None
+    except (OSError, subprocess.SubprocessError):  # a source or cache we cannot read: none
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), platform.machine()]).encode())
-    path = cache_dir() / f"buffer_reuse-{key.hexdigest()[:16]}.so"
-    return path if path.exists() or _build(cc, path) else None
+
+
+# Run with the new library preloaded before it is cached: a block freed and asked for again
+# must come back, with its contents, and the allocator must say so.
+_SMOKE = """
+import ctypes
+c = ctypes.CDLL(None)
+c.malloc.restype = ctypes.c_void_p
+c.free.argtypes = [ctypes.c_void_p]
+a = c.malloc(64 << 20); ctypes.memset(a, 1, 64 << 20); c.free(a)
+b = c.malloc(60 << 20); ctypes.memset(b, 2, 60 << 20)
+stats = (ctypes.c_ulong * 3)(); c.parcae_buffer_reuse_stats(stats)
+assert a == b and stats[0] == 1, (a, b, list(stats))
+c.free(b)
+"""
 
 
 def _build(cc: str, path: Path) -> bool:
     """Compiles the allocator to `path` (via a temporary file renamed into place, so processes
-    that race never see half a library) once a Python started with it preloaded has run."""
+    that race never see half a library) once a Python started with it preloaded passed _SMOKE."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
@@ -82,9 +110,10 @@ def _build(cc: str, path: Path) -> bool:
     try:
         built = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-ldl", "-lpthread"],
                                capture_output=True, timeout=120).returncode == 0
-        smoke = "b = bytearray(64 << 20); b[-1] = 1; del b; b = bytearray(40 << 20)"
-        if built and subprocess.run([sys.executable, "-c", smoke], env={**os.environ, "LD_PRELOAD": tmp},
-                                    capture_output=True, timeout=120).returncode == 0:
+        env = {**os.environ, "LD_PRELOAD": tmp}
+        if built and subprocess.run([sys.executable, "-c", _SMOKE], env=env, capture_output=True,
+                                    timeout=120).returncode == 0:
+            os.chmod(tmp, 0o755)  # mkstemp's 0600: others sharing the cache could not load it
             os.replace(tmp, path)
             return True
         return False

@@ -10,16 +10,19 @@ Measured on a 2-core Xeon (docs/performance_xeon.md): bench_cpu's step +14% in b
 float32; the official PyTorch step gains nothing from it (its allocations are smaller).
 
 The same re-exec preloads our big-buffer allocator (runtime/buffer_reuse.py), which keeps
-those buffers mapped between calls instead, so they are neither faulted in nor zeroed again.
+those buffers mapped between calls instead, so they are neither faulted in nor zeroed again
+(on any THP mode; `PARCAE_JAX_BUFFER_REUSE=0` opts out). Child processes inherit the tunable
+but not the allocator: a child command preloads it itself, other programs never get it.
 
 glibc reads tunables only when a process starts, hence the re-exec, done before the command
-computes: the process keeps its pid, arguments, streams and environment, plus the tunable,
-which its child processes inherit. Nothing happens when the tunable is already set,
-`PARCAE_JAX_HUGE_PAGES=0`, JAX is to run on an accelerator (JAX_PLATFORMS, or a TPU runtime or
-GPU plugin installed), the C library is not glibc 2.35 or later, THP is `always` or `never`,
-a JAX backend is already running, or the process was not started to run this command (another
-program calls it in its own process, runs it as the tests' fork server does, or runs it for
-you: a debugger, a profiler, coverage).
+computes: the process keeps its pid, arguments, streams and environment. The tunable is not
+added when it is already set, `PARCAE_JAX_HUGE_PAGES=0`, JAX is to run on an accelerator
+(JAX_PLATFORMS, or a TPU runtime or GPU plugin installed), the C library is not glibc 2.35 or
+later, or THP is `always` or `never`; the allocator is not preloaded on an accelerator host,
+with `LD_PRELOAD` already set (another allocator), or where it cannot be built. Nothing is
+re-executed when a JAX backend is already running, or the process was not started to run this
+command (another program calls it in its own process, runs it as the tests' fork server does,
+or runs it for you: a debugger, a profiler, coverage).
 """
 
 from __future__ import annotations
@@ -36,15 +39,18 @@ OPT_OUT = "PARCAE_JAX_HUGE_PAGES"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def cpu_host(environ: os._Environ | dict = os.environ) -> bool:
+    """Linux, with JAX to run on the CPU: accelerator hosts keep their allocator as it is."""
+    return sys.platform == "linux" and environ.get("JAX_PLATFORMS", "cpu").split(",")[0] in ("", "cpu") \
+        and not _accelerator_installed()
+
+
 def wanted(environ: os._Environ | dict = os.environ) -> bool:
     """Whether re-executing with the tunable would change how this machine maps big buffers:
-    a CPU run (accelerator hosts keep their allocator as it is) on glibc 2.35+ with THP
-    `madvise`, not opted out and not already set."""
+    a CPU host on glibc 2.35+ with THP `madvise`, not opted out and not already set."""
     if sys.platform != "linux" or environ.get(OPT_OUT, "1").lower() in ("0", "false", "off", "no"):
         return False
-    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
-        return False
-    if environ.get("JAX_PLATFORMS", "cpu").split(",")[0] not in ("", "cpu") or _accelerator_installed():
+    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or not cpu_host(environ):
         return False
     libc, version = platform.libc_ver()
     if libc != "glibc" or tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (2, 35):
@@ -109,20 +115,25 @@ def _backend_running() -> bool:
 
 
 def reexec_if_wanted(is_program: bool) -> None:
-    """Replaces this process by itself with the tunable set, when that helps (see the module).
+    """Replaces this process by itself with the tunable set and the allocator preloaded, where
+    either helps (see the module); then takes the allocator out of the environment that child
+    processes inherit (a child command preloads it itself; other programs never get it).
 
     Called by the command layer before the command computes, `is_program` telling whether the
     command is this process's program (not a function another program called); returns when
     nothing is done."""
-    if not (is_program and wanted()) or _backend_running() or not started_for(sys.argv, sys.orig_argv):
-        return
-    argv = [sys.executable, *sys.orig_argv[1:]]  # argv[0] as run, not looked up on PATH again
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = with_tunable(os.environ)
-    if buffer_reuse.wanted(env) and (allocator := buffer_reuse.library()):
-        env = buffer_reuse.with_preload(env, allocator)
-    try:
-        os.execve(sys.executable, argv, env)
-    except OSError:  # no executable to run again: carry on without huge pages
-        return
+    have_allocator = buffer_reuse.loaded()
+    if is_program and not _backend_running() and started_for(sys.argv, sys.orig_argv):
+        env = with_tunable(os.environ) if wanted() else dict(os.environ)
+        if not have_allocator and cpu_host(env) and buffer_reuse.wanted(env) and (allocator := buffer_reuse.library()):
+            env = buffer_reuse.with_preload(env, allocator)
+        if env != os.environ:
+            argv = [sys.executable, *sys.orig_argv[1:]]  # argv[0] as run, not looked up on PATH again
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                os.execve(sys.executable, argv, env)
+            except OSError:  # no executable to run again: carry on as we are
+                pass
+    if have_allocator:
+        buffer_reuse.forget_preload(os.environ)
