@@ -74,9 +74,11 @@ PROGRAM = textwrap.dedent("""
     assert c.realloc(c.malloc(40 * MB), 0) is None  # as glibc: freed, NULL
 
     # the aligned allocators, small requests (glibc's) and a pointer of glibc's freed through us
+    before = stats()
     for p, align in ((c.aligned_alloc(4096, 40 * MB), 4096), (c.memalign(64, 48 * MB), 64)):
         assert p and p % align == 0
         c.free(p)
+    assert stats() != before  # ours served them
     tiny = c.malloc(100); ctypes.memset(tiny, 3, 100); c.free(tiny)
 
     # switched off, glibc serves a big request: no block of ours is handed out or mapped
@@ -110,23 +112,31 @@ PROGRAM = textwrap.dedent("""
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
     reused = stats()[0]
-    c.free(big(100 * MB))
+    again = big(100 * MB)
     assert stats()[0] == reused + 1  # the idle block came back after the fork
-    c.free(live)
+    fill(again, 100 * MB, 6)
+    pid = os.fork()  # in use now, so a second child inherits it (the first fork's mark undone)
+    if pid == 0:
+        os._exit(0 if holds(again, 100 * MB, 6) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    c.free(again); c.free(live)
 
-    # NumPy's big arrays: contents right when a block is handed out again
+    # NumPy's big arrays come from it too
+    reused = stats()[0]
     for k in range(4):
         x = np.full(10 * MB, k, np.float32)  # 40 MiB
         assert float(x.sum()) == 10 * MB * k
         del x
+    assert stats()[0] >= reused + 3
     from parcae_jax.runtime import huge_pages  # what a benchmark's JSON reports
-    assert huge_pages.in_force()["buffer_reuse"]
+    counts = huge_pages.in_force()["buffer_reuse"]
+    assert counts["reused"] == stats()[0] and counts["mapped"] == stats()[1], counts
     print("ok", stats())
 """)
 
 
 def test_big_blocks_are_handed_out_again_and_everything_else_is_glibcs():
-    env = {**os.environ, "LD_PRELOAD": str(LIBRARY)}
+    env = {**os.environ, "LD_PRELOAD": str(LIBRARY), buffer_reuse.IDLE_MB: "4096"}
     done = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
 
@@ -179,7 +189,10 @@ def test_preloaded_only_where_no_other_library_is_and_not_opted_out():
     env = {"LD_PRELOAD": str(LIBRARY), "A": "1"}
     buffer_reuse.forget_preload(env)  # what a command's child processes inherit
     assert env == {"A": "1"}
-    env = {"LD_PRELOAD": "/usr/lib/libother.so"}
+    for other in ("/usr/lib/libother.so", "a.so b.so"):
+        env = {"LD_PRELOAD": other}
+        buffer_reuse.forget_preload(env)
+        assert env == {"LD_PRELOAD": other}
+    env = {"LD_PRELOAD": f"a.so {LIBRARY}:b.so"}
     buffer_reuse.forget_preload(env)
-    assert env == {"LD_PRELOAD": "/usr/lib/libother.so"}
-    assert not buffer_reuse.loaded() or "buffer_reuse" in os.environ.get("LD_PRELOAD", "")
+    assert env == {"LD_PRELOAD": "a.so:b.so"}

@@ -66,12 +66,12 @@ def test_a_command_process_runs_with_the_tunable_and_the_allocator_where_they_he
 
     def shown(program, extra=None) -> list[str]:
         out = subprocess.run([sys.executable, str(program)], env={**env, **(extra or {})},
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, timeout=120).stdout
         return out.split(" ", 4)[1:4]  # tunable, allocator loaded, LD_PRELOAD
 
     code = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); p.wait()"
     out = subprocess.run([sys.executable, "-c", code, sys.executable, str(script), "word"], env=env,
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+                         capture_output=True, text=True, check=True, timeout=120).stdout.split("\n")
     pid, (child_pid, tunable, loaded, preload, args) = out[0], out[1].split(" ", 4)
     assert child_pid == pid and args == "['word']"  # the same process, the same arguments
     tunable_wanted = huge_pages.wanted(env)

@@ -36,7 +36,7 @@ extern void *__libc_realloc(void *, size_t);
 
 #define BIG ((size_t)32 << 20)  // glibc maps anything above its 32 MiB mmap threshold afresh
 #define PAGE2M ((size_t)2 << 20)
-#define SLOTS 64
+#define SLOTS 256  // blocks tracked at once, in use or idle; past that glibc serves them
 
 typedef struct {
   _Atomic(char *) base;  // read without the lock by slot_of(); changes only under the lock
@@ -196,7 +196,10 @@ static int give_back(void *p) {
     pthread_mutex_unlock(&lock);
     return 0;
   }
-  if (!blocks[i].in_use) abort();  // freed twice, as glibc would abort
+  if (!blocks[i].in_use) {  // freed twice: stop, as glibc would
+    pthread_mutex_unlock(&lock);
+    abort();
+  }
   blocks[i].in_use = 0;
   blocks[i].freed_at = ++ticks;
   idle_bytes += blocks[i].size;
@@ -209,15 +212,22 @@ static int give_back(void *p) {
 
 // Idle blocks stay out of a forked child (its copy-on-write share would split their huge pages
 // in the parent and keep dead data alive in the child); blocks in use are inherited as usual.
+// Blocks another thread holds outside the table at that moment (being mapped or unmapped) are
+// inherited and never unmapped in the child: address space only, as glibc's would be.
+static void mark_idle(int advice) {
+  for (int i = 0; i < SLOTS; i++) {
+    char *base = atomic_load(&blocks[i].base);
+    if (base && !blocks[i].in_use) madvise(base, blocks[i].size, advice);
+  }
+}
+
 static void fork_prepare(void) {
   pthread_mutex_lock(&lock);
-  for (int i = 0; i < SLOTS; i++)
-    if (atomic_load(&blocks[i].base) && !blocks[i].in_use) madvise(atomic_load(&blocks[i].base), blocks[i].size, MADV_DONTFORK);
+  mark_idle(MADV_DONTFORK);
 }
 
 static void fork_parent(void) {
-  for (int i = 0; i < SLOTS; i++)
-    if (atomic_load(&blocks[i].base) && !blocks[i].in_use) madvise(atomic_load(&blocks[i].base), blocks[i].size, MADV_DOFORK);
+  mark_idle(MADV_DOFORK);
   pthread_mutex_unlock(&lock);
 }
 
@@ -267,7 +277,8 @@ void *realloc(void *p, size_t n) {
 }
 
 static void *aligned(size_t align, size_t n) {
-  void *p = (n >= BIG && align <= PAGE2M) ? take(n) : NULL;
+  const int power_of_two = align && !(align & (align - 1));  // else glibc's answer (EINVAL)
+  void *p = (n >= BIG && power_of_two && align <= PAGE2M) ? take(n) : NULL;
   return p ? p : __libc_memalign(align, n);
 }
 

@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -37,21 +38,41 @@ IDLE_MB = "PARCAE_JAX_BUFFER_REUSE_IDLE_MB"  # read by buffer_reuse.c: the most 
 PREFIX = "buffer_reuse-"  # the built library's file name: buffer_reuse-<key>.so
 
 
+def opted_out(environ: os._Environ | dict, name: str) -> bool:
+    """Whether the environment variable `name` turns a feature off (0, false, off, no)."""
+    return environ.get(name, "1").lower() in ("0", "false", "off", "no")
+
+
+def _linux_glibc() -> bool:  # the allocator interposes glibc's malloc
+    return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
 def wanted(environ: os._Environ | dict = os.environ) -> bool:
     """Whether to preload the allocator: Linux with glibc, not opted out, no LD_PRELOAD set."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if environ.get(OPT_OUT, "1").lower() in ("0", "false", "off", "no"):
-        return False
-    return not environ.get("LD_PRELOAD", "").strip()
+    return _linux_glibc() and not opted_out(environ, OPT_OUT) and not environ.get("LD_PRELOAD", "").strip()
 
 
 def loaded() -> bool:
     """Whether this process runs with the allocator preloaded."""
+    return _stats_function() is not None
+
+
+def stats() -> dict[str, int] | None:
+    """Blocks handed out again, blocks mapped, and bytes idle in this process; None without the
+    allocator. A benchmark reports them: `mapped` rising every step would mean no reuse."""
+    function = _stats_function()
+    if function is None:
+        return None
+    out = (ctypes.c_ulong * 3)()
+    function(out)
+    return {"reused": out[0], "mapped": out[1], "idle_bytes": out[2]}
+
+
+def _stats_function():
     try:
-        return hasattr(ctypes.CDLL(None), "parcae_buffer_reuse_stats")
+        return getattr(ctypes.CDLL(None), "parcae_buffer_reuse_stats", None)
     except OSError:
-        return False
+        return None
 
 
 def with_preload(environ: dict, path: Path) -> dict:
@@ -60,15 +81,21 @@ def with_preload(environ: dict, path: Path) -> dict:
 
 
 def forget_preload(environ: os._Environ | dict) -> None:
-    """Takes the allocator out of `environ`'s LD_PRELOAD (what child processes inherit)."""
-    if Path(environ.get("LD_PRELOAD", "")).name.startswith(PREFIX):
-        del environ["LD_PRELOAD"]
+    """Takes the allocator out of `environ`'s LD_PRELOAD (what the programs a command starts
+    inherit), leaving any other library there; ld.so separates entries by `:` or whitespace."""
+    entries = re.split(r"[:\s]+", environ.get("LD_PRELOAD", "").strip())
+    kept = [e for e in entries if e and not Path(e).name.startswith(PREFIX)]
+    if len(kept) < len([e for e in entries if e]):
+        if kept:
+            environ["LD_PRELOAD"] = ":".join(kept)
+        else:
+            del environ["LD_PRELOAD"]
 
 
 def library() -> Path | None:
     """The allocator built for this machine (cached per source, compiler, flags and C library),
     or None."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":  # it interposes glibc's malloc
+    if not _linux_glibc():
         return None
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc") or shutil.which("clang")
     if cc is None:
@@ -78,8 +105,13 @@ def library() -> Path | None:
         key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), platform.machine(),
                                         " ".join(platform.libc_ver())]).encode())
         path = cache_dir() / f"{PREFIX}{key.hexdigest()[:16]}.so"
-        return path if path.exists() or _build(cc, path) else None
-    except (OSError, subprocess.SubprocessError):  # a source or cache we cannot read: none
+        if re.search(r"[:\s]", str(path)):  # ld.so would split the path: LD_PRELOAD cannot name it
+            return None
+        failed = path.with_suffix(".failed")  # built or smoke-tested in vain once: not every start
+        if path.exists():
+            return path
+        return None if failed.exists() or not _build(cc, path, failed) else path
+    except (OSError, subprocess.SubprocessError, ValueError):  # unreadable source, cache, output
         return None
 
 
@@ -98,9 +130,10 @@ c.free(b)
 """
 
 
-def _build(cc: str, path: Path) -> bool:
+def _build(cc: str, path: Path, failed: Path) -> bool:
     """Compiles the allocator to `path` (via a temporary file renamed into place, so processes
-    that race never see half a library) once a Python started with it preloaded passed _SMOKE."""
+    that race never see half a library) once a Python started with it preloaded passed _SMOKE;
+    else leaves the `failed` marker (delete it to try again)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
@@ -110,12 +143,13 @@ def _build(cc: str, path: Path) -> bool:
     try:
         built = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-ldl", "-lpthread"],
                                capture_output=True, timeout=120).returncode == 0
-        env = {**os.environ, "LD_PRELOAD": tmp}
+        env = {**os.environ, "LD_PRELOAD": tmp, IDLE_MB: "1024"}  # room for the smoke's block
         if built and subprocess.run([sys.executable, "-c", _SMOKE], env=env, capture_output=True,
                                     timeout=120).returncode == 0:
             os.chmod(tmp, 0o755)  # mkstemp's 0600: others sharing the cache could not load it
             os.replace(tmp, path)
             return True
+        failed.touch()
         return False
     except (OSError, subprocess.SubprocessError):
         return False

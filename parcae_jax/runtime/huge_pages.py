@@ -11,11 +11,13 @@ float32; the official PyTorch step gains nothing from it (its allocations are sm
 
 The same re-exec preloads our big-buffer allocator (runtime/buffer_reuse.py), which keeps
 those buffers mapped between calls instead, so they are neither faulted in nor zeroed again
-(on any THP mode; `PARCAE_JAX_BUFFER_REUSE=0` opts out). Child processes inherit the tunable
-but not the allocator: a child command preloads it itself, other programs never get it.
+(on any THP mode; `PARCAE_JAX_BUFFER_REUSE=0` opts out). The programs a command starts inherit
+the tunable but not the allocator: a command among them preloads it itself, other programs
+never get it (a forked copy of the process keeps it, as it keeps everything).
 
 glibc reads tunables only when a process starts, hence the re-exec, done before the command
-computes: the process keeps its pid, arguments, streams and environment. The tunable is not
+computes: the process keeps its pid, arguments, streams and environment (less the preload,
+once loaded). The tunable is not
 added when it is already set, `PARCAE_JAX_HUGE_PAGES=0`, JAX is to run on an accelerator
 (JAX_PLATFORMS, or a TPU runtime or GPU plugin installed), the C library is not glibc 2.35 or
 later, or THP is `always` or `never`; the allocator is not preloaded on an accelerator host,
@@ -48,7 +50,7 @@ def cpu_host(environ: os._Environ | dict = os.environ) -> bool:
 def wanted(environ: os._Environ | dict = os.environ) -> bool:
     """Whether re-executing with the tunable would change how this machine maps big buffers:
     a CPU host on glibc 2.35+ with THP `madvise`, not opted out and not already set."""
-    if sys.platform != "linux" or environ.get(OPT_OUT, "1").lower() in ("0", "false", "off", "no"):
+    if sys.platform != "linux" or buffer_reuse.opted_out(environ, OPT_OUT):
         return False
     if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or not cpu_host(environ):
         return False
@@ -62,10 +64,11 @@ def wanted(environ: os._Environ | dict = os.environ) -> bool:
         return False
 
 
-def in_force() -> dict[str, bool]:
-    """What this process's allocation runs with, for a benchmark's JSON."""
+def in_force() -> dict:
+    """What this process's allocation runs with, for a benchmark's JSON: the tunable, and the
+    allocator's counts (None without it)."""
     return {"huge_pages": TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"),
-            "buffer_reuse": buffer_reuse.loaded()}
+            "buffer_reuse": buffer_reuse.stats()}
 
 
 def _accelerator_installed() -> bool:
@@ -116,8 +119,8 @@ def _backend_running() -> bool:
 
 def reexec_if_wanted(is_program: bool) -> None:
     """Replaces this process by itself with the tunable set and the allocator preloaded, where
-    either helps (see the module); then takes the allocator out of the environment that child
-    processes inherit (a child command preloads it itself; other programs never get it).
+    either helps (see the module); then takes the allocator out of the environment the programs
+    it starts inherit (a command among them preloads it itself; other programs never get it).
 
     Called by the command layer before the command computes, `is_program` telling whether the
     command is this process's program (not a function another program called); returns when
@@ -135,5 +138,4 @@ def reexec_if_wanted(is_program: bool) -> None:
                 os.execve(sys.executable, argv, env)
             except OSError:  # no executable to run again: carry on as we are
                 pass
-    if have_allocator:
-        buffer_reuse.forget_preload(os.environ)
+    buffer_reuse.forget_preload(os.environ)  # ours only; also one that failed to load

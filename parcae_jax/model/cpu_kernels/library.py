@@ -110,6 +110,7 @@ def _build(cxx: str, path: Path) -> str | None:
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             return f"did not compile ({' '.join(cmd)}): {last}"
+        os.chmod(tmp, 0o755)  # mkstemp's 0600: others sharing the cache could not load it
         os.replace(tmp, path)
         return None
     except (OSError, subprocess.SubprocessError) as e:
