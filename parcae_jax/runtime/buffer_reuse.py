@@ -6,7 +6,7 @@ glibc maps a block that big afresh each time, so the kernel zeroes it again on e
 step. The preloaded allocator keeps freed blocks of 32 MiB and more mapped and hands them out
 again (buffer_reuse.c says how). Measured on a 2-core Zen 4: bench_cpu's bf16 step +3-4% by
 the medians of separate processes, +9-12% (float32 +13%) by steps alternating with it on and
-off in one process (docs/performance_zen4_sittings.md).
+off in one process (docs/performance_zen4_allocator.md).
 
 `library()` never raises: it returns the built library's path, or None where there is none
 (not Linux with glibc, no C compiler, a failed build or smoke test), and the command then runs
