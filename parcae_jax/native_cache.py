@@ -5,7 +5,9 @@ attention kernel (model/cpu_kernels/library.py) and the big-buffer allocator
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 ENV = "PARCAE_JAX_KERNEL_CACHE"
 
@@ -18,3 +20,28 @@ def cache_dir() -> Path:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "parcae_jax" / "kernels"
+
+
+def install(path: Path, make: Callable[[str], str | None]) -> str | None:
+    """Puts a file built by `make` at `path` in the cache: `make(tmp)` writes it to a temporary
+    file beside `path` and returns None, or why it could not. The file is then made readable by
+    all (mkstemp's 0600 would lock out others sharing the cache) and renamed into place, so
+    processes that race never see half a library; nothing is left behind otherwise. Returns
+    None once installed, else the reason."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write its cache {path.parent}: {e} (set {ENV})"
+    try:
+        why = make(tmp)
+        if why is None:
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+        return why
+    except OSError as e:
+        return f"cannot install {path}: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

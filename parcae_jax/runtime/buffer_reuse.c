@@ -149,8 +149,8 @@ static void *take(size_t n) {
       doomed.n = 0;
       p = map_aligned(size);
       pthread_mutex_lock(&lock);
-      while (!p && oldest_idle() >= 0) {
-        while (oldest_idle() >= 0) doom(oldest_idle(), &doomed);
+      if (!p && oldest_idle() >= 0) {
+        for (int j; (j = oldest_idle()) >= 0;) doom(j, &doomed);
         pthread_mutex_unlock(&lock);
         unmap_doomed(&doomed);
         doomed.n = 0;

@@ -26,10 +26,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from parcae_jax.native_cache import cache_dir
+from parcae_jax.native_cache import cache_dir, install
 
 SOURCE = Path(__file__).with_name("buffer_reuse.c")
 FLAGS = ("-O2", "-shared", "-fPIC")
@@ -131,28 +130,21 @@ c.free(b)
 
 
 def _build(cc: str, path: Path, failed: Path) -> bool:
-    """Compiles the allocator to `path` (via a temporary file renamed into place, so processes
-    that race never see half a library) once a Python started with it preloaded passed _SMOKE;
-    else leaves the `failed` marker (delete it to try again)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
-        os.close(fd)
-    except OSError:
-        return False
-    try:
-        built = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-ldl", "-lpthread"],
-                               capture_output=True, timeout=120).returncode == 0
-        env = {**os.environ, "LD_PRELOAD": tmp, IDLE_MB: "1024"}  # room for the smoke's block
-        if built and subprocess.run([sys.executable, "-c", _SMOKE], env=env, capture_output=True,
-                                    timeout=120).returncode == 0:
-            os.chmod(tmp, 0o755)  # mkstemp's 0600: others sharing the cache could not load it
-            os.replace(tmp, path)
-            return True
-        failed.touch()
-        return False
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Compiles the allocator into the cache at `path` once a Python started with it preloaded
+    passed _SMOKE; else leaves the `failed` marker (delete it to try again)."""
+
+    def compile_and_try(tmp: str) -> str | None:
+        try:
+            if subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-ldl", "-lpthread"],
+                              capture_output=True, timeout=120).returncode != 0:
+                return "did not compile"
+            env = {**os.environ, "LD_PRELOAD": tmp, IDLE_MB: "1024"}  # room for the smoke's block
+            smoke = subprocess.run([sys.executable, "-c", _SMOKE], env=env, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            return str(e)
+        return None if smoke.returncode == 0 else "failed its smoke test"
+
+    if install(path, compile_and_try) is None:
+        return True
+    failed.touch()
+    return False

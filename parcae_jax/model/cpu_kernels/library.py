@@ -21,13 +21,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jaxlib
 
-from parcae_jax.native_cache import cache_dir
+from parcae_jax.native_cache import cache_dir, install
 
 SOURCE = Path(__file__).with_name("attention.cc")  # includes the .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
@@ -98,23 +97,16 @@ def load() -> Library | str:
 
 
 def _build(cxx: str, path: Path) -> str | None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        return f"cannot write its cache {path.parent}: {e} (set PARCAE_JAX_KERNEL_CACHE)"
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o"]
+
+    def compile_to(tmp: str) -> str | None:
+        try:
+            done = subprocess.run([*cmd, tmp], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"did not compile ({' '.join([*cmd, tmp])}): {e}"
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            return f"did not compile ({' '.join(cmd)}): {last}"
-        os.chmod(tmp, 0o755)  # mkstemp's 0600: others sharing the cache could not load it
-        os.replace(tmp, path)
+            return f"did not compile ({' '.join([*cmd, tmp])}): {last}"
         return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"did not compile ({' '.join(cmd)}): {e}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    return install(path, compile_to)
