@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from parcae_jax import model as M
 from parcae_jax.model.cpu_kernels import library
 from parcae_jax.model.remat import checkpoint_policy
 from parcae_jax.training.describe import flops_per_token
@@ -90,8 +91,7 @@ def test_dots_attention_keeps_the_kernels_outputs_so_the_backward_recomputes_no_
     "dots_no_batch" runs the attention forward of each core block once more. Counted in the
     lowered program, where remat's recomputation is still explicit."""
     cfg = tiny(attention_impl="cpu", mean_recurrence=2, mean_backprop_depth=1)
-
-    params = None
+    params = M.param_shapes(cfg)  # lowering needs only shapes: no initialisation to compile
 
     def calls(policy):
         nonlocal params
