@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup_steps=0,
         cooldown_fraction=0.5,  # trapezoid: the last half decays linearly
         min_lr_ratio=0.0,
+        update_impl="auto",  # auto | xla | cpu: adamw's update and its guard as one CPU kernel where it runs
     ))
     config.ckpt = ml_collections.ConfigDict(dict(
         every=500,  # steps between checkpoints (0: only at the end and on SIGTERM)

@@ -7,6 +7,7 @@ a run cut into micro-batches all see the same depths for the same sequences.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -40,8 +41,24 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
     return TrainState(jnp.int32(0), params, tx.init(params), jnp.int32(0))
 
 
+def guarded_update(tx, params, grads, opt_state, *, step, schedule, denom, clip, ok) -> tuple[Any, Any, jax.Array]:
+    """`tx`'s update of `grads / denom * clip`, applied: (params, opt_state, True); or, when the
+    flag `ok` is off (a non-finite loss or gradient) or a new parameter or moment is not finite
+    (an lr of 1e6, an overflow in the optimizer), the ones passed in and False."""
+    grads = jax.tree.map(lambda g: g / denom * clip, grads)
+    updates, new_state = tx.update(grads, opt_state, params, step=step, schedule=schedule)
+    new_params = optax.apply_updates(params, updates)
+    ok = ok & all_finite((new_params, new_state))
+    # One branch on the flag, not a select per leaf: XLA would fuse the flag's whole chain of
+    # per-leaf checks into every leaf's select (leaves x leaves instructions, about half of a
+    # small model's compile).
+    new_params, new_state = jax.lax.cond(ok, lambda: (new_params, new_state), lambda: (params, opt_state))
+    return new_params, new_state, ok
+
+
 def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int, microbatches: int = 1,
-                    clip_norm: float = 1.0, document_masking: bool = False) -> Callable:
+                    clip_norm: float = 1.0, document_masking: bool = False,
+                    fused_update: Callable | None = None) -> Callable:
     """The pure step `(TrainState, batch, schedule) -> (TrainState, metrics)` for `jax.jit`.
 
     `batch` holds `inputs`, `targets` ([B, T] int32; a target < 0 is not a token) and
@@ -51,7 +68,8 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
     `clip_norm` (0: off). A step whose loss, gradient, new parameters or optimizer state are
     not finite changes nothing but `step` and `skipped`. `lrs` names schedules logged per step.
     `schedule`: optim.schedule_values, arguments rather than constants (one executable serves
-    runs that differ only in learning rate or length).
+    runs that differ only in learning rate or length). `fused_update` (fused_adamw.make_update)
+    takes `guarded_update`'s place: the same update and guard in one CPU kernel.
     """
     cfg: ModelConfig = model.cfg
 
@@ -84,21 +102,13 @@ def make_train_step(model: nn.Module, tx, lrs: dict[str, Callable], *, seed: int
             norm = norm / microbatches
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         loss = total / denom
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.global_norm(jax.tree.map(lambda g: g / denom, grads))
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-        if clip_norm > 0:  # as torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above it
-            grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_norm / (grad_norm + 1e-6)), grads)
-
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step, schedule=schedule)
-        params = optax.apply_updates(state.params, updates)
-        # A finite gradient can still give non-finite parameters or moments (an lr of 1e6, an
-        # overflow in the optimizer): such an update is skipped like a non-finite gradient.
-        finite = finite & all_finite((params, opt_state))
-        # One branch on the flag, not a select per leaf: XLA would fuse the flag's whole chain of
-        # per-leaf checks into every leaf's select (leaves x leaves instructions, about half of a
-        # small model's compile).
-        params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state), lambda: (state.params, state.opt_state))
+        # as torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above it
+        clip = jnp.minimum(1.0, clip_norm / (grad_norm + 1e-6)) if clip_norm > 0 else jnp.float32(1)
+        update = fused_update or functools.partial(guarded_update, tx)
+        params, opt_state, finite = update(state.params, grads, state.opt_state, step=state.step, schedule=schedule,
+                                           denom=denom, clip=clip, ok=finite)
         new = TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": ~finite,
                    **{name: lr(state.step, schedule) for name, lr in lrs.items()}}

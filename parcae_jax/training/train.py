@@ -29,6 +29,7 @@ from parcae_jax.runtime.run_dir import PROFILE, RunDir
 from parcae_jax.runtime.workdir_lock import WorkdirBusy, WorkdirLock
 from parcae_jax.training import sharding
 from parcae_jax.training.describe import flops_per_token
+from parcae_jax.training.fused_adamw import make_update, uses_kernel
 from parcae_jax.training.optim import make_optimizer, schedule_values
 from parcae_jax.training.step import TrainState, init_state, make_eval_step, make_train_step
 from parcae_jax.training.validate import Run
@@ -56,8 +57,9 @@ class Trainer:
             self.schedule = to_global(schedule_values(config.optim, config.train.steps), rep)
             t = config.train
             masking = config.data.document_masking
+            fused = make_update(config.optim, self.lrs["lr"]) if uses_kernel(config.optim, self.mesh.size) else None
             step = make_train_step(self.model, self.tx, self.lrs, seed=config.seed, microbatches=t.microbatches,
-                                   clip_norm=t.clip_norm, document_masking=masking)
+                                   clip_norm=t.clip_norm, document_masking=masking, fused_update=fused)
             self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                                       out_shardings=(self.state_sharding, rep), donate_argnums=0)
             self.eval_step = jax.jit(make_eval_step(self.model, seed=config.seed, document_masking=masking),

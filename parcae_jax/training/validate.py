@@ -11,6 +11,7 @@ import jax
 from parcae_jax.data import dataset
 from parcae_jax.data.tokenizer import Tokenizer
 from parcae_jax.model.config import ConfigError, ModelConfig
+from parcae_jax.training.fused_adamw import IMPLS as UPDATE_IMPLS
 from parcae_jax.training.optim import OPTIMIZERS, SCHEDULES
 from parcae_jax.training.sharding import resolve_mesh_shape
 
@@ -106,6 +107,8 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
     _need(0 <= o.warmup_steps < t.steps, f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps)")
     _need(1 <= o.muon_ns_steps <= 5, f"optim.muon_ns_steps={o.muon_ns_steps} must be 1..5 (Polar Express has 5)")
     _need(o.muon_dtype in ("bfloat16", "float32"), f"optim.muon_dtype={o.muon_dtype!r} must be bfloat16 or float32")
+    _need(o.update_impl in UPDATE_IMPLS, f"optim.update_impl={o.update_impl!r} is unknown; set it to one of "
+          f"{'|'.join(UPDATE_IMPLS)}")
     _need(config.wandb.mode in ("online", "offline", "disabled"),
           f"wandb.mode={config.wandb.mode!r} must be online, offline or disabled")
     _need(config.profile.steps >= 0 and config.profile.start_step >= 0, "profile.start_step and steps must be >= 0")

@@ -43,10 +43,11 @@ namespace {
 constexpr int kQB = 64;   // queries per block
 constexpr int kMaxD = 256;
 
-// One translation unit in seven files (each header says what it holds).
+// One translation unit in eight files (each header says what it holds).
 #include "bf16_pack.h"
 #include "gemm.h"
 #include "operands.h"
+#include "parallel.h"
 #include "rope_norm.h"
 #include "tasks.h"
 #include "passes.h"

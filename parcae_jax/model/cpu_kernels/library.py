@@ -1,5 +1,6 @@
-"""Builds attention.cc for this CPU with the system C++ compiler, loads it and registers its
-FFI targets with XLA:CPU; once per process.
+"""Builds the fused CPU kernels (attention.cc, adamw.cc) for this CPU with the system C++
+compiler into one library, loads it and registers its FFI targets with XLA:CPU; once per
+process.
 
 The library is compiled with `-march=native` (AVX-512, and AVX512-BF16 / AMX where the CPU has
 them), so it is cached per source, compiler, jaxlib and CPU: `$PARCAE_JAX_KERNEL_CACHE`, else
@@ -8,7 +9,7 @@ processes that race write their own temporary file and rename it into place.
 
 `load()` never raises: it returns the loaded library, or the reason there is none (not x86-64
 Linux, no AVX-512, no compiler, a failed build), which "auto" reads as "use XLA" and an
-explicit attention_impl="cpu" turns into a ConfigError.
+explicit attention_impl="cpu" (or optim.update_impl="cpu") turns into a ConfigError.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import jaxlib
 
 from parcae_jax.native_cache import cache_dir, install
 
-SOURCE = Path(__file__).with_name("attention.cc")  # includes the .h files beside it
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))  # each includes .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
 # The FFI handlers; the forward's name also tells model/remat.py which calls' outputs to keep.
-TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET = (
-    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill")
+TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET, ADAMW_TARGET = (
+    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill", "parcae_adamw")
 
 FLOAT32, NATIVE_BF16, AMX = 1, 2, 4  # parcae_attention_init's feature bits
 
@@ -79,10 +80,11 @@ def load() -> Library | str:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"cannot run the C++ compiler {cxx}: {e}"
-    sources = "".join(p.read_text() for p in sorted([*SOURCE.parent.glob("*.cc"), *SOURCE.parent.glob("*.h")]))
+    here = Path(__file__).parent
+    sources = "".join(p.read_text() for p in sorted([*here.glob("*.cc"), *here.glob("*.h")]))
     key = hashlib.sha256("\0".join([sources, version, " ".join(FLAGS), jaxlib.__version__,
                                     " ".join(sorted(flags))]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"attention-{key}.so"
+    path = cache_dir() / f"kernels-{key}.so"
     if not path.exists():
         why = _build(cxx, path)
         if why:
@@ -97,7 +99,7 @@ def load() -> Library | str:
 
 
 def _build(cxx: str, path: Path) -> str | None:
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o"]
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o"]
 
     def compile_to(tmp: str) -> str | None:
         try:
