@@ -20,10 +20,13 @@ plain einsums.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from parcae_jax.model.cpu_kernels import transpose as cpu_transpose
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -115,10 +118,23 @@ def _weight_gradient(dw_spec: str, x: jax.Array, g: jax.Array) -> jax.Array:
     kept = lambda s: "".join(c for c in s if c in b)  # noqa: E731
     contract = "".join(c for c in a if c not in b)
     (lhs, ls), (rhs, rs) = ((x, a), (g, out)) if x.size <= g.size else ((g, out), (x, a))
-    lhs_t = own_precision(jnp.einsum(f"{ls}->{kept(ls)}{contract}", lhs))
+    lhs_t = _transposed(lhs, ls, kept(ls), contract)
     natural = kept(ls) + kept(rs)
     dw = jnp.einsum(f"{kept(ls)}{contract},{rs}->{natural}", lhs_t, rhs, preferred_element_type=jnp.float32)
     return dw if natural == b else jnp.einsum(f"{natural}->{b}", own_precision(dw))
+
+
+def _transposed(x: jax.Array, spec: str, kept: str, contract: str) -> jax.Array:
+    """einsum(spec -> kept + contract) of x, materialised: by the CPU transpose kernel where
+    `spec` is contract + kept (a 2-D transpose of x's rows) and the kernel fits, else as XLA's
+    copy that own_precision keeps. XLA:CPU fuses its copy into the loop producing x (an
+    RMSNorm, a cast) and writes it element by element: 2-3x slower."""
+    if spec == contract + kept:
+        n = len(contract)
+        rows, cols = math.prod(x.shape[:n]), math.prod(x.shape[n:])
+        if cpu_transpose.fits((rows, cols), x.dtype):
+            return cpu_transpose.transpose(x.reshape(rows, cols)).reshape(x.shape[n:] + x.shape[:n])
+    return own_precision(jnp.einsum(f"{spec}->{kept}{contract}", x))
 
 
 def own_precision(x: jax.Array) -> jax.Array:

@@ -1,11 +1,12 @@
-"""Builds the fused CPU kernels (attention.cc, adamw.cc) for this CPU with the system C++
-compiler into one library, loads it and registers its FFI targets with XLA:CPU; once per
-process.
+"""Builds the fused CPU kernels (attention.cc, adamw.cc, transpose.cc) for this CPU with the
+system C++ compiler into one library, loads it and registers its FFI targets with XLA:CPU;
+once per process.
 
 The library is compiled with `-march=native` (AVX-512, and AVX512-BF16 / AMX where the CPU has
 them), so it is cached per source, compiler, jaxlib and CPU: `$PARCAE_JAX_KERNEL_CACHE`, else
-`$XDG_CACHE_HOME/parcae_jax/kernels`, else `~/.cache/parcae_jax/kernels`. A build takes ~3 s;
-processes that race write their own temporary file and rename it into place.
+`$XDG_CACHE_HOME/parcae_jax/kernels`, else `~/.cache/parcae_jax/kernels`. A build takes ~9 s
+(the sources compiled side by side); processes that race write their own temporary file and
+rename it into place.
 
 `load()` never raises: it returns the loaded library, or the reason there is none (not x86-64
 Linux, no AVX-512, no compiler, a failed build), which "auto" reads as "use XLA" and an
@@ -32,8 +33,8 @@ from parcae_jax.native_cache import cache_dir, install
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))  # each includes .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
 # The FFI handlers; the forward's name also tells model/remat.py which calls' outputs to keep.
-TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET, ADAMW_TARGET = (
-    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill", "parcae_adamw")
+TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET, ADAMW_TARGET, TRANSPOSE_TARGET = (
+    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill", "parcae_adamw", "parcae_transpose")
 
 FLOAT32, NATIVE_BF16, AMX = 1, 2, 4  # parcae_attention_init's feature bits
 
@@ -99,16 +100,38 @@ def load() -> Library | str:
 
 
 def _build(cxx: str, path: Path) -> str | None:
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o"]
+    """Each source compiled on its own, side by side (the FFI header alone takes ~3 s a file),
+    then linked into `path`."""
+    include = f"-I{jax.ffi.include_dir()}"
+    objects = {source: f"{path.parent / path.stem}.{os.getpid()}.{source.stem}.o" for source in SOURCES}
 
     def compile_to(tmp: str) -> str | None:
         try:
-            done = subprocess.run([*cmd, tmp], capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"did not compile ({' '.join([*cmd, tmp])}): {e}"
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            return f"did not compile ({' '.join([*cmd, tmp])}): {last}"
-        return None
+            return (_run_all([[cxx, *FLAGS, include, "-c", str(s), "-o", o] for s, o in objects.items()])
+                    or _run_all([[cxx, *FLAGS, *objects.values(), "-o", tmp]]))
+        finally:
+            for obj in objects.values():
+                if os.path.exists(obj):
+                    os.unlink(obj)
 
     return install(path, compile_to)
+
+
+def _run_all(commands: list[list[str]]) -> str | None:
+    """Runs the commands at once; the first that fails, as a reason (the others are stopped)."""
+    procs = []
+    try:
+        for cmd in commands:
+            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        for cmd, proc in procs:
+            err = proc.communicate(timeout=300)[1]
+            if proc.returncode != 0:
+                return f"did not compile ({' '.join(cmd)}): {(err.strip().splitlines() or ['(no output)'])[-1]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"did not compile ({' '.join(commands[min(len(procs), len(commands) - 1)])}): {e}"
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return None
