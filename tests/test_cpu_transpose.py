@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parcae_jax.bench import breakdown
 from parcae_jax.model import matmul
 from parcae_jax.model.cpu_kernels import library
 from parcae_jax.model.cpu_kernels import transpose as cpu_transpose
@@ -41,7 +42,10 @@ def test_bf16_weight_gradients_are_identical_with_and_without_it(monkeypatch):
     def grads():
         loss = lambda x, w: jnp.sum(jnp.sin(matmul.einsum("btd,df->btf", x * 1.5, w, jnp.bfloat16)))  # noqa: E731
         fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        return fn(x, w), "parcae_transpose" in fn.lower(x, w).as_text()
+        kinds = breakdown.classify(fn.lower(x, w).compile().as_text())
+        calls = [kind for name, (kind, _) in kinds.items() if name.startswith(("custom-call", "ffi_call"))]
+        assert calls in ([], ["layout"])  # the bench breakdown counts the kernel's copy as layout work
+        return fn(x, w), bool(calls)
 
     (with_kernel, used) = grads()
     monkeypatch.setattr(cpu_transpose, "fits", lambda *a: False)

@@ -17,6 +17,8 @@ from parcae_jax.model.cpu_kernels import library
 from parcae_jax.training import defaults, fused_adamw
 from parcae_jax.training.optim import make_optimizer, schedule_values
 from parcae_jax.training.step import guarded_update
+from parcae_jax.training.train import Trainer
+from parcae_jax.training.validate import validate
 
 LIB = library.load()
 needs_kernel = pytest.mark.skipif(isinstance(LIB, str), reason=f"the fused CPU kernels are unavailable: {LIB}")
@@ -121,3 +123,29 @@ def test_where_the_kernel_runs_and_why_not():
         fused_adamw.uses_kernel(adamw(update_impl="cpu", name="muon_adamw"), 1)
     assert "\n" not in str(e.value) and "optim.update_impl='cpu'" in str(e.value) and "update_impl=auto" in str(e.value)
     assert fused_adamw.uses_kernel(adamw(), 1) is not isinstance(LIB, str)
+    config = defaults.get_config()  # muon_adamw: refused by validate, before anything compiles
+    config.optim.update_impl = "cpu"
+    with pytest.raises(ConfigError, match="runs AdamW only"):
+        validate(config, n_devices=1, check_data=False)
+
+
+@needs_kernel
+def test_a_train_step_through_the_kernel_equals_the_xla_step():
+    """The whole step (micro-batched: the gradient is summed before the update) with update_impl
+    auto and xla: the same loss and parameters, to the update's last bits."""
+    from tests.test_train import batch, small_config
+
+    steps = {}
+    for impl in ("auto", "xla"):
+        config = small_config(microbatches=2)
+        config.optim.update(name="adamw", weight_decay=0.1, update_impl=impl)
+        trainer = Trainer(config, validate(config, n_devices=1, check_data=False), jax.devices()[:1])
+        with trainer.context():
+            state = trainer.fresh_state()
+            assert ("parcae_adamw" in trainer.train_step.lower(state, batch(trainer), trainer.schedule).as_text()) == (
+                impl == "auto")
+            state, metrics = trainer.train_step(state, batch(trainer), trainer.schedule)
+            steps[impl] = jax.device_get((state.params, state.opt_state, metrics["loss"], metrics["skipped"]))
+    (kp, ks, kl, kskip), (xp, xs, xl, xskip) = steps["auto"], steps["xla"]
+    assert kl == xl and not kskip and not xskip and int(ks[0].count) == int(xs[0].count) == 1
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-6, atol=1e-8), (kp, ks), (xp, xs))

@@ -4,8 +4,9 @@ operation attributed to one kind of work through the compiled HLO.
 XLA:CPU names every operation it runs (a thunk) after its HLO instruction, so the trace's
 events join the HLO text: an instruction is "matmul" when it is a dot or a fusion holding
 one (its FLOPs come from the dot's shapes), "collective" for all-reduces and the like,
-"layout" when it only copies, transposes, converts or broadcasts, "reduction" when it holds
-a reduce, "fused_attention" for the CPU attention kernel's custom calls, else "elementwise".
+"layout" when it only copies, transposes, converts or broadcasts (the CPU transpose kernel's
+calls too), "reduction" when it holds a reduce, "fused_attention" for the CPU attention
+kernel's custom calls, else "elementwise" (the fused AdamW kernel's call among them).
 Durations are summed per kind (thread time: XLA:CPU runs independent operations side by side,
 so the sum exceeds the step's wall time), and `busy_ms_per_step` is the wall time during which
 at least one operation ran. An operation that spreads its work over the pool's threads (a
@@ -33,6 +34,7 @@ from typing import Callable
 import jax
 
 from parcae_jax.model.cpu_kernels import attention as cpu_attention
+from parcae_jax.model.cpu_kernels import library
 
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")  # shape: array or tuple
 _OPERATION = re.compile(r"[a-z][\w\-]*(\.\d+)?$")  # an HLO instruction's name, not a runtime event's
@@ -112,6 +114,8 @@ def classify(hlo: str) -> dict[str, tuple[str, int]]:
                 kind = "matmul"
             elif opcode == "custom-call" and (target := _FUSED_ATTENTION.search(rest)):
                 kind, flops = "fused_attention", _fused_attention_flops(shape, target.group(1), rest)
+            elif opcode == "custom-call" and f'custom_call_target="{library.TRANSPOSE_TARGET}"' in rest:
+                kind = "layout"  # the CPU transpose kernel's copies (matmul.py's weight gradients)
             elif opcode in _COLLECTIVES:
                 kind = "collective"
             elif ops <= _LAYOUT_OPS:

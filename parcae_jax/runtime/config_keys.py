@@ -40,6 +40,7 @@ KINDS = {
     "train.eval_recurrences": EXECUTION,
     "optim.": SCHEDULE,
     "optim.name": IDENTITY,
+    "optim.update_impl": EXECUTION,
     "data.source": IDENTITY,
     "data.path": IDENTITY,
     "data.val_path": IDENTITY,

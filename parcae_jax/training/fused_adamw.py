@@ -10,9 +10,11 @@ only checks the new values, then, when all are finite, a pass that writes them i
 learning rate and the bias corrections still come from XLA, the same expressions as the
 XLA path's.
 
-Where it runs ("auto"): a CPU backend, one device, `optim.name=adamw`, float32 parameters,
-and the kernel library builds (x86-64 Linux with AVX-512 and a C++ compiler). Elsewhere
-"auto" means XLA and an explicit "cpu" is a ConfigError naming the reason.
+Where it runs ("auto"): a CPU backend, one device, `optim.name=adamw`, and the kernel
+library builds (x86-64 Linux with AVX-512 and a C++ compiler). Elsewhere "auto" means XLA and
+an explicit "cpu" is a ConfigError naming the reason (validate.py asks before compiling).
+Parameters and moments must be float32, as the model makes them (a TypeError while tracing
+otherwise).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from parcae_jax.data import dataset
 from parcae_jax.data.tokenizer import Tokenizer
 from parcae_jax.model.config import ConfigError, ModelConfig
 from parcae_jax.training.fused_adamw import IMPLS as UPDATE_IMPLS
+from parcae_jax.training.fused_adamw import uses_kernel
 from parcae_jax.training.optim import OPTIMIZERS, SCHEDULES
 from parcae_jax.training.sharding import resolve_mesh_shape
 
@@ -58,7 +59,8 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
     `n_devices` (default jax.device_count()) and its data x fsdp size is a multiple of
     `process_count` (default jax.process_count()); train.* (counts >= 1, batch_size divisible
     by microbatches, micro-batches by data x fsdp, and by the processes), ckpt.*, optim.* (known
-    optimizer and schedule, rates, betas, warmup, Newton-Schulz steps, Muon dtype), wandb.mode,
+    optimizer and schedule, rates, betas, warmup, Newton-Schulz steps, Muon dtype, an update_impl
+    that can run here), wandb.mode,
     profile.* and train.eval_recurrences; last, with `check_data`, config.data via
     dataset.check (source, path or manifest, tokenizer, its vocabulary against
     model.vocab_size), which loads the tokenizer and may read a gs:// manifest.
@@ -109,6 +111,8 @@ def validate(config, n_devices: int | None = None, process_count: int | None = N
     _need(o.muon_dtype in ("bfloat16", "float32"), f"optim.muon_dtype={o.muon_dtype!r} must be bfloat16 or float32")
     _need(o.update_impl in UPDATE_IMPLS, f"optim.update_impl={o.update_impl!r} is unknown; set it to one of "
           f"{'|'.join(UPDATE_IMPLS)}")
+    if o.update_impl == "cpu":  # refused here, before anything compiles, where the kernel cannot run
+        uses_kernel(o, math.prod(mesh))
     _need(config.wandb.mode in ("online", "offline", "disabled"),
           f"wandb.mode={config.wandb.mode!r} must be online, offline or disabled")
     _need(config.profile.steps >= 0 and config.profile.start_step >= 0, "profile.start_step and steps must be >= 0")

@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jax
@@ -101,34 +102,34 @@ def load() -> Library | str:
 
 def _build(cxx: str, path: Path) -> str | None:
     """Each source compiled on its own, side by side (the FFI header alone takes ~3 s a file),
-    then linked into `path`."""
+    into a private folder beside `path`, then linked into `path`."""
     include = f"-I{jax.ffi.include_dir()}"
-    objects = {source: f"{path.parent / path.stem}.{os.getpid()}.{source.stem}.o" for source in SOURCES}
 
     def compile_to(tmp: str) -> str | None:
-        try:
-            return (_run_all([[cxx, *FLAGS, include, "-c", str(s), "-o", o] for s, o in objects.items()])
-                    or _run_all([[cxx, *FLAGS, *objects.values(), "-o", tmp]]))
-        finally:
-            for obj in objects.values():
-                if os.path.exists(obj):
-                    os.unlink(obj)
+        with tempfile.TemporaryDirectory(prefix=path.stem, dir=path.parent) as objects_dir:
+            objects = {s: str(Path(objects_dir) / f"{s.stem}.o") for s in SOURCES}
+            return (_run_all("compile", [[cxx, *FLAGS, include, "-c", str(s), "-o", o] for s, o in objects.items()])
+                    or _run_all("link", [[cxx, *FLAGS, *objects.values(), "-o", tmp]]))
 
-    return install(path, compile_to)
+    why = install(path, compile_to)
+    return None if why and path.exists() else why  # another process built it meanwhile
 
 
-def _run_all(commands: list[list[str]]) -> str | None:
-    """Runs the commands at once; the first that fails, as a reason (the others are stopped)."""
-    procs = []
+def _run_all(what: str, commands: list[list[str]]) -> str | None:
+    """Runs the commands at once; the first that fails, as a reason naming it and its first
+    error line (the others are stopped)."""
+    procs, cmd = [], commands[0]
     try:
         for cmd in commands:
             procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
         for cmd, proc in procs:
             err = proc.communicate(timeout=300)[1]
             if proc.returncode != 0:
-                return f"did not compile ({' '.join(cmd)}): {(err.strip().splitlines() or ['(no output)'])[-1]}"
+                lines = err.strip().splitlines() or ["(no output)"]
+                first = next((ln for ln in lines if "error" in ln), lines[-1])
+                return f"did not {what} ({' '.join(cmd)}): {first.strip()}"
     except (OSError, subprocess.SubprocessError) as e:
-        return f"did not compile ({' '.join(commands[min(len(procs), len(commands) - 1)])}): {e}"
+        return f"did not {what} ({' '.join(cmd)}): {e}"
     finally:
         for _, proc in procs:
             if proc.poll() is None:

@@ -49,6 +49,8 @@ ffi::Error Transpose(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Result
     return ffi::Error::InvalidArgument("parcae transpose: needs x [M, N] and a result [N, M]");
   const int64_t M = d[0], N = d[1];
   if (M % 32 != 0 || N % 16 != 0) return ffi::Error::InvalidArgument("parcae transpose: needs M % 32 == 0 and N % 16 == 0");
+  if (M / 2 * 16 > INT32_MAX || N * 16 > INT32_MAX)  // transpose16 strides are int
+    return ffi::Error::InvalidArgument("parcae transpose: operand too large for 32-bit strides");
   const auto* src = reinterpret_cast<const uint16_t*>(x.untyped_data());
   auto* dst = reinterpret_cast<uint16_t*>(out->untyped_data());
   // a task: 32 rows of the input (all of its columns), so each task reads contiguous memory

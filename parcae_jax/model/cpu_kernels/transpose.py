@@ -22,6 +22,8 @@ def fits(shape: tuple[int, ...], dtype) -> bool:
     more than one device (XLA cannot partition a custom call), and the library built."""
     if len(shape) != 2 or jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or shape[0] % 32 or shape[1] % 16:
         return False
+    if max(shape[0] // 2, shape[1]) * 16 >= 2**31:  # the kernel's 32-bit strides
+        return False
     mesh = jax.sharding.get_abstract_mesh()
     if jax.default_backend() != "cpu" or (not mesh.empty and math.prod(mesh.axis_sizes) > 1):
         return False
