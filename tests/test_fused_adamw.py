@@ -141,10 +141,10 @@ def test_a_train_step_through_the_kernel_equals_the_xla_step():
         config.optim.update(name="adamw", weight_decay=0.1, update_impl=impl)
         trainer = Trainer(config, validate(config, n_devices=1, check_data=False), jax.devices()[:1])
         with trainer.context():
-            state = trainer.fresh_state()
-            assert ("parcae_adamw" in trainer.train_step.lower(state, batch(trainer, B=2), trainer.schedule).as_text()) == (
-                impl == "auto")
-            state, metrics = trainer.train_step(state, batch(trainer, B=2), trainer.schedule)
+            state, rows = trainer.fresh_state(), batch(trainer, B=2)
+            lowered = trainer.train_step.lower(state, rows, trainer.schedule).as_text()
+            assert ("parcae_adamw" in lowered) == (impl == "auto")
+            state, metrics = trainer.train_step(state, rows, trainer.schedule)
             steps[impl] = jax.device_get((state.params, state.opt_state, metrics["loss"], metrics["skipped"]))
     (kp, ks, kl, kskip), (xp, xs, xl, xskip) = steps["auto"], steps["xla"]
     assert kl == xl and not kskip and not xskip and int(ks[0].count) == int(xs[0].count) == 1
