@@ -20,8 +20,8 @@
 // (IEEE division and square root); XLA:CPU multiplies by reciprocals of bc1 and bc2 instead
 // and contracts differently, so the two paths agree to a few units in the last place.
 // The update happens only when the caller's flag (the gradient and loss were finite) is set
-// and every new p, m and v is finite; otherwise nothing is written (outputs not aliased with
-// their inputs get the inputs' values) and the returned flag is 0.
+// and every new p, m and v is finite; otherwise nothing is written and the returned flag is 0.
+// Each result is its operand's buffer (input_output_aliases), so unwritten means unchanged.
 
 #include <immintrin.h>
 
@@ -111,6 +111,9 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Remai
                       (*po)->element_count() == size && (*mo)->element_count() == size &&
                       (*vo)->element_count() == size;
     if (!same) return ffi::Error::InvalidArgument("parcae adamw: a leaf's gradient, parameter and moments differ in size");
+    if ((*po)->typed_data() != p->typed_data() || (*mo)->typed_data() != m->typed_data() ||
+        (*vo)->typed_data() != v->typed_data())  // a skipped update leaves the state as it is
+      return ffi::Error::InvalidArgument("parcae adamw: parameters and moments must be aliased with their results");
     L[i] = {g->typed_data(), p->typed_data(),    m->typed_data(),    v->typed_data(),
             (*po)->typed_data(), (*mo)->typed_data(), (*vo)->typed_data(), size};
   }
@@ -144,12 +147,6 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Remai
       const auto [a, b] = span(t);
       run<true>(c, L[tasks[t].first], a, b);
     });
-  } else {
-    for (const Leaf& l : L) {  // results XLA did not alias with their operands keep the old values
-      if (l.p_out != l.p) std::copy(l.p, l.p + l.size, l.p_out);
-      if (l.m_out != l.m) std::copy(l.m, l.m + l.size, l.m_out);
-      if (l.v_out != l.v) std::copy(l.v, l.v + l.size, l.v_out);
-    }
   }
   (*flag)->typed_data()[0] = ok ? 1 : 0;
   return ffi::Error::Success();

@@ -31,7 +31,8 @@ import jaxlib
 
 from parcae_jax.native_cache import cache_dir, install
 
-SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))  # each includes .h files beside it
+HERE = Path(__file__).parent
+SOURCES = tuple(sorted(HERE.glob("*.cc")))  # each includes .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
 # The FFI handlers; the forward's name also tells model/remat.py which calls' outputs to keep.
 TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET, ADAMW_TARGET, TRANSPOSE_TARGET = (
@@ -82,8 +83,7 @@ def load() -> Library | str:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"cannot run the C++ compiler {cxx}: {e}"
-    here = Path(__file__).parent
-    sources = "".join(p.read_text() for p in sorted([*here.glob("*.cc"), *here.glob("*.h")]))
+    sources = "".join(p.read_text() for p in sorted([*SOURCES, *HERE.glob("*.h")]))
     key = hashlib.sha256("\0".join([sources, version, " ".join(FLAGS), jaxlib.__version__,
                                     " ".join(sorted(flags))]).encode()).hexdigest()[:16]
     path = cache_dir() / f"kernels-{key}.so"
