@@ -38,6 +38,7 @@ DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
 # xla: the portable path (default); cudnn: flash attention on NVIDIA GPUs; splash: Pallas kernel
 # on TPUs; auto: cudnn on GPU, splash on TPU, xla elsewhere (model/attention_kernels.py).
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "cpu", "auto")
+LOSS_IMPLS = ("xla", "cpu", "auto")  # the head's softmax cross-entropy (xent.head_cross_entropy)
 
 
 class ConfigError(UserError, ValueError):
@@ -101,6 +102,7 @@ class ModelConfig:
     dtype: str = "auto"
     # attention_impl: see ATTENTION_IMPLS; "xla" everywhere unless asked (the CPU configs ask "auto")
     attention_impl: str = "xla"
+    loss_impl: str = "xla"  # see LOSS_IMPLS; "cpu": one-pass CPU kernel (no softcap, loss_chunk 0)
     # The official config this model was converted from (JSON), so that save_reference can
     # write back the fields parcae_jax does not model. Empty for models made here.
     reference_config: str = ""
@@ -181,15 +183,9 @@ def resolve_dtype(name: str) -> str:
 
 
 def resolve_remat_policy(name: str) -> str:
-    """"auto" -> "dots_attention" on XLA:CPU, else "full"; any other name unchanged.
-
-    On a CPU the gradient iterations keep their matmul outputs and the attention kernel's
-    output rather than recomputing them: bench_cpu's bf16 step +5% on a 2-core Zen 4 (in one
-    process, alternating steps, 40 each), its float32 step +1%; the temporaries grow by what is
-    kept. Where the kernel does not run (XLA attention) it is dots_no_batch, which measured 2-3%
-    slower than full in bf16 (Xeon, Zen 4); bf16 on a CPU without the kernel is rare ("fast" is
-    float32 without AVX512-BF16 or AMX). Accelerators keep "full", where memory, not FLOPs,
-    bounds the batch."""
+    """"auto" -> "dots_attention" on XLA:CPU, else "full"; any other name unchanged. On a CPU
+    the gradient iterations keep their matmul and attention-kernel outputs (bench_cpu's bf16
+    step +5% on Zen 4, docs/model.md); accelerators recompute: memory bounds their batch."""
     if name != "auto":
         return name
     import jax
@@ -264,6 +260,7 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         ("block_remat", REMAT_POLICIES),
         ("dtype", DTYPES),
         ("attention_impl", ATTENTION_IMPLS),
+        ("loss_impl", LOSS_IMPLS),
     ):
         _choice(prefix, cfg, field, options)
     for field in ("vocab_size", "padding_multiple", "block_size", "seq_len", "d_model", "n_heads", "n_kv_heads",
@@ -287,6 +284,8 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
          f"logit_softcap={cfg.logit_softcap} must be > 0, or None to disable it")
     need(cfg.logit_scale > 0 and cfg.emb_scale > 0, "logit_scale and emb_scale must be > 0")
     need(cfg.loss_chunk >= 0, f"loss_chunk={cfg.loss_chunk} must be >= 0 (0: no chunking)")
+    need(cfg.loss_impl != "cpu" or (cfg.loss_chunk == 0 and cfg.logit_softcap is None),
+         "loss_impl='cpu' needs loss_chunk=0 and no logit_softcap; set loss_impl=auto (or xla)")
     need(cfg.ve_gate_channels >= 1, f"ve_gate_channels={cfg.ve_gate_channels} must be >= 1")
     if cfg.arch == "gpt":
         need(cfg.n_layers >= 1, f"n_layers={cfg.n_layers} must be >= 1")

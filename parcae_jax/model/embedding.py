@@ -84,7 +84,7 @@ class LMHead(nn.Module):
         if 0 < cfg.loss_chunk < y_BxTxD.shape[1]:
             return xent.chunked_token_cross_entropy(y_BxTxD, logits_fn, targets_BxT, cfg.loss_chunk)
         return xent.head_cross_entropy(y_BxTxD, kernel, spec, targets_BxT, cfg.compute_dtype, cfg.logit_scale,
-                                       cfg.logit_softcap)
+                                       cfg.logit_softcap, cfg.loss_impl)
 
 
 def embed_ids(embed: TokenEmbed, value_embeds: ValueEmbeds, cfg: ModelConfig, ids_BxT):

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from parcae_jax.model import matmul
+from parcae_jax.model.config import ConfigError
+from parcae_jax.model.cpu_kernels import head_xent as cpu_head_xent
 
 IGNORE = -100  # the official ignore_index: targets < 0 carry no loss
 
@@ -41,7 +43,8 @@ def _loss_and_lse(logits, safe):
 
 
 def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets_BxT: jax.Array, dtype,
-                       scale: float = 1.0, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+                       scale: float = 1.0, softcap: float | None = None,
+                       impl: str = "xla") -> tuple[jax.Array, jax.Array]:
     """token_cross_entropy of the head's logits, `z = einsum(spec, y, kernel) * scale` in
     `dtype` with float32 accumulation (then `softcap * tanh(z / softcap)`), with the head's
     matmul and the loss under one custom VJP.
@@ -55,12 +58,28 @@ def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets
     product up to where the rounding to `dtype` happens. Values match token_cross_entropy
     of matmul.einsum's logits (tests/test_xent.py). On bench_cpu in bf16: temporaries 270 ->
     253 MB, the step 0.4-1.4% faster on Zen 4 (docs/performance_zen4.md).
+
+    `impl` is model.loss_impl: "cpu" computes the loss and that gradient with the CPU kernel
+    (cpu_kernels/head_xent.py; no softcap), "auto" where it can run, "xla" never.
     """
     mask = targets_BxT >= 0
     safe = jnp.where(mask, targets_BxT, 0)
     loss = _head_loss(spec, jnp.dtype(dtype), float(scale), softcap, jnp.dtype(y_BxTxD.dtype),
-                      jnp.dtype(kernel.dtype), y_BxTxD, kernel, safe)
+                      jnp.dtype(kernel.dtype), _use_kernel(impl, softcap, kernel.shape, spec, dtype),
+                      y_BxTxD, kernel, safe)
     return jnp.where(mask, loss, 0.0), mask
+
+
+def _use_kernel(impl: str, softcap, kernel_shape, spec: str, dtype) -> bool:
+    """Whether `impl` runs the head's loss on the CPU kernel; "cpu" where it cannot is a ConfigError."""
+    if impl == "xla":
+        return False
+    vocab = kernel_shape[spec.split(",")[1].split("->")[0].index("v")]
+    why = "has no softcap (logit_softcap is set)" if softcap is not None else cpu_head_xent.unfit(vocab, dtype)
+    if why and impl == "cpu":
+        raise ConfigError(f"model.loss_impl='cpu': the CPU loss kernel {why}; "
+                          "set --config.model.loss_impl=auto (or xla)")
+    return why is None
 
 
 def _head_logits(spec, scale, softcap, xc, wc):
@@ -68,14 +87,18 @@ def _head_logits(spec, scale, softcap, xc, wc):
     return head_logits(jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32), scale, softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, safe):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, y, kernel, safe):
     logits, _ = _head_logits(spec, scale, softcap, y.astype(dtype), kernel.astype(dtype))
     return _loss_and_lse(logits, safe)[0]
 
 
-def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, safe):
+def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, y, kernel, safe):
     xc, wc = y.astype(dtype), kernel.astype(dtype)
+    if use_kernel:  # the same loss and gradient, one pass over each row on every thread
+        z = jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
+        loss, d = cpu_head_xent.loss_and_gradient(z, safe, scale, dtype)
+        return loss, (xc, wc, d)
     logits, t = _head_logits(spec, scale, softcap, xc, wc)
     loss, lse = _loss_and_lse(logits, safe)
     onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == safe[..., None]
@@ -87,7 +110,7 @@ def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, y, kernel, saf
     return loss, (xc, wc, d.astype(dtype))
 
 
-def _head_loss_bwd(spec, dtype, scale, softcap, x_dtype, w_dtype, residuals, g_BxT):
+def _head_loss_bwd(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, residuals, g_BxT):
     xc, wc, dc = residuals
     g = g_BxT[..., None]
     dx = matmul.input_cotangent(spec, dc, wc) * g

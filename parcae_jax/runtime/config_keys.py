@@ -27,6 +27,7 @@ KINDS = {
     "model.remat_policy": EXECUTION,
     "model.block_remat": EXECUTION,
     "model.attention_impl": EXECUTION,
+    "model.loss_impl": EXECUTION,
     "model.dtype": EXECUTION,
     "model.loss_chunk": EXECUTION,
     "train.batch_size": IDENTITY,

@@ -1,4 +1,4 @@
-"""Builds the fused CPU kernels (attention.cc, adamw.cc, transpose.cc) for this CPU with the
+"""Builds the fused CPU kernels (attention.cc, adamw.cc, transpose.cc, head_xent.cc) for this CPU with the
 system C++ compiler into one library, loads it and registers its FFI targets with XLA:CPU;
 once per process.
 
@@ -35,8 +35,9 @@ HERE = Path(__file__).parent
 SOURCES = tuple(sorted(HERE.glob("*.cc")))  # each includes .h files beside it
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
 # The FFI handlers; the forward's name also tells model/remat.py which calls' outputs to keep.
-TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET, ADAMW_TARGET, TRANSPOSE_TARGET = (
-    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill", "parcae_adamw", "parcae_transpose")
+TARGETS = FORWARD_TARGET, BACKWARD_TARGET, PREFILL_TARGET, ADAMW_TARGET, TRANSPOSE_TARGET, HEAD_XENT_TARGET = (
+    "parcae_attention_fwd", "parcae_attention_bwd", "parcae_attention_prefill", "parcae_adamw", "parcae_transpose",
+    "parcae_head_xent")
 
 FLOAT32, NATIVE_BF16, AMX = 1, 2, 4  # parcae_attention_init's feature bits
 
