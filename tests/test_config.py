@@ -113,7 +113,7 @@ def test_cli_rejects_a_config_file_that_fails_in_python_with_one_line(tmp_path, 
 
 
 def test_dtype_fast_is_bf16_exactly_where_the_cpu_has_bf16_dot_instructions(tmp_path):
-    from parcae_jax.model.config import cpu_has_bf16_dots, resolve_dtype
+    from parcae_jax.model.machine import cpu_has_bf16_dots, resolve_dtype
 
     flags = "fpu vme sse2 avx2 avx512f avx512bw avx512_vnni"
     for extra, expected in (("", False), (" avx512_bf16", True), (" amx_bf16 amx_tile", True)):
@@ -130,10 +130,12 @@ def test_dtype_fast_is_bf16_exactly_where_the_cpu_has_bf16_dot_instructions(tmp_
 
 
 def test_remat_auto_keeps_the_dots_and_the_attention_kernel_outputs_on_cpu_only():
-    from parcae_jax.model.config import resolve_remat_policy
+    from parcae_jax.model.machine import resolve_remat_policy, resolve_scan_unroll
 
     # this suite runs on the CPU backend
     assert resolve_remat_policy("auto") == "dots_attention"
+    assert resolve_scan_unroll("auto") == "full" and ModelConfig().unroll_grad_scan
+    assert not ModelConfig(scan_unroll="none").unroll_grad_scan
     assert resolve_remat_policy("none") == "none"
     for dtype in ("float32", "bfloat16"):
         assert ModelConfig(dtype=dtype).loop_remat_policy == "dots_attention"

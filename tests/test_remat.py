@@ -1,5 +1,6 @@
-"""Rematerialisation changes memory, not results: every loop policy and every block policy
-gives a bit-identical loss and the same gradient (to the last bits: XLA fuses a recomputed
+"""Rematerialisation and unrolling change memory and speed, not results: every loop policy,
+every block policy and both ways of running the gradient iterations' scan (model.scan_unroll)
+give a bit-identical loss and the same gradient (to the last bits: XLA fuses a recomputed
 backward differently, which moves an element by an ulp), and block remat really frees
 activations."""
 
@@ -22,22 +23,24 @@ def _grad_fn(cfg, B=2, params=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["parcae", "gpt"])
-def test_every_remat_policy_gives_bit_identical_loss_and_the_same_gradient(arch):
+def test_every_remat_policy_and_unrolling_give_bit_identical_loss_and_the_same_gradient(arch):
     base = tiny(arch=arch, n_layers=3)
-    settings = [("none", "full"), ("full", "full"), ("dots", "none"), ("dots_no_batch", "dots_attention")]
+    settings = [("none", "full", "none"), ("full", "full", "full"), ("dots", "none", "full"),
+                ("dots_no_batch", "dots_attention", "none"), ("dots_no_batch", "dots_attention", "full")]
     results, params = [], None
-    for block, loop in settings:
-        fn, params = _grad_fn(base.replace(block_remat=block, remat_policy=loop), params=params)
+    for block, loop, unroll in settings:
+        cfg = base.replace(block_remat=block, remat_policy=loop, scan_unroll=unroll)
+        fn, params = _grad_fn(cfg, params=params)
         results.append(fn(params))
     (loss0, g0) = results[0]
-    for (block, loop), (loss, g) in zip(settings[1:], results[1:]):
-        assert float(loss) == float(loss0), (block, loop)
+    for (block, loop, unroll), (loss, g) in zip(settings[1:], results[1:]):
+        assert float(loss) == float(loss0), (block, loop, unroll)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
             # An entry that is a sum of cancelling terms moves by ulps of its terms, not of itself:
             # the floor is ~8 float32 ulps of the leaf's largest entry (the suite's fast-compile
             # emitters move such entries by up to ~4; a wrong recomputation moves every entry).
             floor = 1e-6 * float(np.abs(a).max())
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=floor, err_msg=f"block_remat={block} remat_policy={loop}")
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=floor, err_msg=f"{block=} {loop=} {unroll=}")
 
 
 def _remat_policies(jaxpr) -> list:

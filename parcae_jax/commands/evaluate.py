@@ -72,7 +72,8 @@ def main(argv: list[str]) -> None:
 
 def _bench() -> None:
     from parcae_jax.bench.harness import bench_rolling
-    from parcae_jax.model.config import ModelConfig, inference_dtype
+    from parcae_jax.model.config import ModelConfig
+    from parcae_jax.model.machine import inference_dtype
     from parcae_jax.training.defaults import load_shipped, shipped_config
 
     if shipped_config(_BENCH_CONFIG.value) is None:

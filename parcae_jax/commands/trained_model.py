@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import flags
 
 from parcae_jax.errors import UsageError
-from parcae_jax.model.config import inference_dtype
+from parcae_jax.model.machine import inference_dtype
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir or an official checkpoint folder.")
 STEP = flags.DEFINE_integer("step", None, "Which checkpoint of a run (default: the newest).", lower_bound=0)

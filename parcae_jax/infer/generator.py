@@ -27,7 +27,8 @@ import numpy as np
 
 from parcae_jax.infer import GenerationError, decode
 from parcae_jax.infer.sampling import Sampling, next_token
-from parcae_jax.model.config import ModelConfig, inference_dtype
+from parcae_jax.model.config import ModelConfig
+from parcae_jax.model.machine import inference_dtype
 from parcae_jax.model.recurrence import evaluation_state
 
 PROMPT_BUCKET = 16
@@ -75,7 +76,7 @@ class Generator:
 
     def __init__(self, cfg: ModelConfig, params: dict, *, recurrence: int | None = None, strategy: str = "full",
                  exit_rule: str = "none", exit_threshold: float = 0.0, dtype: str | None = None):
-        """dtype: the compute dtype (a ModelConfig dtype name); default config.inference_dtype's."""
+        """dtype: the compute dtype (a ModelConfig dtype name); default machine.inference_dtype's."""
         dtype = inference_dtype(dtype)
         cfg = cfg if dtype is None else cfg.replace(dtype=dtype)
         self.cfg, self.params = cfg, params

@@ -133,8 +133,8 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict:
 
 # Model fields that change how a model is trained or run, not what its weights compute.
 FREE_FIELDS = frozenset({"seq_len", "mean_recurrence", "mean_backprop_depth", "sampling_scheme",
-                         "sampling_unit", "init_orthogonal", "remat_policy", "block_remat", "loss_chunk", "dtype",
-                         "attention_impl", "loss_impl", "reference_config"})
+                         "sampling_unit", "init_orthogonal", "remat_policy", "block_remat", "scan_unroll", "loss_chunk",
+                         "dtype", "attention_impl", "loss_impl", "reference_config"})
 
 
 def import_reference(config, workdir: str, run, reference: str) -> dict:

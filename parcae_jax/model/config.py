@@ -7,11 +7,11 @@ Field names are ours; `parcae_jax/interop/convert.py` maps them to the official 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Mapping
 
 from parcae_jax.errors import UserError
+from parcae_jax.model.machine import resolve_dtype, resolve_remat_policy, resolve_scan_unroll
 
 ARCHS = ("parcae", "gpt")
 INJECTIONS = ("diagonal", "linear", "add")
@@ -31,6 +31,9 @@ REMAT_POLICIES = {
 # remat_policy "auto" (the default): dots_attention on XLA:CPU, full elsewhere
 # (resolve_remat_policy).
 LOOP_REMAT_POLICIES = ("auto", *REMAT_POLICIES)
+# The gradient iterations' nn.scan: "full" unrolls it (no stacked residuals to fill and read),
+# "none" keeps the loop; auto: full on XLA:CPU, none elsewhere (resolve_scan_unroll).
+SCAN_UNROLLS = ("auto", "none", "full")
 # auto: bfloat16 on accelerators, float32 on CPU (exact and the same on every CPU).
 # fast: bfloat16 wherever its matmuls beat float32: accelerators and x86 CPUs with BF16 dot
 # instructions (AVX512-BF16 or AMX-BF16); float32 on other CPUs (resolve_dtype).
@@ -97,6 +100,7 @@ class ModelConfig:
     # Execution.
     remat_policy: str = "auto"  # per loop iteration; see LOOP_REMAT_POLICIES
     block_remat: str = "none"  # per prelude, coda and GPT block; see REMAT_POLICIES
+    scan_unroll: str = "auto"  # the gradient iterations' scan; see SCAN_UNROLLS
     loss_chunk: int = 0  # positions per cross-entropy chunk in training (0: the whole [B, T, V] logits at once)
     # compute dtype, see DTYPES (auto: bfloat16 on accelerators, float32 on CPU); parameters stay float32
     dtype: str = "auto"
@@ -136,6 +140,11 @@ class ModelConfig:
         return resolve_remat_policy(self.remat_policy)
 
     @property
+    def unroll_grad_scan(self) -> bool:
+        """`scan_unroll` with "auto" resolved for the machine JAX runs on."""
+        return resolve_scan_unroll(self.scan_unroll) == "full"
+
+    @property
     def init_std(self) -> float:
         """scaled-zero std of the main-width modules: sqrt(2 / (5 d))."""
         return math.sqrt(2.0 / (5.0 * self.d_model))
@@ -168,60 +177,6 @@ class ModelConfig:
     def __repr__(self) -> str:  # the provenance JSON is long and rarely interesting
         shown = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "reference_config")
         return f"ModelConfig({shown})"
-
-
-def resolve_dtype(name: str) -> str:
-    """"auto" -> bfloat16 on accelerators, float32 on CPU; "fast" -> bfloat16 on accelerators
-    and on CPUs with BF16 dot instructions, else float32; any other name unchanged."""
-    if name not in ("auto", "fast"):
-        return name
-    import jax  # here, so that configs can be read without initialising a backend
-
-    if jax.default_backend() != "cpu":
-        return "bfloat16"
-    return "bfloat16" if name == "fast" and cpu_has_bf16_dots() else "float32"
-
-
-def resolve_remat_policy(name: str) -> str:
-    """"auto" -> "dots_attention" on XLA:CPU, else "full"; any other name unchanged. On a CPU
-    the gradient iterations keep their matmul and attention-kernel outputs (bench_cpu's bf16
-    step +5% on Zen 4, docs/model.md); accelerators recompute: memory bounds their batch."""
-    if name != "auto":
-        return name
-    import jax
-
-    return "dots_attention" if jax.default_backend() == "cpu" else "full"
-
-
-def inference_dtype(requested: str | None) -> str | None:
-    """The compute dtype for scoring and decoding a trained model: `requested`, else float32 on
-    CPU, else None (the checkpoint's own). On CPU decoding is bound by memory reads, and
-    XLA:CPU's bfloat16 products over the cache run slower than float32 ones (bench_cpu shape,
-    batch 8, 1024-token prompts: 76 ms a step in bfloat16, 14 in float32)."""
-    if requested:
-        return requested
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else None
-
-
-_BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names; XLA:CPU's bf16 dots use them
-
-
-@functools.cache
-def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU has BF16 dot-product instructions (Zen 4 and later, Cooper Lake,
-    Sapphire Rapids and later), where bf16 x bf16 -> f32 matmuls run at up to twice the
-    float32 rate. False where /proc/cpuinfo is missing (macOS) or names neither flag (Arm: a
-    BF16 extension exists, but its speed under XLA:CPU is unmeasured here)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return any(flag in line.split() for flag in _BF16_DOT_FLAGS)
-    except OSError:
-        pass
-    return False
 
 
 def _coerce(prefix: str, key: str, type_name: str, value: Any) -> Any:
@@ -258,6 +213,7 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         ("sampling_unit", SAMPLING_UNITS),
         ("remat_policy", LOOP_REMAT_POLICIES),
         ("block_remat", REMAT_POLICIES),
+        ("scan_unroll", SCAN_UNROLLS),
         ("dtype", DTYPES),
         ("attention_impl", ATTENTION_IMPLS),
         ("loss_impl", LOSS_IMPLS),

@@ -103,7 +103,8 @@ class Parcae(nn.Module):
         ves_core = core_ves(cfg, ves)
         if self.is_initializing():  # create the shared core weights before the lifted loops read them
             self.core(x, e, rope_core, ves_core, segment_ids_BxT)
-        x = recur(self.core, x, e, rope_core, ves_core, segment_ids_BxT, n_B, k_B, grad_steps, cfg.loop_remat_policy)
+        x = recur(self.core, x, e, rope_core, ves_core, segment_ids_BxT, n_B, k_B, grad_steps, cfg.loop_remat_policy,
+                  cfg.unroll_grad_scan)
         self.sow("intermediates", "state", x)
         return self.run_coda(x, table, rope_main, ves, segment_ids_BxT, targets_BxT)[0]
 

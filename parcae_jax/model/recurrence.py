@@ -193,8 +193,9 @@ def _within_shards(a: jax.Array, order_Gxb: jax.Array) -> jax.Array:
 
 
 def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_BxT,
-          n_B: jax.Array, k_B: jax.Array, grad_steps: int, remat_policy: str) -> jax.Array:
-    """Runs n_B no-gradient then k_B gradient iterations per row (k_B <= grad_steps)."""
+          n_B: jax.Array, k_B: jax.Array, grad_steps: int, remat_policy: str, unroll: bool = False) -> jax.Array:
+    """Runs n_B no-gradient then k_B gradient iterations per row (k_B <= grad_steps); `unroll`
+    writes the gradient iterations' scan out in full (model.scan_unroll)."""
     sg = _stop_gradient_tree
     groups = batch_shards()
     x = sg(_nograd_compacted(core, sg(x_BxTxR), sg(e_BxTxD), rope, sg(ves), segment_ids_BxT, n_B, groups))
@@ -208,6 +209,7 @@ def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_B
     policy = checkpoint_policy(remat_policy)
     if policy is not None:
         grad_body = nn.remat(grad_body, prevent_cse=False, policy=policy)
-    scan = nn.scan(grad_body, variable_broadcast="params", split_rngs={"params": False}, length=grad_steps)
+    scan = nn.scan(grad_body, variable_broadcast="params", split_rngs={"params": False}, length=grad_steps,
+                   unroll=grad_steps if unroll else 1)
     (x, _), _ = scan(core, (x, jnp.int32(0)), None)
     return x

@@ -26,6 +26,7 @@ KINDS = {
     "model.": IDENTITY,
     "model.remat_policy": EXECUTION,
     "model.block_remat": EXECUTION,
+    "model.scan_unroll": EXECUTION,
     "model.attention_impl": EXECUTION,
     "model.loss_impl": EXECUTION,
     "model.dtype": EXECUTION,

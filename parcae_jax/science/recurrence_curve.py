@@ -106,7 +106,8 @@ def _load(checkpoint: str, step: int | None, tokenizer: str | None, data_path: s
 
     from parcae_jax.data.tokenizer import load_tokenizer
     from parcae_jax.interop import transfer
-    from parcae_jax.model.config import ModelConfig, inference_dtype
+    from parcae_jax.model.config import ModelConfig
+    from parcae_jax.model.machine import inference_dtype
     from parcae_jax.training import defaults
 
     data = defaults.data_config()
