@@ -33,7 +33,7 @@ def resolve_remat_policy(name: str) -> str:
 
 
 def resolve_scan_unroll(name: str) -> str:
-    """"auto" -> "full" on XLA:CPU (bench_cpu +1.8-2.5% a step on Zen 4 for 13% more
+    """"auto" -> "full" on XLA:CPU (bench_cpu +2-3.5% a step on Zen 4 for 13% more
     temporaries, docs/model.md), else "none": accelerators keep the loop's smaller footprint."""
     if name != "auto":
         return name

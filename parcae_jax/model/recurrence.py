@@ -208,7 +208,9 @@ def recur(core: CoreStep, x_BxTxR, e_BxTxD, rope: Rope, ves: dict, segment_ids_B
 
     policy = checkpoint_policy(remat_policy)
     if policy is not None:
-        grad_body = nn.remat(grad_body, prevent_cse=False, policy=policy)
+        # A rolled scan keeps XLA from merging the recomputation with the forward; written out,
+        # only the remat's barriers do (else every policy would quietly become "none").
+        grad_body = nn.remat(grad_body, prevent_cse=unroll, policy=policy)
     scan = nn.scan(grad_body, variable_broadcast="params", split_rngs={"params": False}, length=grad_steps,
                    unroll=grad_steps if unroll else 1)
     (x, _), _ = scan(core, (x, jnp.int32(0)), None)
