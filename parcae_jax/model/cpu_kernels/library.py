@@ -4,7 +4,7 @@ once per process.
 
 The library is compiled with `-march=native` (AVX-512, and AVX512-BF16 / AMX where the CPU has
 them), so it is cached per source, compiler, jaxlib and CPU: `$PARCAE_JAX_KERNEL_CACHE`, else
-`$XDG_CACHE_HOME/parcae_jax/kernels`, else `~/.cache/parcae_jax/kernels`. A build takes ~9 s
+`$XDG_CACHE_HOME/parcae_jax/kernels`, else `~/.cache/parcae_jax/kernels`. A build takes ~10 s
 (the sources compiled side by side); processes that race write their own temporary file and
 rename it into place.
 
