@@ -26,7 +26,7 @@ def _grad_fn(cfg, B=2, params=None):
 def test_every_remat_policy_and_unrolling_give_bit_identical_loss_and_the_same_gradient(arch):
     base = tiny(arch=arch, n_layers=3)
     settings = [("none", "full", "none"), ("full", "full", "full"), ("dots", "none", "full"),
-                ("dots_no_batch", "dots_attention", "none"), ("dots_no_batch", "dots_attention", "full")]
+                ("dots_no_batch", "dots_attention", "none")]
     results, params = [], None
     for block, loop, unroll in settings:
         cfg = base.replace(block_remat=block, remat_policy=loop, scan_unroll=unroll)

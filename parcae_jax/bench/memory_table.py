@@ -50,11 +50,13 @@ TARGETS = {t.name: t for t in (
 
 def overrides(config: str, target: Target) -> list[str]:
     """The flags of one point: bf16, chunked loss, the target's mesh and batch layout, and the
-    loop's remat policy that "auto" picks on an accelerator (this compiles on CPU devices)."""
+    loop's remat policy and scan that "auto" picks on an accelerator (this compiles on CPU
+    devices)."""
     lay = target.layout(config)
     return [f"--config.mesh.shape={lay['mesh']}", f"--config.train.batch_size={GLOBAL_BATCH}",
             f"--config.train.microbatches={lay['microbatches']}", "--config.model.dtype=bfloat16",
-            "--config.model.loss_chunk=512", "--config.model.remat_policy=full", "--config.bench.compile_only=True"]
+            "--config.model.loss_chunk=512", "--config.model.remat_policy=full", "--config.model.scan_unroll=none",
+            "--config.bench.compile_only=True"]
 
 
 def estimate(config: str, target: Target) -> dict:
