@@ -69,14 +69,20 @@ def test_the_heads_loss_and_gradients_match_the_xla_path(dtype):
 
 
 def test_where_it_refuses():
+    """Where the gradient is wanted: a loss alone (evaluation) is always XLA's."""
     y, w, t = jnp.ones((1, 4, 8)), jnp.ones((40, 8)), jnp.zeros((1, 4), jnp.int32)
+
+    def grad(w, **kw):
+        return jax.grad(lambda w: xent.head_cross_entropy(y, w, "btd,vd->btv", t, jnp.float32, **kw)[0].sum())(w)
+
     with pytest.raises(ConfigError, match="loss_impl='cpu'.*no softcap"):
-        xent.head_cross_entropy(y, w, "btd,vd->btv", t, jnp.float32, softcap=30.0, impl="cpu")
+        grad(w, softcap=30.0, impl="cpu")
     with pytest.raises(ConfigError, match="multiple of 16 .got 40"):
-        xent.head_cross_entropy(y, w, "btd,vd->btv", t, jnp.float32, impl="cpu")
-    per_token, _ = xent.head_cross_entropy(y, w, "btd,vd->btv", t, jnp.float32, impl="auto")  # XLA instead
+        grad(w, impl="cpu")
+    per_token, _ = xent.head_cross_entropy(y, w, "btd,vd->btv", t, jnp.float32, impl="cpu")  # no gradient: XLA
     np.testing.assert_allclose(per_token, np.log(40.0), rtol=1e-6)
+    np.testing.assert_allclose(grad(w, impl="auto"), grad(w, impl="xla"), rtol=1e-6)  # XLA instead
     assert cpu_head_xent.unfit(48, jnp.float16) == "computes in bfloat16 or float32 (got float16)"
-    with pytest.raises(ConfigError, match="loss_impl='cpu' needs loss_chunk=0"):
+    with pytest.raises(ConfigError, match="loss_impl='cpu' needs loss_chunk=0 .got 64."):
         validate(ModelConfig(d_model=64, n_heads=2, n_kv_heads=2, d_rec=64, n_rec_heads=2, loss_impl="cpu",
-                                   loss_chunk=64))
+                             loss_chunk=64))

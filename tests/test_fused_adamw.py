@@ -133,19 +133,20 @@ def test_where_the_kernel_runs_and_why_not():
 def test_a_train_step_through_the_kernel_equals_the_xla_step():
     """The whole step (micro-batched: the gradient is summed before the update) with update_impl
     auto and xla: the same loss and parameters, to the update's last bits. A one-layer GPT: the
-    update sees only the parameter tree, and this is the cheapest model to compile."""
+    update sees only the parameter tree, and this is the cheapest model to compile. Both run
+    the head's loss kernel (loss_impl="cpu") too, under the trainer's one-device mesh."""
     from tests.test_train import batch, small_config
 
     steps = {}
     for impl in ("auto", "xla"):
         config = small_config(microbatches=2, batch_size=2)  # 1-row micro-batches: a short compile
         config.optim.update(name="adamw", weight_decay=0.1, update_impl=impl)
-        config.model.update(arch="gpt", n_layers=1)  # the update does not care; GPT compiles fastest
+        config.model.update(arch="gpt", n_layers=1, loss_impl="cpu")  # GPT compiles fastest
         trainer = Trainer(config, validate(config, n_devices=1, check_data=False), jax.devices()[:1])
         with trainer.context():
             state, rows = trainer.fresh_state(), batch(trainer, B=2)
             lowered = trainer.train_step.lower(state, rows, trainer.schedule).as_text()
-            assert ("parcae_adamw" in lowered) == (impl == "auto")
+            assert ("parcae_adamw" in lowered) == (impl == "auto") and "parcae_head_xent" in lowered
             state, metrics = trainer.train_step(state, rows, trainer.schedule)
             steps[impl] = jax.device_get((state.params, state.opt_state, metrics["loss"], metrics["skipped"]))
     (kp, ks, kl, kskip), (xp, xs, xl, xskip) = steps["auto"], steps["xla"]

@@ -6,7 +6,7 @@ events join the HLO text: an instruction is "matmul" when it is a dot or a fusio
 one (its FLOPs come from the dot's shapes), "collective" for all-reduces and the like,
 "layout" when it only copies, transposes, converts or broadcasts (the CPU transpose kernel's
 calls too), "reduction" when it holds a reduce, "fused_attention" for the CPU attention
-kernel's custom calls, else "elementwise" (the fused AdamW kernel's call among them).
+kernel's custom calls, else "elementwise" (the fused AdamW and loss kernels' calls among them).
 Durations are summed per kind (thread time: XLA:CPU runs independent operations side by side,
 so the sum exceeds the step's wall time), and `busy_ms_per_step` is the wall time during which
 at least one operation ran. An operation that spreads its work over the pool's threads (a

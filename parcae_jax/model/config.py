@@ -241,7 +241,8 @@ def validate(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
     need(cfg.logit_scale > 0 and cfg.emb_scale > 0, "logit_scale and emb_scale must be > 0")
     need(cfg.loss_chunk >= 0, f"loss_chunk={cfg.loss_chunk} must be >= 0 (0: no chunking)")
     need(cfg.loss_impl != "cpu" or (cfg.loss_chunk == 0 and cfg.logit_softcap is None),
-         "loss_impl='cpu' needs loss_chunk=0 and no logit_softcap; set loss_impl=auto (or xla)")
+         f"loss_impl='cpu' needs loss_chunk=0 (got {cfg.loss_chunk}) and logit_softcap=None (got "
+         f"{cfg.logit_softcap}); change those, or set loss_impl=auto (or xla)")
     need(cfg.ve_gate_channels >= 1, f"ve_gate_channels={cfg.ve_gate_channels} must be >= 1")
     if cfg.arch == "gpt":
         need(cfg.n_layers >= 1, f"n_layers={cfg.n_layers} must be >= 1")

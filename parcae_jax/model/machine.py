@@ -1,8 +1,8 @@
 """What the machine at hand decides about how a model config runs: its "auto" and "fast"
 choices resolved for the backend JAX runs on and, on a CPU, for the instructions it has
 (compute dtype, the loop's remat policy and scan unrolling, the dtype for inference).
-Read by config.py's properties; imports nothing of the package, so configs stay readable
-without initialising a backend until a choice is asked for."""
+Read by config.py's properties and by the inference commands; imports nothing of the
+package, so configs stay readable without initialising a backend until a choice is asked for."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def resolve_remat_policy(name: str) -> str:
 
 
 def resolve_scan_unroll(name: str) -> str:
-    """"auto" -> "full" on XLA:CPU (bench_cpu +2-3.5% a step on Zen 4 for 13% more
+    """"auto" -> "full" on XLA:CPU (bench_cpu +2-3.5% a step on Zen 4 for 13-19% more
     temporaries, docs/model.md), else "none": accelerators keep the loop's smaller footprint."""
     if name != "auto":
         return name

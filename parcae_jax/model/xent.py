@@ -60,13 +60,13 @@ def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets
     253 MB, the step 0.4-1.4% faster on Zen 4 (docs/performance_zen4.md).
 
     `impl` is model.loss_impl: "cpu" computes the loss and that gradient with the CPU kernel
-    (cpu_kernels/head_xent.py; no softcap), "auto" where it can run, "xla" never.
+    (cpu_kernels/head_xent.py; no softcap) when differentiated, "auto" where it can run, "xla"
+    never; the loss alone (evaluation) is always XLA's.
     """
     mask = targets_BxT >= 0
     safe = jnp.where(mask, targets_BxT, 0)
     loss = _head_loss(spec, jnp.dtype(dtype), float(scale), softcap, jnp.dtype(y_BxTxD.dtype),
-                      jnp.dtype(kernel.dtype), _use_kernel(impl, softcap, kernel.shape, spec, dtype),
-                      y_BxTxD, kernel, safe)
+                      jnp.dtype(kernel.dtype), impl, y_BxTxD, kernel, safe)
     return jnp.where(mask, loss, 0.0), mask
 
 
@@ -88,14 +88,15 @@ def _head_logits(spec, scale, softcap, xc, wc):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, y, kernel, safe):
+def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, impl, y, kernel, safe):
     logits, _ = _head_logits(spec, scale, softcap, y.astype(dtype), kernel.astype(dtype))
     return _loss_and_lse(logits, safe)[0]
 
 
-def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, y, kernel, safe):
+def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, impl, y, kernel, safe):
     xc, wc = y.astype(dtype), kernel.astype(dtype)
-    if use_kernel:  # the same loss and gradient, one pass over each row on every thread
+    # Decided here, where the gradient is wanted: a forward-only pass (evaluation) keeps XLA's.
+    if _use_kernel(impl, softcap, kernel.shape, spec, dtype):  # one pass over each row, every thread
         z = jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
         loss, d = cpu_head_xent.loss_and_gradient(z, safe, scale, dtype)
         return loss, (xc, wc, d)
@@ -110,7 +111,7 @@ def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, y,
     return loss, (xc, wc, d.astype(dtype))
 
 
-def _head_loss_bwd(spec, dtype, scale, softcap, x_dtype, w_dtype, use_kernel, residuals, g_BxT):
+def _head_loss_bwd(spec, dtype, scale, softcap, x_dtype, w_dtype, impl, residuals, g_BxT):
     xc, wc, dc = residuals
     g = g_BxT[..., None]
     dx = matmul.input_cotangent(spec, dc, wc) * g

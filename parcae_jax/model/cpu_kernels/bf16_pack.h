@@ -1,5 +1,6 @@
 // bfloat16 rounding, the pair layout of bf16 products and 32-bit transposes (AVX-512).
-// Part of attention.cc's translation unit (included inside its anonymous namespace).
+// Part of the attention, transpose and loss kernels' translation units (inside their anonymous
+// namespaces).
 
 #pragma once
 

@@ -39,13 +39,23 @@ namespace {
 
 constexpr int64_t kRows = 8;  // rows per task
 
-// Streaming stores (aligned rows): the gradient goes to memory without first reading the lines
-// it overwrites, which would otherwise cost as much traffic again as writing it.
-inline void store16(float* d, __m512 x) { _mm512_stream_ps(d, x); }
-inline void store16(uint16_t* d, __m512 x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(d), cvt_bf16(x)); }
+// Streaming stores: the gradient goes to memory without first reading the lines it overwrites,
+// which would otherwise cost as much traffic again as writing it. They need aligned addresses,
+// which every row has when the buffer does (XLA:CPU's temporaries are 64-byte aligned); the
+// caller picks ordinary stores otherwise.
+template <bool STREAM>
+inline void store16(float* d, __m512 x) {
+  if constexpr (STREAM) _mm512_stream_ps(d, x); else _mm512_storeu_ps(d, x);
+}
+template <bool STREAM>
+inline void store16(uint16_t* d, __m512 x) {
+  const __m256i h = cvt_bf16(x);
+  if constexpr (STREAM) _mm256_stream_si256(reinterpret_cast<__m256i*>(d), h);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), h);
+}
 
 // One row of V floats (V % 16 == 0); e is V floats of scratch.
-template <typename Out>
+template <bool STREAM, typename Out>
 void row(const float* z, int64_t V, int32_t target, float scale, float* e, float* loss, Out* d) {
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -67,7 +77,7 @@ void row(const float* z, int64_t V, int32_t target, float scale, float* e, float
   for (int64_t i = 0; i < V; i += 16) {
     __m512 p = _mm512_mul_ps(_mm512_loadu_ps(e + i), inv);
     if (target >= i && target < i + 16) p = _mm512_mask_sub_ps(p, __mmask16(1u << (target - i)), p, one);
-    store16(d + i, _mm512_mul_ps(p, sc));
+    store16<STREAM>(d + i, _mm512_mul_ps(p, sc));
   }
 }
 
@@ -81,8 +91,8 @@ ffi::Error HeadXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<f
       static_cast<int64_t>(d->element_count()) != N * V)
     return ffi::Error::InvalidArgument("parcae head_xent: logits [N, V], targets [N], loss [N], gradient [N, V]");
   const bool bf16 = d->element_type() == ffi::DataType::BF16;
-  if (reinterpret_cast<uintptr_t>(d->untyped_data()) % 64 != 0)  // XLA:CPU aligns its buffers to 64 bytes
-    return ffi::Error::InvalidArgument("parcae head_xent: the gradient's buffer is not 64-byte aligned");
+  // each row starts V * 2 (bf16) or V * 4 bytes on, a multiple of 32 or 64: aligned as the buffer is
+  const bool stream = reinterpret_cast<uintptr_t>(d->untyped_data()) % (bf16 ? 32 : 64) == 0;
   if (!bf16 && d->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("parcae head_xent: the gradient is bfloat16 or float32");
   const float* zp = z.typed_data();
@@ -93,10 +103,13 @@ ffi::Error HeadXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<f
     thread_local std::vector<float> e;
     if (static_cast<int64_t>(e.size()) < V) e.resize(V);
     for (int64_t r = task * kRows; r < std::min(N, (task + 1) * kRows); ++r) {
-      if (bf16)
-        row(zp + r * V, V, tp[r], scale, e.data(), lp + r, static_cast<uint16_t*>(dp) + r * V);
-      else
-        row(zp + r * V, V, tp[r], scale, e.data(), lp + r, static_cast<float*>(dp) + r * V);
+      float* lr = lp + r;
+      const int32_t t = tp[r];
+      const float* zr = zp + r * V;
+      if (bf16 && stream) row<true>(zr, V, t, scale, e.data(), lr, static_cast<uint16_t*>(dp) + r * V);
+      if (bf16 && !stream) row<false>(zr, V, t, scale, e.data(), lr, static_cast<uint16_t*>(dp) + r * V);
+      if (!bf16 && stream) row<true>(zr, V, t, scale, e.data(), lr, static_cast<float*>(dp) + r * V);
+      if (!bf16 && !stream) row<false>(zr, V, t, scale, e.data(), lr, static_cast<float*>(dp) + r * V);
     }
     _mm_sfence();  // the streaming stores land before the task counts as done
   });

@@ -10,7 +10,7 @@ rename it into place.
 
 `load()` never raises: it returns the loaded library, or the reason there is none (not x86-64
 Linux, no AVX-512, no compiler, a failed build), which "auto" reads as "use XLA" and an
-explicit attention_impl="cpu" (or optim.update_impl="cpu") turns into a ConfigError.
+explicit attention_impl, loss_impl or optim.update_impl "cpu" turns into a ConfigError.
 """
 
 from __future__ import annotations

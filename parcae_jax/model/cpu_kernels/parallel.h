@@ -1,4 +1,4 @@
-// Tasks over the XLA:CPU intra-op pool, shared by the attention and AdamW kernels.
+// Tasks over the XLA:CPU intra-op pool, shared by the attention, AdamW, transpose and loss kernels.
 // Part of each kernel's translation unit (inside its anonymous namespace, after <algorithm>,
 // <atomic>, <memory> and the FFI header).
 
