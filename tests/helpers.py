@@ -81,3 +81,17 @@ def get_config(arg=None):
     config.optim.muon_dtype = "float32"
     return config
 '''
+
+
+def eqn_params(jaxpr, primitive: str, key: str) -> list:
+    """params[key] of every `primitive` equation in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            found.append(eqn.params[key])
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += eqn_params(inner, primitive, key)
+    return found

@@ -12,7 +12,7 @@ from parcae_jax.model.recurrence import CoreStep, draw_initial_state, draw_loop_
 from parcae_jax.model.rope import rope_angles
 from parcae_jax.model.xent import mean_cross_entropy, token_cross_entropy
 from tests.conftest import FIXTURES
-from tests.helpers import shifted_labels, tiny
+from tests.helpers import eqn_params, shifted_labels, tiny
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +158,6 @@ def test_like_init_state_is_truncated_normal_with_the_main_width_std():
     assert np.all(np.asarray(draw_initial_state(None, (2, 3, 4), tiny(state_init="zero"))) == 0)
 
 
-def _scan_unrolls(jaxpr) -> list:
-    """The unroll parameter of every scan equation, nested ones included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
-            found.append(eqn.params["unroll"])
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else [v]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _scan_unrolls(inner)
-    return found
-
-
 def test_scan_unroll_full_writes_the_gradient_iterations_out():
     """The gradient iterations' scan (length mean_backprop_depth = 2) unrolled in full or not;
     the values agree (tests/test_remat.py), so this checks the setting reaches the scan."""
@@ -181,5 +167,5 @@ def test_scan_unroll_full_writes_the_gradient_iterations_out():
     shapes = jax.eval_shape(lambda: nn.unbox(init_params(build(cfg), jax.random.key(0))))  # tracing needs no values
     for unroll, expected in (("none", 1), ("full", 2)):
         fn, params = loss_and_grad(cfg.replace(scan_unroll=unroll), params=shapes)
-        unrolls = _scan_unrolls(jax.make_jaxpr(fn)(params).jaxpr)
+        unrolls = eqn_params(jax.make_jaxpr(fn)(params).jaxpr, "scan", "unroll")
         assert unrolls and set(unrolls) == {expected}, (unroll, unrolls)

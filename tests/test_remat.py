@@ -14,7 +14,7 @@ from parcae_jax import model as M
 from parcae_jax.model.cpu_kernels import library
 from parcae_jax.model.remat import checkpoint_policy
 from parcae_jax.training.describe import flops_per_token
-from tests.helpers import loss_and_grad, tiny
+from tests.helpers import eqn_params, loss_and_grad, tiny
 
 
 def _grad_fn(cfg, B=2, params=None):
@@ -43,19 +43,6 @@ def test_every_remat_policy_and_unrolling_give_bit_identical_loss_and_the_same_g
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=floor, err_msg=f"{block=} {loop=} {unroll=}")
 
 
-def _remat_policies(jaxpr) -> list:
-    """The policy of every remat2 equation, nested ones included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "remat2":
-            found.append(eqn.params["policy"])
-        for v in eqn.params.values():
-            inner = getattr(v, "jaxpr", v)
-            if hasattr(inner, "eqns"):
-                found += _remat_policies(inner)
-    return found
-
-
 @pytest.mark.parametrize("arch,policy", [("gpt", "dots"), ("parcae", "full")])
 def test_block_remat_wraps_every_block_outside_the_loop_with_its_policy(arch, policy):
     """Each prelude, coda or GPT block is one remat region with the named policy (the loop's
@@ -65,14 +52,14 @@ def test_block_remat_wraps_every_block_outside_the_loop_with_its_policy(arch, po
     place it in the backward pass. So this checks the program, and describe's count."""
     cfg = tiny(arch=arch, n_layers=3, block_remat=policy, remat_policy="dots_no_batch")
     fn, params = _grad_fn(cfg)
-    found = _remat_policies(jax.make_jaxpr(fn)(params).jaxpr)
+    found = eqn_params(jax.make_jaxpr(fn)(params).jaxpr, "remat2", "policy")
     named = checkpoint_policy(policy)
     blocks = cfg.n_layers if arch == "gpt" else cfg.n_prelude + cfg.n_coda
     assert sum(p is named for p in found) == blocks, found
     if arch == "parcae":
         assert jax.checkpoint_policies.dots_with_no_batch_dims_saveable in found  # the loop's own
     fn, params = _grad_fn(cfg.replace(block_remat="none"), params=params)
-    assert not any(p is named for p in _remat_policies(jax.make_jaxpr(fn)(params).jaxpr))
+    assert not any(p is named for p in eqn_params(jax.make_jaxpr(fn)(params).jaxpr, "remat2", "policy"))
 
     plain, remat = flops_per_token(cfg.replace(block_remat="none")), flops_per_token(cfg)
     assert remat["flops_per_token"] == plain["flops_per_token"]  # model FLOPs do not change

@@ -70,11 +70,10 @@ def head_cross_entropy(y_BxTxD: jax.Array, kernel: jax.Array, spec: str, targets
     return jnp.where(mask, loss, 0.0), mask
 
 
-def _use_kernel(impl: str, softcap, kernel_shape, spec: str, dtype) -> bool:
+def _use_kernel(impl: str, softcap, vocab: int, dtype) -> bool:
     """Whether `impl` runs the head's loss on the CPU kernel; "cpu" where it cannot is a ConfigError."""
     if impl == "xla":
         return False
-    vocab = kernel_shape[spec.split(",")[1].split("->")[0].index("v")]
     why = "has no softcap (logit_softcap is set)" if softcap is not None else cpu_head_xent.unfit(vocab, dtype)
     if why and impl == "cpu":
         raise ConfigError(f"model.loss_impl='cpu': the CPU loss kernel {why}; "
@@ -95,12 +94,12 @@ def _head_loss(spec, dtype, scale, softcap, x_dtype, w_dtype, impl, y, kernel, s
 
 def _head_loss_fwd(spec, dtype, scale, softcap, x_dtype, w_dtype, impl, y, kernel, safe):
     xc, wc = y.astype(dtype), kernel.astype(dtype)
+    z = jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
     # Decided here, where the gradient is wanted: a forward-only pass (evaluation) keeps XLA's.
-    if _use_kernel(impl, softcap, kernel.shape, spec, dtype):  # one pass over each row, every thread
-        z = jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
+    if _use_kernel(impl, softcap, z.shape[-1], dtype):  # one pass over each row, every thread
         loss, d = cpu_head_xent.loss_and_gradient(z, safe, scale, dtype)
         return loss, (xc, wc, d)
-    logits, t = _head_logits(spec, scale, softcap, xc, wc)
+    logits, t = head_logits(z, scale, softcap)
     loss, lse = _loss_and_lse(logits, safe)
     onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == safe[..., None]
     d = jnp.exp(logits - lse[..., None]) - onehot  # d loss / d logits

@@ -98,21 +98,19 @@ ffi::Error HeadXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<f
   const float* zp = z.typed_data();
   const int32_t* tp = target.typed_data();
   float* lp = loss->typed_data();
-  void* dp = d->untyped_data();
-  parallel_tasks(pool, (N + kRows - 1) / kRows, [&](int64_t task) {
-    thread_local std::vector<float> e;
-    if (static_cast<int64_t>(e.size()) < V) e.resize(V);
-    for (int64_t r = task * kRows; r < std::min(N, (task + 1) * kRows); ++r) {
-      float* lr = lp + r;
-      const int32_t t = tp[r];
-      const float* zr = zp + r * V;
-      if (bf16 && stream) row<true>(zr, V, t, scale, e.data(), lr, static_cast<uint16_t*>(dp) + r * V);
-      if (bf16 && !stream) row<false>(zr, V, t, scale, e.data(), lr, static_cast<uint16_t*>(dp) + r * V);
-      if (!bf16 && stream) row<true>(zr, V, t, scale, e.data(), lr, static_cast<float*>(dp) + r * V);
-      if (!bf16 && !stream) row<false>(zr, V, t, scale, e.data(), lr, static_cast<float*>(dp) + r * V);
-    }
-    _mm_sfence();  // the streaming stores land before the task counts as done
-  });
+  auto rows = [&](auto* dp) {  // the gradient typed as uint16_t (bf16) or float
+    parallel_tasks(pool, (N + kRows - 1) / kRows, [&](int64_t task) {
+      thread_local std::vector<float> e;
+      if (static_cast<int64_t>(e.size()) < V) e.resize(V);
+      for (int64_t r = task * kRows; r < std::min(N, (task + 1) * kRows); ++r) {
+        if (stream) row<true>(zp + r * V, V, tp[r], scale, e.data(), lp + r, dp + r * V);
+        else row<false>(zp + r * V, V, tp[r], scale, e.data(), lp + r, dp + r * V);
+      }
+      _mm_sfence();  // the streaming stores land before the task counts as done
+    });
+  };
+  if (bf16) rows(static_cast<uint16_t*>(d->untyped_data()));
+  else rows(static_cast<float*>(d->untyped_data()));
   return ffi::Error::Success();
 }
 

@@ -4,8 +4,6 @@ dtype, from the float32 head output, in one pass over each row on every thread."
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,13 +19,7 @@ def unfit(vocab: int, dtype) -> str | None:
         return f"needs a padded vocab that is a multiple of 16 (got {vocab})"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         return f"computes in bfloat16 or float32 (got {jnp.dtype(dtype).name})"
-    if jax.default_backend() != "cpu":
-        return f"runs on CPUs only, but JAX runs on {jax.default_backend()}"
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and math.prod(mesh.axis_sizes) > 1:
-        return "runs on one device (XLA cannot partition it over a mesh)"
-    lib = library.load()
-    return lib if isinstance(lib, str) else None
+    return library.unavailable_here()
 
 
 def loss_and_gradient(z_NxV: jax.Array, targets_N: jax.Array, scale: float, dtype) -> tuple[jax.Array, jax.Array]:

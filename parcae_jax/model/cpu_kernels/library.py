@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -53,6 +54,19 @@ class Library:
         """Turn the AMX tiles on or off for bfloat16 products (tests check both paths);
         returns the feature bits now in force."""
         return self.handle.parcae_attention_init(int(allow))
+
+
+def unavailable_here() -> str | None:
+    """Why a kernel of the library cannot run in the trace at hand (None when it can): a CPU
+    backend, no mesh of more than one device (XLA cannot partition a custom call), the library
+    built."""
+    if jax.default_backend() != "cpu":
+        return f"runs on CPUs only, but JAX runs on {jax.default_backend()}"
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and math.prod(mesh.axis_sizes) > 1:
+        return "runs on one device (XLA cannot partition it over a mesh)"
+    lib = load()
+    return lib if isinstance(lib, str) else None
 
 
 def cpu_flags() -> set[str]:
